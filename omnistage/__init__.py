@@ -1,0 +1,5 @@
+"""omnistage: multi-stage model pipelines as gRPC microservices, profiled across stages."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""One exception root for omnistage, with a subclass per meaning.
+
+Each subclass names its gRPC status code as a string, so engines and core logic can raise
+these without importing grpc. `services.status` and the client map them to and from the wire.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class OmnistageError(Exception):
+    """The root of every error omnistage raises on purpose."""
+
+    code: ClassVar[str] = "INTERNAL"
+
+
+class InvalidRequestError(OmnistageError):
+    """The request or a config value is wrong; the message says what to fix."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class ProfilerStateError(OmnistageError):
+    """A profile session is in the wrong state for this call, or profiling is off."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class NotFoundError(OmnistageError):
+    """An unknown profile session or file."""
+
+    code = "NOT_FOUND"
+
+
+class OverloadedError(OmnistageError):
+    """The engine cannot take more work now."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class EngineDeadError(OmnistageError):
+    """The engine has died; the stage reports NOT_SERVING."""
+
+    code = "UNAVAILABLE"
+
+
+class StageUnavailableError(OmnistageError):
+    """A stage cannot be reached; the message names it."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineError(OmnistageError):
+    """An operation ran past its deadline."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class CancelledError(OmnistageError):
+    """The caller cancelled the operation."""
+
+    code = "CANCELLED"
+
+
+class UnauthenticatedError(OmnistageError):
+    """A call that needs a token came without a valid one."""
+
+    code = "UNAUTHENTICATED"

@@ -1,0 +1,154 @@
+"""Start omnistage servers as child processes and wait for their health: for `omnistage up`,
+the demo, the benchmarks and the tests alike."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from omnistage.errors import StageUnavailableError
+
+logger = logging.getLogger(__name__)
+
+_BOUND = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
+
+
+def health_status(address: str, *, timeout: float = 2.0) -> str:
+    """The health service's status name at `address`, or the gRPC error code's name."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+class ServerProcess:
+    """One `omnistage ... serve` process in its own process group, with its log in a file."""
+
+    def __init__(
+        self, name: str, args: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("w")
+        self.port = 0
+        self._bound = threading.Event()
+        command = [sys.executable, "-m", "omnistage.cli", *args]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group: stopping it stops vLLM's children too
+            env={**os.environ, **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._log.write(line)
+            self._log.flush()
+            match = _BOUND.search(line)
+            if match and not self._bound.is_set():
+                self.port = int(match.group("port"))
+                self._bound.set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def wait_bound(self, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while not self._bound.wait(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise StageUnavailableError(
+                    f"{self.name} did not start (exit code {self.process.poll()}); "
+                    f"its log {self.log_path} ends with:\n{self.log_tail()}"
+                )
+        return self.address
+
+    def wait_serving(
+        self, timeout: float = 600.0, *, progress: Callable[[str, float], None] | None = None
+    ) -> str:
+        """Block until health is SERVING; `progress(status, seconds)` is called every 5 s."""
+        self.wait_bound()
+        started = time.monotonic()
+        last_report = 0.0
+        while True:
+            status = health_status(self.address)
+            elapsed = time.monotonic() - started
+            if status == "SERVING":
+                return self.address
+            if self.process.poll() is not None or elapsed > timeout:
+                raise StageUnavailableError(
+                    f"{self.name} at {self.address} is {status} after {elapsed:.0f} s "
+                    f"(exit code {self.process.poll()}); its log {self.log_path} ends with:\n"
+                    f"{self.log_tail()}"
+                )
+            if progress is not None and elapsed - last_report >= 5:
+                progress(status, elapsed)
+                last_report = elapsed
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM the process group, then SIGKILL it if it has not exited in time."""
+        if self.process.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+        self._signal_group(signal.SIGKILL)  # any child the parent left behind
+        code = self.process.wait()
+        self._reader.join(timeout=5)
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        self._signal_group(signal.SIGKILL)
+        self.process.wait()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+
+
+def stage_args(
+    *,
+    name: str,
+    model: str = "smollm2",
+    port: int = 0,
+    host: str = "127.0.0.1",
+    profiler_dir: Path | None = None,
+    profiler_options: dict[str, object] | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """Command-line arguments for `omnistage stage serve`."""
+    args = ["stage", "serve", "--name", name, "--model", model, "--port", str(port), "--host", host]
+    if profiler_dir is not None:
+        config: dict[str, object] = {"profiler": "torch", "torch_profiler_dir": str(profiler_dir)}
+        config.update(profiler_options or {})
+        args += ["--profiler-config", json.dumps(config)]
+    return [*args, *extra]

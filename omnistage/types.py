@@ -1,0 +1,144 @@
+"""Plain typed objects that core logic works with. Protobuf stays at the edges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Sampling options; None means "use the default"."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool | None = None
+
+    def merged_over(self, base: SamplingOptions) -> SamplingOptions:
+        """These options, with unset fields taken from `base`."""
+        return SamplingOptions(
+            max_tokens=self.max_tokens if self.max_tokens is not None else base.max_tokens,
+            temperature=self.temperature if self.temperature is not None else base.temperature,
+            top_p=self.top_p if self.top_p is not None else base.top_p,
+            top_k=self.top_k if self.top_k is not None else base.top_k,
+            seed=self.seed if self.seed is not None else base.seed,
+            stop=self.stop or base.stop,
+            ignore_eos=self.ignore_eos if self.ignore_eos is not None else base.ignore_eos,
+        )
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A dense tensor as it travels: dtype name, shape and little-endian C-order bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """One request to a stage. Exactly one of the inputs is set."""
+
+    request_id: str
+    prompt: str = ""
+    token_ids: tuple[int, ...] = ()
+    messages: tuple[ChatTurn, ...] = ()
+    tensor: TensorData | None = None
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+    def input_kinds(self) -> list[str]:
+        """The names of the inputs that are set."""
+        kinds = []
+        if self.prompt:
+            kinds.append("prompt")
+        if self.token_ids:
+            kinds.append("token_ids")
+        if self.messages:
+            kinds.append("messages")
+        if self.tensor is not None:
+            kinds.append("tensor")
+        return kinds
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    queue_time_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutputDelta:
+    """One streamed piece of a request's output."""
+
+    request_id: str
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    finished: bool = False
+    finish_reason: str = ""
+    metrics: RequestMetrics | None = None
+    tensor: TensorData | None = None
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """What a caller asks of one profile session. None uses the stage's configured value."""
+
+    label: str = ""
+    delay_iterations: int | None = None
+    max_iterations: int | None = None
+
+
+@dataclass(frozen=True)
+class ProfileFileInfo:
+    name: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ProfileManifest:
+    session_id: str
+    profile_dir: str
+    files: tuple[ProfileFileInfo, ...]
+    stop_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine reports about itself."""
+
+    engine: str
+    model: str
+    running_requests: int
+    engine_version: str = ""
+    max_model_len: int = 0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class StageDescription:
+    """What a stage reports through GetInfo."""
+
+    name: str
+    engine: EngineInfo
+    profiling_enabled: bool
+    profiling_active: bool
+    profile_session_id: str
+    server_time_unix_ns: int
+    version: str
+    profiler_dir: str

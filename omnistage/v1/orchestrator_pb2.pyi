@@ -1,0 +1,173 @@
+from omnistage.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PipelineRequest(_message.Message):
+    __slots__ = ("request_id", "prompt", "token_ids", "messages", "tensor", "sampling", "stage_sampling")
+    class StageSamplingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.SamplingParams
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
+    tensor: _common_pb2.Tensor
+    sampling: _common_pb2.SamplingParams
+    stage_sampling: _containers.MessageMap[str, _common_pb2.SamplingParams]
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stage_sampling: _Optional[_Mapping[str, _common_pb2.SamplingParams]] = ...) -> None: ...
+
+class StageMetrics(_message.Message):
+    __slots__ = ("queue_time_s", "time_to_first_output_s", "duration_s", "handoff_s")
+    QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_OUTPUT_S_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_S_FIELD_NUMBER: _ClassVar[int]
+    queue_time_s: float
+    time_to_first_output_s: float
+    duration_s: float
+    handoff_s: float
+    def __init__(self, queue_time_s: _Optional[float] = ..., time_to_first_output_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., handoff_s: _Optional[float] = ...) -> None: ...
+
+class PipelineResponse(_message.Message):
+    __slots__ = ("stage", "stage_index", "request_id", "text", "token_ids", "tensor", "finished", "final", "finish_reason", "metrics")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    stage_index: int
+    request_id: str
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    tensor: _common_pb2.Tensor
+    finished: bool
+    final: bool
+    finish_reason: str
+    metrics: StageMetrics
+    def __init__(self, stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., finished: _Optional[bool] = ..., final: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ...) -> None: ...
+
+class PipelineStartProfileRequest(_message.Message):
+    __slots__ = ("stages", "label", "delay_iterations", "max_iterations")
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    DELAY_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    label: str
+    delay_iterations: int
+    max_iterations: int
+    def __init__(self, stages: _Optional[_Iterable[str]] = ..., label: _Optional[str] = ..., delay_iterations: _Optional[int] = ..., max_iterations: _Optional[int] = ...) -> None: ...
+
+class StageProfileStart(_message.Message):
+    __slots__ = ("stage", "session_id")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    session_id: str
+    def __init__(self, stage: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class PipelineStartProfileResponse(_message.Message):
+    __slots__ = ("session_id", "stages")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    stages: _containers.RepeatedCompositeFieldContainer[StageProfileStart]
+    def __init__(self, session_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileStart, _Mapping]]] = ...) -> None: ...
+
+class PipelineStopProfileRequest(_message.Message):
+    __slots__ = ("stages", "output_dir")
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    output_dir: str
+    def __init__(self, stages: _Optional[_Iterable[str]] = ..., output_dir: _Optional[str] = ...) -> None: ...
+
+class StageProfileResult(_message.Message):
+    __slots__ = ("stage", "ok", "error", "files", "stage_session_id", "replica", "local_dir")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DIR_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    ok: bool
+    error: str
+    files: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProfileFile]
+    stage_session_id: str
+    replica: str
+    local_dir: str
+    def __init__(self, stage: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., stage_session_id: _Optional[str] = ..., replica: _Optional[str] = ..., local_dir: _Optional[str] = ...) -> None: ...
+
+class ProfileReport(_message.Message):
+    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    output_dir: str
+    stages: _containers.RepeatedCompositeFieldContainer[StageProfileResult]
+    timeline: str
+    summary: str
+    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class GetPipelineRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StageStatus(_message.Message):
+    __slots__ = ("name", "index", "addresses", "health", "profiling_active", "engine", "model", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    PROFILING_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: int
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    health: str
+    profiling_active: bool
+    engine: str
+    model: str
+    error: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., health: _Optional[str] = ..., profiling_active: _Optional[bool] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class PipelineInfo(_message.Message):
+    __slots__ = ("name", "stages", "profiling_active", "profile_session_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    PROFILING_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
+    profiling_active: bool
+    profile_session_id: str
+    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., profiling_active: _Optional[bool] = ..., profile_session_id: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""The orchestrator service: chains stages and drives profiling across them."""

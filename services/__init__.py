@@ -1,0 +1,1 @@
+"""The stage service: one pipeline stage as a gRPC server around one engine."""

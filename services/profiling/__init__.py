@@ -1,0 +1,1 @@
+"""Profiling support for the stage service: sessions, traces and op tables."""

@@ -1,0 +1,124 @@
+"""Build and run one stage's gRPC server: health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from omnistage.v1 import stage_pb2, stage_pb2_grpc
+from services.config import StageConfig
+from services.engines.base import Engine
+from services.profiling.sessions import ProfileSessionStore
+from services.servicer import StageServicer
+
+logger = logging.getLogger(__name__)
+
+STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
+
+def create_engine(config: StageConfig) -> Engine:
+    """The engine adapter for `config.engine`; imports stay lazy so each is optional."""
+    if config.engine == "vllm":
+        from services.engines.vllm_engine import VllmEngine
+
+        return VllmEngine(config)
+    raise NotImplementedError(f"engine {config.engine!r} is not available in this build")
+
+
+class StageServer:
+    """One stage: a grpc.aio server, its health service and its engine."""
+
+    def __init__(self, config: StageConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.health = health.aio.HealthServicer()
+        root = config.profiler.directory if config.profiler.enabled else None
+        self.sessions = ProfileSessionStore(stage_name=config.name, engine=engine, root=root)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        servicer = StageServicer(
+            name=config.name,
+            engine=engine,
+            sessions=self.sessions,
+            on_engine_dead=self._mark_not_serving,
+        )
+        stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (STAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}; is the port taken?")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", STAGE_SERVICE):
+            await self.health.set(service, status)
+
+    def _mark_not_serving(self) -> None:
+        asyncio.get_running_loop().create_task(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+
+    async def start(self) -> None:
+        """Serve with health NOT_SERVING, load the engine, then report SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        started = time.monotonic()
+        await self.engine.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "stage %r SERVING on port %d (engine ready in %.1f s)",
+            self.config.name,
+            self.port,
+            time.monotonic() - started,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, let in-flight calls finish within the grace period, then close."""
+        grace = self.config.grace_seconds if grace is None else grace
+        try:
+            await self.health.enter_graceful_shutdown()
+            logger.info("draining stage %r for up to %.0f s", self.config.name, grace)
+            await self.server.stop(grace)
+            await self.sessions.abandon()
+        finally:
+            await self.engine.close()
+
+
+async def build_server(config: StageConfig) -> tuple[StageServer, int]:
+    """A stage server bound to `config.port` (0 picks a free one), not yet started."""
+    server = StageServer(config, create_engine(config))
+    return server, server.port
+
+
+async def serve(config: StageConfig, *, on_bound: Callable[[int], None] | None = None) -> None:
+    """Run a stage until SIGTERM or SIGINT, then shut it down gracefully."""
+    stage, port = await build_server(config)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    if on_bound is not None:
+        on_bound(port)
+    try:
+        starting = asyncio.create_task(stage.start())
+        stop_wait = asyncio.create_task(stopping.wait())
+        await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            await stop_wait
+        else:
+            starting.cancel()
+    finally:
+        await stage.stop()

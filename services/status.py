@@ -1,0 +1,48 @@
+"""The one place where exceptions become gRPC statuses, for every RPC of the stage service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from omnistage.errors import OmnistageError
+
+logger = logging.getLogger(__name__)
+
+
+def status_code(error: OmnistageError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code]
+
+
+@contextlib.asynccontextmanager
+async def grpc_errors(
+    context: grpc.aio.ServicerContext,
+    rpc: str,
+    *,
+    on_engine_dead: Callable[[], None] | None = None,
+) -> AsyncIterator[None]:
+    """Translate what an RPC body raises into `context.abort(code, message)`.
+
+    omnistage errors keep their code and message; an unknown error becomes INTERNAL with a
+    generic message, and its traceback is logged. Cancellation propagates untouched.
+    """
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except grpc.aio.AbortError:
+        raise
+    except OmnistageError as exc:
+        code = status_code(exc)
+        if code is grpc.StatusCode.UNAVAILABLE and on_engine_dead is not None:
+            on_engine_dead()
+        await context.abort(code, str(exc))
+    except Exception:
+        logger.exception("%s failed", rpc)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"{rpc} failed inside the stage; see the stage's log"
+        )
