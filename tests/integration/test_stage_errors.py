@@ -1,0 +1,139 @@
+"""Every bad input gets a precise status, and nothing is left behind in the engine."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from omnistage.v1 import common_pb2, stage_pb2
+from tests.conftest import RunningStage
+
+VOCAB = 49152
+CONTEXT = 2048
+
+
+def expect_error(stage: RunningStage, request: stage_pb2.GenerateRequest) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stage.stub.Generate(request, timeout=60))
+    return info.value
+
+
+def assert_engine_empty(stage: RunningStage) -> None:
+    assert stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests == 0
+
+
+def sampling(**kwargs: object) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("request_", "words"),
+    [
+        pytest.param(stage_pb2.GenerateRequest(), ["no input"], id="no-input"),
+        pytest.param(
+            stage_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="user", content="")]),
+            ["empty"],
+            id="empty-messages",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(prompt="hi", token_ids=[1, 2]),
+            ["exactly one input", "prompt", "token_ids"],
+            id="two-inputs",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(prompt="hi", sampling=sampling(temperature=-0.5)),
+            ["temperature", "-0.5"],
+            id="negative-temperature",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(prompt="hi", sampling=sampling(max_tokens=0)),
+            ["max_tokens must be ≥ 1", "got 0"],
+            id="max-tokens-zero",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(prompt="hi", sampling=sampling(top_p=0.0)),
+            ["top_p", "(0, 1]"],
+            id="top-p-zero",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(prompt="hi", sampling=sampling(top_p=1.5)),
+            ["top_p", "1.5"],
+            id="top-p-above-one",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(token_ids=[1, VOCAB + 7]),
+            ["vocabulary", str(VOCAB), str(VOCAB + 7)],
+            id="token-id-outside-vocab",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(token_ids=[-3]),
+            ["token_ids", "≥ 0"],
+            id="negative-token-id",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(
+                messages=[common_pb2.ChatMessage(role="wizard", content="hi")]
+            ),
+            ["role", "wizard", "user"],
+            id="unknown-chat-role",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(token_ids=[1] * 3000),
+            ["3000", str(CONTEXT), "context"],
+            id="token-prompt-longer-than-context",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(prompt="word " * 2500),
+            ["2501", str(CONTEXT), "context"],
+            id="text-prompt-longer-than-context",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(token_ids=[1] * 2000, sampling=sampling(max_tokens=100)),
+            ["max_tokens", "2000", str(CONTEXT)],
+            id="max-tokens-past-context",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(
+                tensor=common_pb2.Tensor(dtype="float32", shape=[1], data=b"\0\0\0\0")
+            ),
+            ["tensor", "prompt"],
+            id="tensor-to-vllm-stage",
+        ),
+    ],
+)
+def test_bad_generate_input_is_invalid_argument(
+    stage: RunningStage, request_: stage_pb2.GenerateRequest, words: list[str]
+) -> None:
+    error = expect_error(stage, request_)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    for word in words:
+        assert word in error.details()
+    assert_engine_empty(stage)
+
+
+def test_stage_keeps_serving_after_bad_input(stage: RunningStage) -> None:
+    expect_error(stage, stage_pb2.GenerateRequest())
+    replies = list(
+        stage.stub.Generate(
+            stage_pb2.GenerateRequest(prompt="Hello", sampling=sampling(max_tokens=3)), timeout=60
+        )
+    )
+    assert replies[-1].finished
+
+
+def test_client_deadline_aborts_the_request(stage: RunningStage) -> None:
+    request = stage_pb2.GenerateRequest(
+        prompt="Write an essay.", sampling=sampling(max_tokens=1500, ignore_eos=True)
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        list(stage.stub.Generate(request, timeout=1.5))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while (
+        time.monotonic() < deadline
+        and stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests
+    ):
+        time.sleep(0.1)
+    assert_engine_empty(stage)

@@ -1,0 +1,55 @@
+"""Every error class maps to a real gRPC status, and back again in the client."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from omnistage import errors
+from omnistage.rpc import error_from_rpc
+from services.status import status_code
+
+ALL = [
+    errors.InvalidRequestError,
+    errors.ProfilerStateError,
+    errors.NotFoundError,
+    errors.OverloadedError,
+    errors.EngineDeadError,
+    errors.StageUnavailableError,
+    errors.DeadlineError,
+    errors.CancelledError,
+    errors.UnauthenticatedError,
+]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_each_error_names_a_grpc_status(cls: type[errors.OmnistageError]) -> None:
+    assert status_code(cls("x")) is grpc.StatusCode[cls.code]
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidRequestError),
+        (grpc.StatusCode.FAILED_PRECONDITION, errors.ProfilerStateError),
+        (grpc.StatusCode.NOT_FOUND, errors.NotFoundError),
+        (grpc.StatusCode.UNAVAILABLE, errors.StageUnavailableError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineError),
+        (grpc.StatusCode.INTERNAL, errors.OmnistageError),
+    ],
+)
+def test_client_maps_status_back(code: grpc.StatusCode, cls: type[errors.OmnistageError]) -> None:
+    error = error_from_rpc(_FakeRpcError(code, "what to fix"), address="h:1")
+    assert type(error) is cls
+    assert "what to fix" in str(error) and "h:1" in str(error)
