@@ -3,3 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from omnistage.client import AsyncClient, AsyncStageClient, Client, StageClient
+
+__all__ = ["AsyncClient", "AsyncStageClient", "Client", "StageClient", "__version__"]

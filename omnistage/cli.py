@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from omnistage.errors import OmnistageError
+from omnistage.errors import InvalidRequestError, OmnistageError
 
 logger = logging.getLogger("omnistage")
 
@@ -62,6 +66,130 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _orchestrator_serve(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_pipeline
+    from orchestrator.server import serve
+
+    pipeline = load_pipeline(Path(args.pipeline))
+
+    def announce(port: int) -> None:
+        print(f"orchestrator {pipeline.name!r} listening on {args.host}:{port}", flush=True)
+
+    asyncio.run(serve(pipeline, host=args.host, port=args.port, on_bound=announce))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from omnistage.up import run_up
+
+    return run_up(Path(args.file), port=args.port)
+
+
+def _parse_stage_sampling(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`STAGE.KEY=VALUE` items, values parsed as JSON when they can be."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        stage, dot, field = key.partition(".")
+        if not sep or not dot or not stage or not field:
+            raise InvalidRequestError(f"--stage-sampling {item!r}: write STAGE.KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(stage, {})[field] = [value] if field == "stop" else value
+    return overrides
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from omnistage.client import Client
+
+    sampling = {
+        k: v
+        for k, v in {
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "ignore_eos": args.ignore_eos or None,
+        }.items()
+        if v is not None
+    }
+    with Client(args.address) as client:
+        current = None
+        outputs = client.generate(
+            "" if args.chat else args.prompt,
+            messages=[{"role": "user", "content": args.prompt}] if args.chat else (),
+            stage_sampling=_parse_stage_sampling(args.stage_sampling),
+            timeout=args.timeout,
+            **sampling,
+        )
+        for out in outputs:
+            if out.stage != current:
+                current = out.stage
+                print(f"\n[{out.stage_index}:{out.stage}] ", end="", flush=True)
+            print(out.text, end="", flush=True)
+            if out.finished and out.metrics is not None and args.verbose_metrics:
+                m = out.metrics
+                print(
+                    f"\n    (first output {m.time_to_first_output_s * 1000:.0f} ms, "
+                    f"duration {m.duration_s:.2f} s, hand-off {m.handoff_s * 1000:.1f} ms)",
+                    end="",
+                )
+        print()
+    return 0
+
+
+def _profile_start(args: argparse.Namespace) -> int:
+    from omnistage.client import Client
+
+    stages = [s for s in args.stages.split(",") if s] if args.stages else None
+    with Client(args.address) as client:
+        session = client.start_profile(
+            stages,
+            label=args.label,
+            delay_iterations=args.delay_iterations,
+            max_iterations=args.max_iterations,
+        )
+    print(f"profile session {session} started on {', '.join(stages) if stages else 'all stages'}")
+    return 0
+
+
+def _profile_stop(args: argparse.Namespace) -> int:
+    from omnistage.client import Client
+
+    stages = [s for s in args.stages.split(",") if s] if args.stages else None
+    print("stopping (each stage flushes its trace; this can take a minute)...", flush=True)
+    with Client(args.address) as client:
+        report = client.stop_profile(args.output_dir, stages=stages)
+    print(f"session {report.session_id}: {report.output_dir}")
+    for stage in report.stages:
+        if stage.ok:
+            size = sum(f.size_bytes for f in stage.files)
+            print(
+                f"  {stage.stage:<12} ok    {len(stage.files)} files, {size:,} bytes "
+                f"in {stage.local_dir}"
+            )
+        else:
+            print(f"  {stage.stage:<12} FAIL  {stage.error}")
+    return 0 if not report.failed else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from omnistage.client import Client
+
+    with Client(args.address) as client:
+        info = client.pipeline()
+    session = f", profiling session {info.profile_session_id}" if info.profiling_active else ""
+    print(f"pipeline {info.name!r}{session}")
+    for stage in info.stages:
+        profiling = "profiling" if stage.profiling_active else ""
+        print(
+            f"  [{stage.index}] {stage.name:<12} {stage.health:<12} {','.join(stage.addresses):<24}"
+            f" {stage.engine} {stage.model} {profiling}".rstrip()
+        )
+    return 0
+
+
 def _model_prepare(args: argparse.Namespace) -> int:
     from omnistage.models import prepare_bundled_model
 
@@ -106,6 +234,54 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--service", default="", help="service name; empty for the server")
     check.add_argument("--timeout", type=float, default=5.0)
     check.set_defaults(func=_health)
+
+    default_address = os.environ.get("OMNISTAGE_ADDRESS", "localhost:50050")
+    orchestrator = commands.add_parser("orchestrator", help="run the orchestrator")
+    orchestrator_commands = orchestrator.add_subparsers(dest="orchestrator_command", required=True)
+    oserve = orchestrator_commands.add_parser("serve", help="serve a pipeline file over gRPC")
+    oserve.add_argument("--pipeline", required=True, help="the pipeline YAML file")
+    oserve.add_argument("--host", default="0.0.0.0")
+    oserve.add_argument("--port", type=int, default=50050, help="port; 0 picks a free one")
+    oserve.set_defaults(func=_orchestrator_serve)
+
+    up = commands.add_parser("up", help="start a pipeline file's stages and orchestrator locally")
+    up.add_argument("file", help="pipeline YAML with a launch section")
+    up.add_argument("--port", type=int, default=None, help="the orchestrator's port")
+    up.set_defaults(func=_up)
+
+    generate = commands.add_parser("generate", help="stream one request through the pipeline")
+    generate.add_argument("prompt")
+    generate.add_argument("--address", default=default_address, help="the orchestrator")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user message")
+    generate.add_argument("--max-tokens", type=int)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument(
+        "--stage-sampling", action="append", default=[], metavar="STAGE.KEY=VALUE"
+    )
+    generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    generate.add_argument("--metrics", dest="verbose_metrics", action="store_true")
+    generate.set_defaults(func=_generate)
+
+    profile = commands.add_parser("profile", help="profile pipeline stages")
+    profile_commands = profile.add_subparsers(dest="profile_command", required=True)
+    pstart = profile_commands.add_parser("start", help="start profiling some or all stages")
+    pstart.add_argument("--address", default=default_address)
+    pstart.add_argument("--stages", default="", help="names or indices, e.g. 0,2; default all")
+    pstart.add_argument("--label", default="")
+    pstart.add_argument("--delay-iterations", type=int, default=0)
+    pstart.add_argument("--max-iterations", type=int, default=0)
+    pstart.set_defaults(func=_profile_start)
+    pstop = profile_commands.add_parser("stop", help="stop profiling and collect every trace")
+    pstop.add_argument("--address", default=default_address)
+    pstop.add_argument("--stages", default="", help="default: every profiling stage")
+    pstop.add_argument("--output-dir", default="", help="on the orchestrator's side")
+    pstop.set_defaults(func=_profile_stop)
+
+    status = commands.add_parser("status", help="every stage's health and profiling state")
+    status.add_argument("--address", default=default_address)
+    status.set_defaults(func=_status)
 
     model = commands.add_parser("model", help="bundled models").add_subparsers(
         dest="model_command", required=True

@@ -1,219 +1,181 @@
-"""Python clients. The asyncio client is the implementation; the sync client wraps it."""
+"""The Python client of an omnistage pipeline, in asyncio and sync forms.
+
+    import omnistage
+    client = omnistage.Client("localhost:50050")
+    client.start_profile(stages=[0, 2])
+    for out in client.generate("What is the capital of France?", max_tokens=32):
+        print(out.stage, out.text)
+    report = client.stop_profile("profiles")
+
+`AsyncClient` is the implementation; `Client` runs it on a private event loop.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 
-from omnistage import errors
 from omnistage.convert import (
-    delta_from_pb,
-    generate_input_to_pb,
-    manifest_from_pb,
+    pipeline_output_from_pb,
+    report_from_pb,
+    sampling_to_pb,
 )
-from omnistage.types import (
-    ChatTurn,
-    GenerateInput,
-    OutputDelta,
-    ProfileManifest,
-    SamplingOptions,
-)
-from omnistage.v1 import stage_pb2, stage_pb2_grpc
+from omnistage.rpc import CHANNEL_OPTIONS, LoopThread, error_from_rpc
+from omnistage.stage_client import AsyncStageClient, StageClient, make_request
+from omnistage.types import ChatTurn, PipelineOutput, ProfileReport, SamplingOptions
+from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
-T = TypeVar("T")
+__all__ = ["AsyncClient", "AsyncStageClient", "Client", "StageClient", "make_request"]
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-]
-STOP_PROFILE_TIMEOUT_S = 600.0  # a vLLM stop on the CPU takes tens of seconds
-
-_ERRORS_BY_CODE: dict[grpc.StatusCode, type[errors.OmnistageError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequestError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.ProfilerStateError,
-    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.OverloadedError,
-    grpc.StatusCode.UNAVAILABLE: errors.StageUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineError,
-    grpc.StatusCode.CANCELLED: errors.CancelledError,
-    grpc.StatusCode.UNAUTHENTICATED: errors.UnauthenticatedError,
-}
+STOP_TIMEOUT_S = 900.0  # stopping profiles waits for every stage's flush and the file pulls
 
 
-def error_from_rpc(exc: grpc.RpcError, *, address: str = "") -> errors.OmnistageError:
-    """The omnistage error for a failed call, keeping the server's message."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    cls = _ERRORS_BY_CODE.get(code, errors.OmnistageError)
-    where = f" ({address})" if address else ""
-    error = cls(f"{details}{where}")
-    error.grpc_code = code.name  # type: ignore[attr-defined]
-    return error
+def _sampling(options: Mapping[str, Any] | SamplingOptions | None) -> SamplingOptions:
+    if options is None:
+        return SamplingOptions()
+    if isinstance(options, SamplingOptions):
+        return options
+    values = dict(options)
+    if "stop" in values:
+        values["stop"] = tuple(values["stop"] or ())
+    return SamplingOptions(**values)
 
 
-def make_request(
-    *,
-    prompt: str = "",
-    messages: list[dict[str, str]] | list[ChatTurn] | None = None,
-    token_ids: list[int] | None = None,
-    request_id: str = "",
-    **sampling: Any,
-) -> GenerateInput:
-    turns = tuple(m if isinstance(m, ChatTurn) else ChatTurn(**m) for m in (messages or []))
-    if "stop" in sampling:
-        sampling["stop"] = tuple(sampling["stop"] or ())
-    return GenerateInput(
-        request_id=request_id,
-        prompt=prompt,
-        token_ids=tuple(token_ids or ()),
-        messages=turns,
-        sampling=SamplingOptions(**sampling),
-    )
+class AsyncClient:
+    """Talks to an orchestrator with grpc.aio."""
 
-
-class AsyncStageClient:
-    """Talks to one stage service with grpc.aio."""
-
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str = "localhost:50050") -> None:
         self.address = address
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = stage_pb2_grpc.StageStub(self._channel)
+        self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> AsyncStageClient:
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def generate(
-        self, request: GenerateInput, *, timeout: float | None = None
-    ) -> AsyncIterator[OutputDelta]:
-        call = self._stub.Generate(generate_input_to_pb(request), timeout=timeout)
+        self,
+        prompt: str = "",
+        *,
+        messages: Sequence[Mapping[str, str] | ChatTurn] = (),
+        token_ids: Sequence[int] = (),
+        stage_sampling: Mapping[str, Mapping[str, Any] | SamplingOptions] | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[PipelineOutput]:
+        """Stream every stage's output (or the final stage's, as the pipeline file says).
+
+        Sampling keywords (max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        apply to every stage; `stage_sampling` overrides them per stage name.
+        """
+        turns = [m if isinstance(m, ChatTurn) else ChatTurn(**m) for m in messages]
+        request = orchestrator_pb2.PipelineRequest(
+            request_id=request_id,
+            prompt=prompt,
+            token_ids=list(token_ids),
+            messages=[common_pb2.ChatMessage(role=t.role, content=t.content) for t in turns],
+            sampling=sampling_to_pb(_sampling(sampling)),
+        )
+        for name, options in (stage_sampling or {}).items():
+            request.stage_sampling[name].CopyFrom(sampling_to_pb(_sampling(options)))
+        call = self._stub.Generate(request, timeout=timeout)
         try:
             async for msg in call:
-                yield delta_from_pb(msg)
+                yield pipeline_output_from_pb(msg)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, address=self.address) from exc
         finally:
             call.cancel()
 
     async def start_profile(
-        self, *, label: str = "", delay_iterations: int = 0, max_iterations: int = 0
+        self,
+        stages: Sequence[str | int] | None = None,
+        *,
+        label: str = "",
+        delay_iterations: int = 0,
+        max_iterations: int = 0,
     ) -> str:
-        request = stage_pb2.StartProfileRequest(
-            label=label, delay_iterations=delay_iterations, max_iterations=max_iterations
+        """Profile the given stages (names or indices; None means all). Returns the session id."""
+        request = orchestrator_pb2.PipelineStartProfileRequest(
+            stages=[str(s) for s in stages or ()],
+            label=label,
+            delay_iterations=delay_iterations,
+            max_iterations=max_iterations,
         )
-        reply = await self._call(self._stub.StartProfile(request, timeout=120))
+        try:
+            reply = await self._stub.StartProfile(request, timeout=300)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, address=self.address) from exc
         return str(reply.session_id)
 
-    async def stop_profile(self, *, timeout: float = STOP_PROFILE_TIMEOUT_S) -> ProfileManifest:
-        reply = await self._call(
-            self._stub.StopProfile(stage_pb2.StopProfileRequest(), timeout=timeout)
+    async def stop_profile(
+        self,
+        output_dir: str = "",
+        *,
+        stages: Sequence[str | int] | None = None,
+        timeout: float = STOP_TIMEOUT_S,
+    ) -> ProfileReport:
+        """Stop profiling; every stage's files land in `<output_dir>/<session>/<stage>/`.
+
+        `output_dir` is on the orchestrator's side; empty means the pipeline's profile_dir.
+        """
+        request = orchestrator_pb2.PipelineStopProfileRequest(
+            stages=[str(s) for s in stages or ()], output_dir=output_dir
         )
-        return manifest_from_pb(reply)
-
-    async def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
-        """Stream one session file into `dest`; return the bytes written."""
-        request = stage_pb2.FetchProfileFileRequest(session_id=session_id, name=name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        written = 0
         try:
-            with dest.open("wb") as handle:
-                async for chunk in self._stub.FetchProfileFile(request, timeout=600):
-                    handle.seek(chunk.offset)
-                    handle.write(chunk.data)
-                    written += len(chunk.data)
-        except grpc.RpcError as exc:
-            dest.unlink(missing_ok=True)
-            raise error_from_rpc(exc, address=self.address) from exc
-        return written
-
-    async def info(self, *, timeout: float = 10.0) -> stage_pb2.StageInfo:
-        return await self._call(self._stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout))
-
-    async def _call(self, call: Awaitable[T]) -> T:
-        try:
-            return await call
+            reply = await self._stub.StopProfile(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, address=self.address) from exc
+        return report_from_pb(reply)
 
-
-class _LoopThread:
-    """One event loop on a daemon thread, shared by the sync wrappers of one client."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+    async def pipeline(self) -> orchestrator_pb2.PipelineInfo:
+        """Every stage's addresses, health and profiling state."""
         try:
-            while True:
-                try:
-                    yield self.run(_anext(agen))
-                except StopAsyncIteration:
-                    return
-        finally:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None:
-                self.run(aclose())
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self.loop.close()
+            reply = await self._stub.GetPipeline(orchestrator_pb2.GetPipelineRequest(), timeout=30)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, address=self.address) from exc
+        assert isinstance(reply, orchestrator_pb2.PipelineInfo)
+        return reply
 
 
-async def _anext(agen: AsyncIterator[T]) -> T:
-    return await agen.__anext__()
+class Client:
+    """The synchronous face of `AsyncClient`."""
 
-
-class StageClient:
-    """The synchronous face of `AsyncStageClient`, for scripts and notebooks."""
-
-    def __init__(self, address: str) -> None:
-        self._loop = _LoopThread()
-        self._async = self._loop.run(_make_async_client(address))
+    def __init__(self, address: str = "localhost:50050") -> None:
+        self._loop = LoopThread()
+        self._async = self._loop.run(_make(address))
         self.address = address
 
-    def generate(
-        self, request: GenerateInput, *, timeout: float | None = None
-    ) -> Iterator[OutputDelta]:
-        return self._loop.iterate(self._async.generate(request, timeout=timeout))
+    def generate(self, prompt: str = "", **kwargs: Any) -> Iterator[PipelineOutput]:
+        return self._loop.iterate(self._async.generate(prompt, **kwargs))
 
-    def start_profile(self, **options: Any) -> str:
-        return self._loop.run(self._async.start_profile(**options))
+    def start_profile(self, stages: Sequence[str | int] | None = None, **kwargs: Any) -> str:
+        return self._loop.run(self._async.start_profile(stages, **kwargs))
 
-    def stop_profile(self, **options: Any) -> ProfileManifest:
-        return self._loop.run(self._async.stop_profile(**options))
+    def stop_profile(self, output_dir: str = "", **kwargs: Any) -> ProfileReport:
+        return self._loop.run(self._async.stop_profile(output_dir, **kwargs))
 
-    def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
-        return self._loop.run(self._async.fetch_file(session_id, name, dest))
-
-    def info(self) -> stage_pb2.StageInfo:
-        return self._loop.run(self._async.info())
+    def pipeline(self) -> orchestrator_pb2.PipelineInfo:
+        return self._loop.run(self._async.pipeline())
 
     def close(self) -> None:
         self._loop.run(self._async.close())
         self._loop.close()
 
-    def __enter__(self) -> StageClient:
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-async def _make_async_client(address: str) -> AsyncStageClient:
-    return AsyncStageClient(address)
+async def _make(address: str) -> AsyncClient:
+    return AsyncClient(address)

@@ -9,15 +9,19 @@ from omnistage.types import (
     ChatTurn,
     GenerateInput,
     OutputDelta,
+    PipelineOutput,
     ProfileFileInfo,
     ProfileManifest,
     ProfileOptions,
+    ProfileReport,
     RequestMetrics,
     SamplingOptions,
     StageDescription,
+    StageMetrics,
+    StageProfileResult,
     TensorData,
 )
-from omnistage.v1 import common_pb2, stage_pb2
+from omnistage.v1 import common_pb2, orchestrator_pb2, stage_pb2
 
 
 def sampling_from_pb(msg: common_pb2.SamplingParams) -> SamplingOptions:
@@ -138,10 +142,7 @@ def manifest_to_pb(manifest: ProfileManifest) -> stage_pb2.StopProfileResponse:
         session_id=manifest.session_id,
         profile_dir=manifest.profile_dir,
         stop_seconds=manifest.stop_seconds,
-        files=[
-            common_pb2.ProfileFile(name=f.name, size_bytes=f.size_bytes, sha256=f.sha256)
-            for f in manifest.files
-        ],
+        files=files_to_pb(manifest.files),
     )
 
 
@@ -150,7 +151,7 @@ def manifest_from_pb(msg: stage_pb2.StopProfileResponse) -> ProfileManifest:
         session_id=msg.session_id,
         profile_dir=msg.profile_dir,
         stop_seconds=msg.stop_seconds,
-        files=tuple(ProfileFileInfo(f.name, f.size_bytes, f.sha256) for f in msg.files),
+        files=files_from_pb(msg.files),
     )
 
 
@@ -169,4 +170,79 @@ def stage_description_to_pb(desc: StageDescription) -> stage_pb2.StageInfo:
         max_model_len=desc.engine.max_model_len,
         device=desc.engine.device,
         profiler_dir=desc.profiler_dir,
+    )
+
+
+def pipeline_output_from_pb(msg: orchestrator_pb2.PipelineResponse) -> PipelineOutput:
+    metrics = None
+    if msg.HasField("metrics"):
+        metrics = StageMetrics(
+            queue_time_s=msg.metrics.queue_time_s,
+            time_to_first_output_s=msg.metrics.time_to_first_output_s,
+            duration_s=msg.metrics.duration_s,
+            handoff_s=msg.metrics.handoff_s,
+        )
+    return PipelineOutput(
+        stage=msg.stage,
+        stage_index=msg.stage_index,
+        request_id=msg.request_id,
+        text=msg.text,
+        token_ids=tuple(msg.token_ids),
+        finished=msg.finished,
+        final=msg.final,
+        finish_reason=msg.finish_reason,
+        metrics=metrics,
+        tensor=tensor_from_pb(msg.tensor) if msg.HasField("tensor") else None,
+    )
+
+
+def files_to_pb(files: tuple[ProfileFileInfo, ...]) -> list[common_pb2.ProfileFile]:
+    return [
+        common_pb2.ProfileFile(name=f.name, size_bytes=f.size_bytes, sha256=f.sha256) for f in files
+    ]
+
+
+def files_from_pb(files: Any) -> tuple[ProfileFileInfo, ...]:
+    return tuple(ProfileFileInfo(f.name, f.size_bytes, f.sha256) for f in files)
+
+
+def report_to_pb(report: ProfileReport) -> orchestrator_pb2.ProfileReport:
+    return orchestrator_pb2.ProfileReport(
+        session_id=report.session_id,
+        output_dir=report.output_dir,
+        timeline=report.timeline,
+        summary=report.summary,
+        stages=[
+            orchestrator_pb2.StageProfileResult(
+                stage=r.stage,
+                ok=r.ok,
+                error=r.error,
+                replica=r.replica,
+                stage_session_id=r.stage_session_id,
+                local_dir=r.local_dir,
+                files=files_to_pb(r.files),
+            )
+            for r in report.stages
+        ],
+    )
+
+
+def report_from_pb(msg: orchestrator_pb2.ProfileReport) -> ProfileReport:
+    return ProfileReport(
+        session_id=msg.session_id,
+        output_dir=msg.output_dir,
+        timeline=msg.timeline,
+        summary=msg.summary,
+        stages=tuple(
+            StageProfileResult(
+                stage=r.stage,
+                replica=r.replica,
+                ok=r.ok,
+                error=r.error,
+                files=files_from_pb(r.files),
+                stage_session_id=r.stage_session_id,
+                local_dir=r.local_dir,
+            )
+            for r in msg.stages
+        ),
     )

@@ -141,14 +141,13 @@ def stage_args(
     model: str = "smollm2",
     port: int = 0,
     host: str = "127.0.0.1",
-    profiler_dir: Path | None = None,
-    profiler_options: dict[str, object] | None = None,
+    engine: str = "vllm",
+    profiler_config: dict[str, object] | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """Command-line arguments for `omnistage stage serve`."""
-    args = ["stage", "serve", "--name", name, "--model", model, "--port", str(port), "--host", host]
-    if profiler_dir is not None:
-        config: dict[str, object] = {"profiler": "torch", "torch_profiler_dir": str(profiler_dir)}
-        config.update(profiler_options or {})
-        args += ["--profiler-config", json.dumps(config)]
+    args = ["stage", "serve", "--name", name, "--engine", engine, "--model", model]
+    args += ["--port", str(port), "--host", host]
+    if profiler_config is not None:
+        args += ["--profiler-config", json.dumps(profiler_config)]
     return [*args, *extra]

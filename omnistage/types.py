@@ -142,3 +142,58 @@ class StageDescription:
     server_time_unix_ns: int
     version: str
     profiler_dir: str
+
+
+@dataclass(frozen=True)
+class StageProfileResult:
+    """What one stage (one replica of it) gave back when a pipeline profile stopped."""
+
+    stage: str
+    replica: str
+    ok: bool
+    error: str = ""
+    files: tuple[ProfileFileInfo, ...] = ()
+    stage_session_id: str = ""
+    local_dir: str = ""
+    stop_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProfileReport:
+    """A pipeline profile session, collected on the orchestrator's side."""
+
+    session_id: str
+    output_dir: str
+    stages: tuple[StageProfileResult, ...]
+    timeline: str = ""
+    summary: str = ""
+
+    @property
+    def failed(self) -> list[StageProfileResult]:
+        return [s for s in self.stages if not s.ok]
+
+
+@dataclass(frozen=True)
+class StageMetrics:
+    """One stage's share of one pipeline request, in seconds."""
+
+    queue_time_s: float = 0.0
+    time_to_first_output_s: float = 0.0
+    duration_s: float = 0.0
+    handoff_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    """One piece of a pipeline's streamed output."""
+
+    stage: str
+    stage_index: int
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finished: bool = False
+    final: bool = False
+    finish_reason: str = ""
+    metrics: StageMetrics | None = None
+    tensor: TensorData | None = None

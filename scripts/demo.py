@@ -25,8 +25,10 @@ def main() -> int:
         "stage 'thinker'",
         stage_args(
             name="thinker",
-            profiler_dir=stage_dir,
-            profiler_options={"torch_profiler_with_stack": False},
+            profiler_config={
+                "torch_profiler_dir": str(stage_dir),
+                "torch_profiler_with_stack": False,
+            },
         ),
         log_path=OUT / "thinker.log",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from omnistage.errors import InvalidRequestError
-from omnistage.types import CHAT_ROLES, GenerateInput, SamplingOptions
+from omnistage.types import CHAT_ROLES, GenerateInput, ProfileOptions, SamplingOptions
 
 MAX_STOP_STRINGS = 16
 
@@ -51,3 +51,10 @@ def validate_generate_input(request: GenerateInput) -> None:
     if any(t < 0 for t in request.token_ids):
         raise InvalidRequestError("token_ids must be ≥ 0")
     validate_sampling(request.sampling)
+
+
+def validate_profile_options(options: ProfileOptions) -> None:
+    for key in ("delay_iterations", "max_iterations"):
+        value = getattr(options, key)
+        if value is not None and value < 0:
+            raise InvalidRequestError(f"{key} must be ≥ 0 (got {value})")

@@ -8,23 +8,20 @@ folder's files and nothing outside it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
-import secrets
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 from omnistage.errors import InvalidRequestError, NotFoundError, ProfilerStateError
+from omnistage.profile_files import SESSION_ID_PATTERN, new_session_id, sha256_file
 from omnistage.types import ProfileFileInfo, ProfileManifest, ProfileOptions
 from services.engines.base import Engine
 from services.profiling.optable import build_op_table
+from services.validation import validate_profile_options
 
 logger = logging.getLogger(__name__)
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TRACE_SUFFIXES = (".pt.trace.json.gz", ".pt.trace.json")
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 3 << 20  # stays under gRPC's 4 MiB default receive limit
@@ -63,14 +60,14 @@ class ProfileSessionStore:
     async def start(self, options: ProfileOptions) -> Path:
         """Create the session folder and start the engine's profiler."""
         root = self._require_root()
-        _check_iterations(options)
+        validate_profile_options(options)
         async with self._lock:
             if self._active is not None:
                 raise ProfilerStateError(
                     f"a profile session is already active on stage {self._stage_name!r} "
                     f"({self._active.name}); call StopProfile first"
                 )
-            session_dir = root / _new_session_id(options.label)
+            session_dir = root / new_session_id(options.label)
             session_dir.mkdir(parents=True)
             try:
                 await self._engine.start_profile(session_dir, options)
@@ -199,28 +196,10 @@ def ensure_op_table(session_dir: Path, stage_name: str) -> Path | None:
     return target
 
 
-def _check_iterations(options: ProfileOptions) -> None:
-    for key in ("delay_iterations", "max_iterations"):
-        value = getattr(options, key)
-        if value is not None and value < 0:
-            raise InvalidRequestError(f"{key} must be ≥ 0 (got {value})")
-
-
-def _new_session_id(label: str) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.")[:48]
-    middle = f"-{clean}" if clean else ""
-    return f"{stamp}{middle}-{secrets.token_hex(3)}"
-
-
 def _manifest(session_dir: Path) -> list[ProfileFileInfo]:
     files = []
     for path in sorted(session_dir.iterdir()):
         if not path.is_file():
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        files.append(ProfileFileInfo(path.name, path.stat().st_size, digest.hexdigest()))
+        files.append(ProfileFileInfo(path.name, path.stat().st_size, sha256_file(path)))
     return files

@@ -1,0 +1,75 @@
+"""What every omnistage client shares: channel options, status mapping and the sync bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from omnistage import errors
+
+T = TypeVar("T")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+STOP_PROFILE_TIMEOUT_S = 600.0  # a vLLM stop on the CPU takes tens of seconds
+
+_ERRORS_BY_CODE: dict[grpc.StatusCode, type[errors.OmnistageError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequestError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.ProfilerStateError,
+    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.OverloadedError,
+    grpc.StatusCode.UNAVAILABLE: errors.StageUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineError,
+    grpc.StatusCode.CANCELLED: errors.CancelledError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.UnauthenticatedError,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError, *, address: str = "") -> errors.OmnistageError:
+    """The omnistage error for a failed call, keeping the server's message."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    cls = _ERRORS_BY_CODE.get(code, errors.OmnistageError)
+    where = f" ({address})" if address else ""
+    error = cls(f"{details}{where}")
+    error.grpc_code = code.name  # type: ignore[attr-defined]
+    return error
+
+
+class LoopThread:
+    """One event loop on a daemon thread, shared by the sync wrappers of one client."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        try:
+            while True:
+                try:
+                    yield self.run(_anext(agen))
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                self.run(aclose())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.loop.close()
+
+
+async def _anext(agen: AsyncIterator[T]) -> T:
+    return await agen.__anext__()

@@ -1,0 +1,156 @@
+"""Python clients. The asyncio client is the implementation; the sync client wraps it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from omnistage.convert import (
+    delta_from_pb,
+    generate_input_to_pb,
+    manifest_from_pb,
+)
+from omnistage.rpc import CHANNEL_OPTIONS, STOP_PROFILE_TIMEOUT_S, LoopThread, error_from_rpc
+from omnistage.types import (
+    ChatTurn,
+    GenerateInput,
+    OutputDelta,
+    ProfileManifest,
+    SamplingOptions,
+)
+from omnistage.v1 import stage_pb2, stage_pb2_grpc
+
+T = TypeVar("T")
+
+
+def make_request(
+    *,
+    prompt: str = "",
+    messages: list[dict[str, str]] | list[ChatTurn] | None = None,
+    token_ids: list[int] | None = None,
+    request_id: str = "",
+    **sampling: Any,
+) -> GenerateInput:
+    turns = tuple(m if isinstance(m, ChatTurn) else ChatTurn(**m) for m in (messages or []))
+    if "stop" in sampling:
+        sampling["stop"] = tuple(sampling["stop"] or ())
+    return GenerateInput(
+        request_id=request_id,
+        prompt=prompt,
+        token_ids=tuple(token_ids or ()),
+        messages=turns,
+        sampling=SamplingOptions(**sampling),
+    )
+
+
+class AsyncStageClient:
+    """Talks to one stage service with grpc.aio."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = stage_pb2_grpc.StageStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncStageClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def generate(
+        self, request: GenerateInput, *, timeout: float | None = None
+    ) -> AsyncIterator[OutputDelta]:
+        call = self._stub.Generate(generate_input_to_pb(request), timeout=timeout)
+        try:
+            async for msg in call:
+                yield delta_from_pb(msg)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, address=self.address) from exc
+        finally:
+            call.cancel()
+
+    async def start_profile(
+        self, *, label: str = "", delay_iterations: int = 0, max_iterations: int = 0
+    ) -> str:
+        request = stage_pb2.StartProfileRequest(
+            label=label, delay_iterations=delay_iterations, max_iterations=max_iterations
+        )
+        reply = await self._call(self._stub.StartProfile(request, timeout=120))
+        return str(reply.session_id)
+
+    async def stop_profile(self, *, timeout: float = STOP_PROFILE_TIMEOUT_S) -> ProfileManifest:
+        reply = await self._call(
+            self._stub.StopProfile(stage_pb2.StopProfileRequest(), timeout=timeout)
+        )
+        return manifest_from_pb(reply)
+
+    async def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
+        """Stream one session file into `dest`; return the bytes written."""
+        request = stage_pb2.FetchProfileFileRequest(session_id=session_id, name=name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        try:
+            with dest.open("wb") as handle:
+                async for chunk in self._stub.FetchProfileFile(request, timeout=600):
+                    handle.seek(chunk.offset)
+                    handle.write(chunk.data)
+                    written += len(chunk.data)
+        except grpc.RpcError as exc:
+            dest.unlink(missing_ok=True)
+            raise error_from_rpc(exc, address=self.address) from exc
+        return written
+
+    async def info(self, *, timeout: float = 10.0) -> stage_pb2.StageInfo:
+        return await self._call(self._stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout))
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, address=self.address) from exc
+
+
+class StageClient:
+    """The synchronous face of `AsyncStageClient`, for scripts and notebooks."""
+
+    def __init__(self, address: str) -> None:
+        self._loop = LoopThread()
+        self._async = self._loop.run(_make_async_client(address))
+        self.address = address
+
+    def generate(
+        self, request: GenerateInput, *, timeout: float | None = None
+    ) -> Iterator[OutputDelta]:
+        return self._loop.iterate(self._async.generate(request, timeout=timeout))
+
+    def start_profile(self, **options: Any) -> str:
+        return self._loop.run(self._async.start_profile(**options))
+
+    def stop_profile(self, **options: Any) -> ProfileManifest:
+        return self._loop.run(self._async.stop_profile(**options))
+
+    def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
+        return self._loop.run(self._async.fetch_file(session_id, name, dest))
+
+    def info(self) -> stage_pb2.StageInfo:
+        return self._loop.run(self._async.info())
+
+    def close(self) -> None:
+        self._loop.run(self._async.close())
+        self._loop.close()
+
+    def __enter__(self) -> StageClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _make_async_client(address: str) -> AsyncStageClient:
+    return AsyncStageClient(address)

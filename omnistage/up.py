@@ -1,0 +1,114 @@
+"""`omnistage up FILE`: every stage of a pipeline's launch section, then the orchestrator,
+as local processes. Waits for health with progress; Ctrl-C or SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from omnistage.errors import InvalidRequestError
+from omnistage.launch import ServerProcess, stage_args
+
+logger = logging.getLogger(__name__)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _progress_printer(name: str) -> Callable[[str, float], None]:
+    def report(status: str, seconds: float) -> None:
+        _say(f"    ... {name}: {status} ({seconds:.0f} s)")
+
+    return report
+
+
+def launch_pipeline(
+    pipeline_file: Path, *, port: int | None = None, log_dir: Path | None = None
+) -> list[ServerProcess]:
+    """Start the launch section's stages and the orchestrator; return them once all SERVING."""
+    from orchestrator.config import load_pipeline
+
+    pipeline = load_pipeline(pipeline_file)
+    if pipeline.launch is None or not pipeline.launch.stages:
+        raise InvalidRequestError(
+            f"{pipeline_file} has no launch section: add launch.stages with each stage's engine "
+            "and model, or start the stages yourself and run `omnistage orchestrator serve`"
+        )
+    base = pipeline_file.resolve().parent
+    logs = log_dir or base / "logs"
+    processes: list[ServerProcess] = []
+    try:
+        for name, spec in pipeline.launch.stages.items():
+            config = dict(spec.profiler_config) if spec.profiler_config is not None else None
+            if config and config.get("torch_profiler_dir"):
+                config["torch_profiler_dir"] = str(
+                    pipeline.resolve_path(str(config["torch_profiler_dir"]))
+                )
+            args = stage_args(
+                name=name,
+                model=spec.model,
+                port=spec.port,
+                host=spec.host,
+                engine=spec.engine,
+                profiler_config=config,
+                extra=spec.args,
+            )
+            _say(f"==> starting stage {name!r} ({spec.engine}, {spec.model}) on port {spec.port}")
+            processes.append(ServerProcess(f"stage {name!r}", args, log_path=logs / f"{name}.log"))
+        started = time.monotonic()
+        for process in processes:
+            process.wait_serving(progress=_progress_printer(process.name))
+            _say(
+                f"    {process.name} SERVING at {process.address} "
+                f"({time.monotonic() - started:.0f} s)"
+            )
+        orchestrator_port = pipeline.launch.orchestrator_port if port is None else port
+        args = ["orchestrator", "serve", "--pipeline", str(pipeline_file.resolve())]
+        args += ["--port", str(orchestrator_port), "--host", "127.0.0.1"]
+        orchestrator = ServerProcess("orchestrator", args, log_path=logs / "orchestrator.log")
+        processes.append(orchestrator)
+        orchestrator.wait_serving(timeout=60)
+        _say(f"==> pipeline {pipeline.name!r} SERVING: orchestrator at {orchestrator.address}")
+        return processes
+    except BaseException:
+        stop_all(processes)
+        raise
+
+
+def stop_all(processes: list[ServerProcess]) -> None:
+    """Stop the orchestrator first, then the stages, concurrently."""
+    threads = [threading.Thread(target=p.stop) for p in reversed(processes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def run_up(pipeline_file: Path, *, port: int | None = None) -> int:
+    processes = launch_pipeline(pipeline_file, port=port)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _say("    press Ctrl-C to stop every process")
+    try:
+        while not stopping.wait(1.0):
+            dead = [p for p in processes if p.process.poll() is not None]
+            if dead:
+                names = ", ".join(p.name for p in dead)
+                print(f"omnistage up: {names} exited; stopping the rest", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        _say("==> stopping every process")
+        stop_all(processes)
