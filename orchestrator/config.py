@@ -1,0 +1,388 @@
+"""The pipeline file (YAML): its models, validated once at load, and errors that give the file,
+the line and the key path of every problem, e.g.
+
+    pipeline.yaml:14: stages[1].sampling.temperature: Input should be greater than or equal to 0
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import string
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from omnistage.errors import InvalidRequestError
+from omnistage.types import SamplingOptions
+from services.config import STAGE_NAME_PATTERN, ProfilerSettings
+
+BUILTIN_PROCESSORS = ("text", "token_ids", "chat")
+TEMPLATE_FIELDS = ("text", "prompt")
+
+KeyPath = tuple[str | int, ...]
+StrPath = tuple[str, ...]
+LineMap = dict[StrPath, int]
+
+
+class PipelineConfigError(InvalidRequestError):
+    """The pipeline file is wrong. One problem per line, each with file, line and key path."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Problems(ValueError):
+    """Cross-field problems, each at a key path relative to the model that found them."""
+
+    def __init__(self, problems: list[tuple[KeyPath, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{format_key_path(p)}: {m}" for p, m in problems))
+
+
+def format_key_path(path: Sequence[str | int]) -> str:
+    """`("stages", 1, "sampling")` -> `stages[1].sampling`."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out or "(top level)"
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{field}` names a str.format template uses; ValueError when it is malformed."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
+class SamplingConfig(BaseModel):
+    """A stage's sampling; the same keys as a request's `sampling`. Unset keys use defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens generated.")
+    temperature: float | None = Field(default=None, ge=0, description="0 is greedy.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=None, ge=-1, description="-1 considers every token.")
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    stop: list[str] | None = Field(default=None, description="Strings that end generation.")
+    ignore_eos: bool | None = Field(default=None, description="Keep going past end-of-text.")
+
+    def to_options(self) -> SamplingOptions:
+        return SamplingOptions(**self.model_dump(exclude={"stop"}), stop=tuple(self.stop or ()))
+
+
+class InputConfig(BaseModel):
+    """How a stage's input is built from the previous stage's output (an edge processor)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    processor: str = Field(default="text", description="A built-in or 'package.module:function'.")
+    template: str | None = Field(default=None, description="text/chat: of {text} and {prompt}.")
+    system: str | None = Field(default=None, description="chat: an optional system message.")
+
+    @model_validator(mode="after")
+    def _check(self) -> InputConfig:
+        problems: list[tuple[KeyPath, str]] = []
+        name = self.processor
+        builtin = name in BUILTIN_PROCESSORS
+        if not builtin and ":" not in name and "." not in name:
+            why = f"unknown processor {name!r}; use a built-in ({', '.join(BUILTIN_PROCESSORS)})"
+            problems.append((("processor",), f"{why} or 'package.module:function'"))
+        elif not builtin and not re.fullmatch(r"\w+(\.\w+)*(:\w+(\.\w+)*)?", name):
+            problems.append((("processor",), f"{name!r} is not a 'package.module:function' path"))
+        if builtin and self.template is not None:
+            if name == "token_ids":
+                problems.append((("template",), "the token_ids processor takes no template"))
+            else:
+                problems.extend((("template",), m) for m in _template_problems(self.template))
+        if builtin and name != "chat" and self.system is not None:
+            problems.append((("system",), f"system is for the chat processor, not {name!r}"))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+def _template_problems(template: str) -> list[str]:
+    allowed = ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS)
+    try:
+        fields = template_fields(template)
+    except ValueError as exc:
+        return [f"malformed template ({exc}); write a literal brace as {{{{ or }}}}"]
+    return [
+        f"unknown template field {{{f}}}; allowed: {allowed}"
+        for f in dict.fromkeys(fields)
+        if f not in TEMPLATE_FIELDS
+    ]
+
+
+class StageSpec(BaseModel):
+    """One stage of the pipeline and where its service listens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=STAGE_NAME_PATTERN, description="The stage's name.")
+    address: str | None = Field(default=None, min_length=1, description="host:port of one server.")
+    addresses: list[typing.Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="host:port of several replicas; instead of address."
+    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Its defaults.")
+    input: InputConfig = Field(default_factory=InputConfig, description="Unused by stage 0.")
+    timeout_s: float | None = Field(default=None, gt=0, description="Per-stage deadline.")
+
+    @model_validator(mode="after")
+    def _one_address_kind(self) -> StageSpec:
+        if self.address is not None and self.addresses:
+            raise _Problems([(("addresses",), "set address or addresses, not both")])
+        return self
+
+    @property
+    def all_addresses(self) -> list[str]:
+        return [self.address] if self.address is not None else list(self.addresses)
+
+
+class LaunchStage(BaseModel):
+    """How `omnistage up` starts one stage locally."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["vllm", "torch"] = Field(default="vllm", description="The engine adapter.")
+    model: str = Field(default="smollm2", min_length=1, description="A model folder or smollm2.")
+    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
+    host: str = Field(default="127.0.0.1", min_length=1, description="The interface to bind.")
+    profiler_config: dict[str, Any] | None = Field(
+        default=None, description="vLLM's profiler keys, passed to --profiler-config as JSON."
+    )
+    args: list[str] = Field(default_factory=list, description="Extra `stage serve` arguments.")
+
+    @field_validator("profiler_config")
+    @classmethod
+    def _vllm_profiler_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                ProfilerSettings.model_validate(value)
+            except ValidationError as exc:
+                raise _Problems(
+                    [(tuple(e["loc"]), _message(e, ProfilerSettings)) for e in exc.errors()]
+                ) from None
+        return value
+
+    @property
+    def connect_address(self) -> str:
+        """Where a client on this machine reaches the stage."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+class LaunchConfig(BaseModel):
+    """How `omnistage up` starts the pipeline locally."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stages: dict[str, LaunchStage] = Field(default_factory=dict, description="Keyed by stage name.")
+    orchestrator_port: int = Field(default=50050, ge=0, le=65535, description="0: any port.")
+    profile_dir: str = Field(
+        default="profiles", min_length=1, description="StopProfile's default output_dir."
+    )
+
+
+class PipelineConfig(BaseModel):
+    """The whole pipeline file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="pipeline", min_length=1, description="The pipeline's name.")
+    outputs: Literal["final", "all"] = Field(default="all", description="Which stages stream back.")
+    stages: list[StageSpec] = Field(min_length=1, description="The stages, in order.")
+    launch: LaunchConfig | None = Field(default=None, description="For `omnistage up`.")
+    _source: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> PipelineConfig:
+        problems: list[tuple[KeyPath, str]] = []
+        launched = self.launch.stages if self.launch is not None else {}
+        first: dict[str, int] = {}
+        for i, stage in enumerate(self.stages):
+            if stage.name in first:
+                why = f"duplicate stage name {stage.name!r} (also stages[{first[stage.name]}])"
+                problems.append((("stages", i, "name"), why))
+            first.setdefault(stage.name, i)
+            if stage.all_addresses:
+                continue
+            launch = launched.get(stage.name)
+            if launch is not None and launch.port != 0:
+                self.stages[i] = stage.model_copy(update={"address": launch.connect_address})
+            else:
+                why = "its launch port is 0 (any free port)" if launch else "it has no launch entry"
+                why = f"stage {stage.name!r} needs address or addresses ({why}), or a fixed port"
+                problems.append((("stages", i), f"{why} under launch.stages"))
+        for key in launched:
+            if key not in first:
+                why = f"{key!r} is not a stage of this pipeline; stages: {', '.join(first)}"
+                problems.append((("launch", "stages", key), why))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        """The file this was loaded from, set by `load_pipeline`."""
+        return self._source
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    def stage_index(self, key: str) -> int:
+        """A stage's index from its name or decimal index."""
+        key = key.strip()
+        names = self.stage_names
+        if key in names:
+            return names.index(key)
+        if key.isascii() and key.isdecimal() and int(key) < len(names):
+            return int(key)
+        known = ", ".join(f"{i} {n!r}" for i, n in enumerate(names))
+        raise InvalidRequestError(f"unknown stage {key!r}; the stages are {known}")
+
+    def resolve_path(self, value: str) -> Path:
+        """`value` as a path, relative to the pipeline file's folder unless absolute."""
+        path = Path(value).expanduser()
+        base = self._source.parent if self._source is not None else Path.cwd()
+        return path if path.is_absolute() else (base / path).resolve()
+
+    def default_profile_dir(self) -> Path:
+        """Where StopProfile writes when the caller gives no output_dir."""
+        return self.resolve_path(self.launch.profile_dir if self.launch else "profiles")
+
+
+def load_pipeline(path: Path) -> PipelineConfig:
+    """Read and validate a pipeline file; PipelineConfigError lists every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineConfigError([f"{path}: cannot read the pipeline file: {exc}"]) from exc
+    config = parse_pipeline(text, source=str(path))
+    config._source = Path(path).resolve()
+    return config
+
+
+def parse_pipeline(text: str, *, source: str = "<string>") -> PipelineConfig:
+    """Validate pipeline YAML; `source` names it in messages."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        what = f"{exc.problem} ({exc.context})" if exc.context else str(exc.problem)
+        raise PipelineConfigError([f"{where}: invalid YAML: {what}"]) from None
+    except yaml.YAMLError as exc:
+        raise PipelineConfigError([f"{source}: invalid YAML: {exc}"]) from None
+    finally:
+        loader.dispose()
+    if node is None:
+        raise PipelineConfigError([f"{source}: the pipeline file is empty"])
+    lines: LineMap = {}
+    duplicates: list[StrPath] = []
+    _map_lines(node, (), lines, duplicates, set())
+    problems = [
+        (lines[d], f"{source}:{lines[d]}: {format_key_path(d)}: duplicate key") for d in duplicates
+    ]
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            located = error.get("ctx", {}).get("error")
+            found = [((), _message(error, PipelineConfig))]
+            for rel, message in located.problems if isinstance(located, _Problems) else found:
+                path: KeyPath = (*error["loc"], *rel)
+                line = _line_of(path, lines)
+                problems.append((line, f"{source}:{line}: {format_key_path(path)}: {message}"))
+    if problems:
+        raise PipelineConfigError([p for _, p in sorted(problems, key=lambda p: p[0])])
+    return config
+
+
+def _map_lines(
+    node: yaml.Node, path: StrPath, lines: LineMap, dup: list[StrPath], active: set[int]
+) -> None:
+    """Record the 1-based line of every key and item in `lines`, and duplicate keys in `dup`."""
+    lines.setdefault(path, node.start_mark.line + 1)
+    if id(node) in active:  # a recursive alias
+        return
+    active.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = str(key.value)
+            child = (*path, name)
+            if name in seen:
+                dup.append(child)
+            seen.add(name)
+            lines[child] = key.start_mark.line + 1
+            _map_lines(value, child, lines, dup, active)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _map_lines(item, (*path, str(index)), lines, dup, active)
+    active.discard(id(node))
+
+
+def _line_of(path: KeyPath, lines: LineMap) -> int:
+    """The line of `path`, or of its nearest parent that has one."""
+    keys = tuple(str(p) for p in path)
+    for end in range(len(keys), -1, -1):
+        if keys[:end] in lines:
+            return lines[keys[:end]]
+    return 1
+
+
+def _message(error: Any, root: type[BaseModel]) -> str:
+    """A pydantic error's message, reworded where that says better what to fix."""
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden" and loc:
+        allowed = _allowed_keys(root, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"unknown key{did_you_mean} (allowed: {', '.join(allowed)})"
+    if error["type"] == "missing":
+        return "required key is missing"
+    if error["type"] == "model_type":
+        return f"expected a mapping of keys, got {type(error['input']).__name__}"
+    return re.sub(r"^Value error, ", "", str(error["msg"]))
+
+
+def _allowed_keys(root: type[BaseModel], loc: KeyPath) -> list[str]:
+    """The keys of the model found at `loc` below `root` (list items and dict values included)."""
+    kind: Any = root
+    for part in (*loc, None):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+            kind = args[0]  # X | None -> X
+        if part is None:
+            break
+        if typing.get_origin(kind) in (list, dict):
+            kind = typing.get_args(kind)[-1]
+        elif isinstance(kind, type) and issubclass(kind, BaseModel):
+            field = kind.model_fields.get(str(part))
+            kind = ProfilerSettings if part == "profiler_config" else field and field.annotation
+        else:
+            return []
+    return list(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else []

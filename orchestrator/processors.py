@@ -1,0 +1,170 @@
+"""Edge processors: how one stage's output becomes the next stage's input.
+
+A processor is a plain callable `(output, original, config) -> GenerateInput`. The built-ins are
+`text`, `token_ids` and `chat`; a pipeline file may name its own as "package.module:function".
+The input a processor returns carries no sampling: the runner applies the stage's sampling.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from omnistage.errors import InvalidRequestError
+from omnistage.types import ChatTurn, GenerateInput, TensorData
+from orchestrator.config import InputConfig, template_fields
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a finished stage produced."""
+
+    stage: str
+    text: str
+    token_ids: tuple[int, ...]
+    tensors: tuple[TensorData, ...] = ()
+
+
+class EdgeProcessor(Protocol):
+    def __call__(
+        self, output: StageOutput, original: GenerateInput, config: InputConfig
+    ) -> GenerateInput: ...
+
+
+def original_prompt_text(original: GenerateInput) -> str:
+    """The client's prompt, or the content of its last user message, or ""."""
+    if original.prompt:
+        return original.prompt
+    for turn in reversed(original.messages):
+        if turn.role == "user":
+            return turn.content
+    return ""
+
+
+def _formatted_text(output: StageOutput, original: GenerateInput, config: InputConfig) -> str:
+    """The upstream text, through the config's template when it has one."""
+    template = config.template
+    uses_text = template is None or "text" in template_fields(template)
+    if uses_text and not output.text.strip():
+        raise InvalidRequestError(
+            f"stage {output.stage!r} produced no text, so the next stage has no input"
+        )
+    if template is None:
+        return output.text
+    try:
+        text = template.format(text=output.text, prompt=original_prompt_text(original))
+    except (ValueError, KeyError, IndexError) as exc:
+        raise InvalidRequestError(f"input template {template!r} failed: {exc}") from exc
+    if not text.strip():
+        raise InvalidRequestError(
+            f"input template {template!r} gave an empty input after stage {output.stage!r}"
+        )
+    return text
+
+
+def text_processor(
+    output: StageOutput, original: GenerateInput, config: InputConfig
+) -> GenerateInput:
+    """prompt = the template filled in, or the upstream text itself."""
+    prompt = _formatted_text(output, original, config)
+    return GenerateInput(request_id=original.request_id, prompt=prompt)
+
+
+def token_ids_processor(
+    output: StageOutput, original: GenerateInput, config: InputConfig
+) -> GenerateInput:
+    """token_ids = the upstream token ids, unchanged."""
+    if not output.token_ids:
+        raise InvalidRequestError(
+            f"stage {output.stage!r} produced no token ids, so the next stage has no input"
+        )
+    return GenerateInput(request_id=original.request_id, token_ids=output.token_ids)
+
+
+def chat_processor(
+    output: StageOutput, original: GenerateInput, config: InputConfig
+) -> GenerateInput:
+    """messages = [the optional system message, the user message: the template filled in]."""
+    user = ChatTurn(role="user", content=_formatted_text(output, original, config))
+    system = (ChatTurn(role="system", content=config.system),) if config.system else ()
+    return GenerateInput(request_id=original.request_id, messages=(*system, user))
+
+
+BUILTIN_EDGE_PROCESSORS: dict[str, EdgeProcessor] = {
+    "text": text_processor,
+    "token_ids": token_ids_processor,
+    "chat": chat_processor,
+}
+
+
+def resolve_processor(config: InputConfig) -> EdgeProcessor:
+    """The built-in named by `config.processor`, or the custom callable it names.
+
+    A custom processor is imported from "package.module:function" (or "package.module.function")
+    and checked once here; what it returns is checked on every call.
+    """
+    builtin = BUILTIN_EDGE_PROCESSORS.get(config.processor)
+    if builtin is not None:
+        return builtin
+    path = config.processor
+    module_name, sep, attribute = path.partition(":")
+    if not sep:
+        module_name, _, attribute = path.rpartition(".")
+    if not module_name or not attribute:
+        raise InvalidRequestError(
+            f"processor {path!r} is neither a built-in ({', '.join(BUILTIN_EDGE_PROCESSORS)})"
+            " nor a 'package.module:function' path"
+        )
+    where = f"custom processor {path!r}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and f"{module_name}.".startswith(f"{exc.name}."):
+            raise InvalidRequestError(f"{where}: module {module_name!r} not found") from exc
+        raise InvalidRequestError(f"{where}: importing {module_name!r} failed: {exc}") from exc
+    except (ImportError, SyntaxError) as exc:
+        raise InvalidRequestError(f"{where}: importing {module_name!r} failed: {exc}") from exc
+    found: object = module
+    for part in attribute.split("."):
+        if not hasattr(found, part):
+            raise InvalidRequestError(
+                f"{where}: module {module_name!r} has no attribute {attribute!r}"
+            )
+        found = getattr(found, part)
+    if not callable(found):
+        raise InvalidRequestError(
+            f"{where}: {attribute!r} is a {type(found).__name__}, not callable"
+        )
+    try:
+        inspect.signature(found).bind(None, None, None)
+    except TypeError as exc:
+        raise InvalidRequestError(
+            f"{where}: it must take (output, original, config) ({exc})"
+        ) from exc
+    except ValueError:  # no signature to check, as for some built-in callables
+        pass
+    return _checked(path, found)
+
+
+def _checked(path: str, func: Callable[..., object]) -> EdgeProcessor:
+    """`func`, with its result checked to be a usable GenerateInput."""
+
+    def processor(
+        output: StageOutput, original: GenerateInput, config: InputConfig
+    ) -> GenerateInput:
+        result = func(output, original, config)
+        if not isinstance(result, GenerateInput):
+            raise InvalidRequestError(
+                f"custom processor {path!r} returned {type(result).__name__}, not a GenerateInput"
+            )
+        if not result.input_kinds():
+            raise InvalidRequestError(
+                f"custom processor {path!r} built an empty input from stage"
+                f" {output.stage!r}'s output"
+            )
+        return result
+
+    return processor

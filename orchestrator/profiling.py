@@ -1,0 +1,199 @@
+"""Profile sessions across stages: validated fan-out start with rollback, concurrent stop,
+and every stage's files pulled over gRPC into one folder on the orchestrator's side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omnistage.errors import InvalidRequestError, OmnistageError, ProfilerStateError
+from omnistage.profile_files import new_session_id, sha256_file
+from omnistage.types import ProfileOptions, ProfileReport, StageProfileResult
+from orchestrator.config import PipelineConfig
+from orchestrator.pool import StagePool, StageReplica
+from services.validation import validate_profile_options
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _ActiveSession:
+    session_id: str
+    label: str
+    started_unix_ns: int
+    # stage name -> replicas that are profiling, each with the stage's own session id
+    stages: dict[str, list[tuple[StageReplica, str]]] = field(default_factory=dict)
+
+
+class PipelineProfiler:
+    """At most one cross-stage session at a time."""
+
+    def __init__(
+        self, pipeline: PipelineConfig, pool: StagePool, *, default_output_dir: Path
+    ) -> None:
+        self._pipeline = pipeline
+        self._pool = pool
+        self._default_output_dir = default_output_dir
+        self._active: _ActiveSession | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def active_session_id(self) -> str:
+        return self._active.session_id if self._active else ""
+
+    def profiling_stages(self) -> list[str]:
+        return list(self._active.stages) if self._active else []
+
+    def _select(self, keys: list[str]) -> list[str]:
+        """Stage names for names or decimal indices; empty means all. Raises before any call."""
+        if not keys:
+            return [spec.name for spec in self._pipeline.stages]
+        names = []
+        for key in keys:
+            name = self._pipeline.stages[self._pipeline.stage_index(key)].name
+            if name not in names:
+                names.append(name)
+        return names
+
+    async def start(
+        self, keys: list[str], options: ProfileOptions
+    ) -> tuple[str, dict[str, list[str]]]:
+        """Start the selected stages; on any failure stop those already started, then raise."""
+        names = self._select(keys)
+        validate_profile_options(options)
+        async with self._lock:
+            if self._active is not None:
+                raise ProfilerStateError(
+                    f"profile session {self._active.session_id} is active on stages "
+                    f"{list(self._active.stages)}; call StopProfile first"
+                )
+            session = _ActiveSession(new_session_id(options.label), options.label, time.time_ns())
+            targets = [r for name in names for r in self._pool.replicas(name)]
+            results = await asyncio.gather(
+                *(self._start_one(r, session.session_id, options) for r in targets),
+                return_exceptions=True,
+            )
+            failures = [
+                (r, e)
+                for r, e in zip(targets, results, strict=True)
+                if isinstance(e, BaseException)
+            ]
+            started = [
+                (r, sid) for r, sid in zip(targets, results, strict=True) if isinstance(sid, str)
+            ]
+            if failures:
+                await self._rollback(started)
+                replica, error = failures[0]
+                if isinstance(error, OmnistageError):
+                    raise type(error)(
+                        f"stage {replica.stage!r} ({replica.address}) could not start profiling: "
+                        f"{error}; no stage is left profiling"
+                    ) from error
+                raise error
+            for replica, stage_session in started:
+                session.stages.setdefault(replica.stage, []).append((replica, stage_session))
+            self._active = session
+            logger.info("profile session %s started on %s", session.session_id, names)
+            return session.session_id, {n: [sid for _, sid in session.stages[n]] for n in names}
+
+    async def _start_one(
+        self, replica: StageReplica, session_id: str, options: ProfileOptions
+    ) -> str:
+        return await replica.client.start_profile(
+            label=session_id,
+            delay_iterations=options.delay_iterations or 0,
+            max_iterations=options.max_iterations or 0,
+        )
+
+    async def _rollback(self, started: list[tuple[StageReplica, str]]) -> None:
+        async def stop(replica: StageReplica) -> None:
+            try:
+                await replica.client.stop_profile()
+            except OmnistageError as exc:
+                logger.warning(
+                    "rollback: could not stop %s (%s): %s", replica.stage, replica.address, exc
+                )
+
+        await asyncio.gather(*(stop(r) for r, _ in started))
+
+    async def stop(self, keys: list[str], output_dir: str) -> ProfileReport:
+        """Stop the selected profiling stages concurrently and pull their files."""
+        async with self._lock:
+            session = self._active
+            if session is None:
+                raise ProfilerStateError("no profile session is active; call StartProfile first")
+            names = list(session.stages) if not keys else self._select(keys)
+            idle = [n for n in names if n not in session.stages]
+            if idle:
+                raise InvalidRequestError(
+                    f"stages {idle} are not profiling in session {session.session_id}; "
+                    f"the profiling stages are {list(session.stages)}"
+                )
+            root = Path(output_dir).expanduser() if output_dir else self._default_output_dir
+            session_dir = (root / session.session_id).resolve()
+            session_dir.mkdir(parents=True, exist_ok=True)
+            targets = [(r, sid) for n in names for r, sid in session.stages[n]]
+            multi = {n for n in names if len(session.stages[n]) > 1}
+            results = await asyncio.gather(
+                *(
+                    self._stop_one(r, sid, _replica_dir(session_dir, r, r.stage in multi))
+                    for r, sid in targets
+                )
+            )
+            for name in names:
+                del session.stages[name]
+            if not session.stages:
+                self._active = None
+            report = ProfileReport(
+                session_id=session.session_id, output_dir=str(session_dir), stages=tuple(results)
+            )
+            (session_dir / "report.json").write_text(json.dumps(asdict(report), indent=2))
+            return report
+
+    async def _stop_one(
+        self, replica: StageReplica, stage_session: str, local_dir: Path
+    ) -> StageProfileResult:
+        started = time.monotonic()
+        try:
+            manifest = await replica.client.stop_profile()
+            for item in manifest.files:
+                target = local_dir / item.name
+                await replica.client.fetch_file(manifest.session_id, item.name, target)
+                digest = await asyncio.to_thread(sha256_file, target)
+                if digest != item.sha256:
+                    raise OmnistageError(
+                        f"{item.name} arrived corrupted (sha256 {digest[:12]}…, expected "
+                        f"{item.sha256[:12]}…)"
+                    )
+        except OmnistageError as exc:
+            logger.warning("stage %s (%s) failed to stop: %s", replica.stage, replica.address, exc)
+            return StageProfileResult(
+                stage=replica.stage,
+                replica=replica.address,
+                ok=False,
+                error=f"{type(exc).__name__}: {exc}",
+                stage_session_id=stage_session,
+                local_dir=str(local_dir),
+                stop_seconds=time.monotonic() - started,
+            )
+        return StageProfileResult(
+            stage=replica.stage,
+            replica=replica.address,
+            ok=True,
+            files=manifest.files,
+            stage_session_id=manifest.session_id,
+            local_dir=str(local_dir),
+            stop_seconds=time.monotonic() - started,
+        )
+
+
+def _replica_dir(session_dir: Path, replica: StageReplica, per_replica: bool) -> Path:
+    folder = session_dir / replica.stage
+    if per_replica:
+        folder = folder / re.sub(r"[^A-Za-z0-9._-]+", "_", replica.address)
+    return folder
