@@ -220,6 +220,7 @@ def report_to_pb(report: ProfileReport) -> orchestrator_pb2.ProfileReport:
                 replica=r.replica,
                 stage_session_id=r.stage_session_id,
                 local_dir=r.local_dir,
+                stop_seconds=r.stop_seconds,
                 files=files_to_pb(r.files),
             )
             for r in report.stages
@@ -242,6 +243,7 @@ def report_from_pb(msg: orchestrator_pb2.ProfileReport) -> ProfileReport:
                 files=files_from_pb(r.files),
                 stage_session_id=r.stage_session_id,
                 local_dir=r.local_dir,
+                stop_seconds=r.stop_seconds,
             )
             for r in msg.stages
         ),

@@ -123,10 +123,13 @@ class ServerProcess:
         self._signal_group(signal.SIGKILL)  # any child the parent left behind
         code = self.process.wait()
         self._reader.join(timeout=5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         self._log.close()
         return code
 
     def kill(self) -> None:
+        """SIGKILL the whole group at once, as a crash would."""
         self._signal_group(signal.SIGKILL)
         self.process.wait()
 

@@ -1,7 +1,8 @@
-"""`make demo`: one stage on the bundled model, a streamed answer, and a profile of it.
+"""`make demo`: the bundled two-stage pipeline, streamed, with a profile of stage 0 only.
 
-It starts `omnistage stage serve` as a child process, streams an answer to the console,
-profiles that request, pulls the trace back over gRPC and prints where everything landed.
+It does what a user does from the README: `omnistage up` the pipeline (here through the same
+code, in process), stream a few prompts through it with `omnistage.Client`, profile one of
+the stages, and print where the orchestrator collected the traces.
 """
 
 from __future__ import annotations
@@ -10,70 +11,64 @@ import sys
 import time
 from pathlib import Path
 
-from omnistage.client import StageClient, make_request
-from omnistage.launch import ServerProcess, stage_args
+import omnistage
+from omnistage.up import launch_pipeline, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "profiles" / "demo"
-QUESTION = "What is the capital of France? Answer in one sentence, then name one landmark there."
+PIPELINE = ROOT / "examples" / "two-stage" / "pipeline.yaml"
+PROMPTS = [
+    "What is the capital of France?",
+    "Name one planet and one fact about it.",
+]
+
+
+def stream(client: omnistage.Client, prompt: str) -> None:
+    print(f"\n>>> {prompt}")
+    current = None
+    for out in client.generate(messages=[{"role": "user", "content": prompt}]):
+        if out.stage != current:
+            current = out.stage
+            print(f"\n  [{out.stage_index}:{out.stage}] ", end="", flush=True)
+        print(out.text.replace("\n", " "), end="", flush=True)
+        if out.finished and out.metrics is not None:
+            m = out.metrics
+            print(
+                f"\n      first output {m.time_to_first_output_s * 1000:.0f} ms, "
+                f"done in {m.duration_s:.2f} s, hand-off {m.handoff_s * 1000:.1f} ms",
+                end="",
+            )
+    print()
 
 
 def main() -> int:
-    stage_dir = OUT / "stage-disk"  # the stage's own disk; the client pulls copies over gRPC
-    print("==> starting stage 'thinker' (vLLM on SmolLM2-135M-Instruct, CPU); about 30-60 s")
-    stage = ServerProcess(
-        "stage 'thinker'",
-        stage_args(
-            name="thinker",
-            profiler_config={
-                "torch_profiler_dir": str(stage_dir),
-                "torch_profiler_with_stack": False,
-            },
-        ),
-        log_path=OUT / "thinker.log",
-    )
+    print(f"==> omnistage up {PIPELINE.relative_to(ROOT)} (two vLLM stages on the CPU: 1-3 min)")
+    processes = launch_pipeline(PIPELINE)
     try:
-        address = stage.wait_serving(
-            progress=lambda status, s: print(f"    ... {status} after {s:.0f} s", flush=True)
-        )
-        print(f"==> stage SERVING at {address} (log: {stage.log_path})")
-        with StageClient(address) as client:
-            session = client.start_profile(label="demo")
-            print(f"==> profile session {session} started; asking: {QUESTION}\n")
+        address = processes[-1].address
+        with omnistage.Client(address) as client:
+            stream(client, PROMPTS[0])
+            print("\n==> profiling stage 0 ('thinker') only")
+            session = client.start_profile(stages=[0], label="demo")
+            print(f"    session {session}")
+            stream(client, PROMPTS[1])
+            print("\n==> stopping the profile; the orchestrator pulls the traces over gRPC")
             started = time.monotonic()
-            request = make_request(
-                messages=[{"role": "user", "content": QUESTION}], max_tokens=64, temperature=0.0
-            )
-            for delta in client.generate(request):
-                print(delta.text, end="", flush=True)
-                if delta.finished and delta.metrics is not None:
-                    m = delta.metrics
-                    print(
-                        f"\n\n    {m.generated_tokens} tokens in "
-                        f"{time.monotonic() - started:.2f} s, "
-                        f"time to first token {m.time_to_first_token_s * 1000:.0f} ms, "
-                        f"finish reason {delta.finish_reason!r}"
-                    )
-            print("==> stopping the profile (the engine flushes its trace)")
-            manifest = client.stop_profile()
-            print(
-                f"    stopped in {manifest.stop_seconds:.1f} s; stage-side: {manifest.profile_dir}"
-            )
-            pulled = OUT / "pulled" / manifest.session_id
-            for item in manifest.files:
-                size = client.fetch_file(manifest.session_id, item.name, pulled / item.name)
-                print(f"    pulled {item.name} ({size:,} bytes, sha256 {item.sha256[:12]}…)")
-        table = next(pulled.glob("profiler_out_*.txt"), None)
-        traces = sorted(pulled.glob("*.pt.trace.json*"), key=lambda p: "async_llm" in p.name)
-        trace = traces[0] if traces else None
-        print(f"\n==> trace (open in Perfetto or chrome://tracing): {trace}")
-        print(f"==> op table: {table}")
+            report = client.stop_profile()
+            print(f"    done in {time.monotonic() - started:.1f} s")
+        print(f"\n==> report: {report.output_dir}")
+        for stage in report.stages:
+            state = "ok" if stage.ok else f"FAILED: {stage.error}"
+            print(f"    {stage.stage}: {state}, {len(stage.files)} files in {stage.local_dir}")
+            for item in stage.files:
+                print(f"      {item.name:<60} {item.size_bytes:>10,} bytes")
+        table = next(Path(report.output_dir).glob("*/profiler_out_*.txt"), None)
         if table is not None:
-            print("\n".join(table.read_text().splitlines()[:14]))
-        return 0
+            print(f"\n==> top of {table.name}:")
+            print("\n".join(table.read_text().splitlines()[:10]))
+        return 0 if not report.failed else 1
     finally:
-        print("==> stopping the stage")
-        stage.stop()
+        print("\n==> stopping the pipeline")
+        stop_all(processes)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,10 @@ def _stages(
 ) -> Iterator[dict[str, RunningStage]]:
     logs = tmp_path_factory.mktemp("logs")
     profiler_dir = tmp_path_factory.mktemp("profiles")
+    rewriter_dir = tmp_path_factory.mktemp("rewriter-profiles")
     processes = {
         "profiled": (_start_stage("thinker", logs, profiler_dir), profiler_dir),
+        "rewriter": (_start_stage("rewriter", logs, rewriter_dir), rewriter_dir),
         "plain": (_start_stage("plain", logs, None), None),
     }
     running: dict[str, RunningStage] = {}
@@ -115,6 +117,12 @@ def _stages(
 def stage(_stages: dict[str, RunningStage]) -> RunningStage:
     """A vLLM stage named 'thinker' with profiling configured."""
     return _stages["profiled"]
+
+
+@pytest.fixture(scope="session")
+def rewriter_stage(_stages: dict[str, RunningStage]) -> RunningStage:
+    """A second profiled vLLM stage, named 'rewriter', for pipelines."""
+    return _stages["rewriter"]
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,7 @@ class PipelineStopProfileRequest(_message.Message):
     def __init__(self, stages: _Optional[_Iterable[str]] = ..., output_dir: _Optional[str] = ...) -> None: ...
 
 class StageProfileResult(_message.Message):
-    __slots__ = ("stage", "ok", "error", "files", "stage_session_id", "replica", "local_dir")
+    __slots__ = ("stage", "ok", "error", "files", "stage_session_id", "replica", "local_dir", "stop_seconds")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class StageProfileResult(_message.Message):
     STAGE_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     LOCAL_DIR_FIELD_NUMBER: _ClassVar[int]
+    STOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     stage: str
     ok: bool
     error: str
@@ -120,7 +121,8 @@ class StageProfileResult(_message.Message):
     stage_session_id: str
     replica: str
     local_dir: str
-    def __init__(self, stage: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., stage_session_id: _Optional[str] = ..., replica: _Optional[str] = ..., local_dir: _Optional[str] = ...) -> None: ...
+    stop_seconds: float
+    def __init__(self, stage: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., stage_session_id: _Optional[str] = ..., replica: _Optional[str] = ..., local_dir: _Optional[str] = ..., stop_seconds: _Optional[float] = ...) -> None: ...
 
 class ProfileReport(_message.Message):
     __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary")

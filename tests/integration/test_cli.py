@@ -1,0 +1,125 @@
+"""The command line, as a user runs it: `omnistage up`, then generate, status and profile."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_orchestrator import free_port
+
+
+def omnistage(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "omnistage.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        children = {child for child, parent in parents.items() if parent in frontier}
+        frontier = children - found
+        found |= children
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and ") Z " not in stat.read_text()
+
+
+def test_bad_pipeline_file_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("stages:\n  - name: a\n    address: h:1\n    sampling: {temperature: -1}\n")
+    result = omnistage("orchestrator", "serve", "--pipeline", str(path), "--port", "0")
+    assert result.returncode == 2
+    assert "bad.yaml:4" in result.stderr and "temperature" in result.stderr
+
+
+def test_up_without_launch_section_says_what_to_add(tmp_path: Path) -> None:
+    path = tmp_path / "nolaunch.yaml"
+    path.write_text("stages:\n  - name: a\n    address: h:1\n")
+    result = omnistage("up", str(path))
+    assert result.returncode == 2 and "launch" in result.stderr
+
+
+@pytest.mark.stops_shared_stage  # runs last: it starts one more engine of its own
+def test_up_serves_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+    stage_port, orchestrator_port = free_port(), free_port()
+    pipeline = tmp_path / "solo.yaml"
+    pipeline.write_text(
+        "name: solo\n"
+        "stages:\n"
+        "  - name: solo\n"
+        "    sampling: {max_tokens: 8, temperature: 0}\n"
+        "launch:\n"
+        f"  orchestrator_port: {orchestrator_port}\n"
+        "  stages:\n"
+        f"    solo: {{model: smollm2, port: {stage_port},"
+        " profiler_config: {torch_profiler_dir: traces, torch_profiler_with_stack: false}}\n"
+    )
+    up = subprocess.Popen(
+        [sys.executable, "-m", "omnistage.cli", "up", str(pipeline)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert up.stdout is not None
+        deadline = time.monotonic() + 900
+        for line in up.stdout:
+            lines.append(line)
+            if "SERVING: orchestrator at" in line or time.monotonic() > deadline:
+                break
+        assert any("SERVING: orchestrator" in line for line in lines), "".join(lines)
+        assert any("..." in line and "NOT_SERVING" in line for line in lines)  # progress shown
+        address = f"127.0.0.1:{orchestrator_port}"
+
+        status = omnistage("status", "--address", address)
+        assert status.returncode == 0 and "solo" in status.stdout and "SERVING" in status.stdout
+        started = omnistage("profile", "start", "--address", address, "--stages", "solo")
+        assert started.returncode == 0, started.stderr
+        answer = omnistage("generate", "--address", address, "--chat", "Say hi.")
+        assert answer.returncode == 0 and "[0:solo]" in answer.stdout
+        stopped = omnistage("profile", "stop", "--address", address)
+        assert stopped.returncode == 0, stopped.stderr
+        assert "solo" in stopped.stdout and "ok" in stopped.stdout
+        assert list((tmp_path / "profiles").glob("*/solo/profiler_out_solo.txt"))
+
+        children = descendants(up.pid)
+        assert len(children) >= 4  # the stage, its vLLM processes, the orchestrator
+        up.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert up.wait(timeout=120) == 0
+        time.sleep(1)
+        assert not [pid for pid in children if alive(pid)], "orphan processes left behind"
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()

@@ -1,0 +1,294 @@
+"""The orchestrator, in its own process, chaining real vLLM stages and profiling them."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import omnistage
+from omnistage import errors
+from omnistage.launch import ServerProcess
+from omnistage.v1 import stage_pb2
+from tests.conftest import RunningStage
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_orchestrator(
+    tmp: Path, name: str, stages: list[tuple[str, str]], outputs: str = "all"
+) -> ServerProcess:
+    lines = [f"name: {name}", f"outputs: {outputs}", "stages:"]
+    for index, (stage, address) in enumerate(stages):
+        lines += [f"  - name: {stage}", f"    address: {address}"]
+        lines += ["    sampling: {max_tokens: 12, temperature: 0.0}"]
+        if index:
+            lines += ["    input: {processor: text, template: 'Rewrite formally: {text}'}"]
+    path = tmp / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    process = ServerProcess(
+        f"orchestrator {name}",
+        ["orchestrator", "serve", "--pipeline", str(path), "--port", "0", "--host", "127.0.0.1"],
+        log_path=tmp / f"{name}.log",
+    )
+    process.wait_serving(timeout=60)
+    return process
+
+
+@pytest.fixture(scope="module")
+def pipeline(
+    tmp_path_factory: pytest.TempPathFactory, stage: RunningStage, rewriter_stage: RunningStage
+) -> Iterator[omnistage.Client]:
+    tmp = tmp_path_factory.mktemp("pipeline")
+    process = start_orchestrator(
+        tmp, "two-stage", [("thinker", stage.address), ("rewriter", rewriter_stage.address)]
+    )
+    with omnistage.Client(process.address) as client:
+        yield client
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def faulty(
+    tmp_path_factory: pytest.TempPathFactory, stage: RunningStage, plain_stage: RunningStage
+) -> Iterator[tuple[omnistage.Client, str]]:
+    """thinker → plain (no profiler) → a stage whose address nothing listens on."""
+    tmp = tmp_path_factory.mktemp("faulty")
+    dead = f"127.0.0.1:{free_port()}"
+    process = start_orchestrator(
+        tmp, "faulty", [("thinker", stage.address), ("plain", plain_stage.address), ("ghost", dead)]
+    )
+    with omnistage.Client(process.address) as client:
+        yield client, dead
+    process.stop()
+
+
+def running(stage: RunningStage) -> int:
+    return int(stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests)
+
+
+def profiling(stage: RunningStage) -> bool:
+    return bool(stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).profiling_active)
+
+
+def wait_idle(*stages: RunningStage, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(running(s) for s in stages):
+        time.sleep(0.1)
+    assert [running(s) for s in stages] == [0] * len(stages)
+
+
+def test_two_stages_stream_in_order(pipeline: omnistage.Client) -> None:
+    outputs = list(pipeline.generate(messages=[{"role": "user", "content": "Name a fruit."}]))
+    stages = [o.stage for o in outputs]
+    assert stages == sorted(stages, key=["thinker", "rewriter"].index)
+    assert {"thinker", "rewriter"} == set(stages)
+    assert all(o.final == (o.stage == "rewriter") for o in outputs)
+    finished = [o for o in outputs if o.finished]
+    assert [o.stage_index for o in finished] == [0, 1]
+    for out in finished:
+        assert out.metrics is not None
+        assert 0 < out.metrics.time_to_first_output_s <= out.metrics.duration_s
+    assert finished[1].metrics is not None and finished[1].metrics.handoff_s >= 0
+    assert "".join(o.text for o in outputs if o.stage == "rewriter").strip()
+
+
+def test_stage_sampling_overrides_one_stage(pipeline: omnistage.Client) -> None:
+    outputs = list(
+        pipeline.generate(
+            "Tell me about rivers.",
+            max_tokens=6,
+            ignore_eos=True,
+            stage_sampling={"rewriter": {"max_tokens": 3}},
+        )
+    )
+    tokens = {
+        s: sum(len(o.token_ids) for o in outputs if o.stage == s) for s in ("thinker", "rewriter")
+    }
+    assert tokens == {"thinker": 6, "rewriter": 3}
+
+
+def test_unknown_stage_sampling_key(pipeline: omnistage.Client) -> None:
+    with pytest.raises(errors.InvalidRequestError) as info:
+        list(pipeline.generate("hi", stage_sampling={"talker": {"max_tokens": 3}}))
+    assert "talker" in str(info.value) and "thinker" in str(info.value)
+
+
+def test_final_only_outputs(
+    tmp_path: Path, stage: RunningStage, rewriter_stage: RunningStage
+) -> None:
+    process = start_orchestrator(
+        tmp_path,
+        "final-only",
+        [("thinker", stage.address), ("rewriter", rewriter_stage.address)],
+        outputs="final",
+    )
+    try:
+        with omnistage.Client(process.address) as client:
+            outputs = list(client.generate("Name a colour."))
+        assert {o.stage for o in outputs} == {"rewriter"} and all(o.final for o in outputs)
+    finally:
+        process.stop()
+
+
+def test_get_pipeline_shows_stages(pipeline: omnistage.Client, stage: RunningStage) -> None:
+    info = pipeline.pipeline()
+    assert info.name == "two-stage"
+    assert [(s.index, s.name, s.health) for s in info.stages] == [
+        (0, "thinker", "SERVING"),
+        (1, "rewriter", "SERVING"),
+    ]
+    assert info.stages[0].addresses == [stage.address]
+    assert info.stages[0].engine == "vllm" and not info.profiling_active
+
+
+def traces_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.pt.trace.json.gz") if "async_llm" not in p.name)
+
+
+def test_profile_one_stage_only(
+    pipeline: omnistage.Client, stage: RunningStage, rewriter_stage: RunningStage, tmp_path: Path
+) -> None:
+    session = pipeline.start_profile(stages=[1], label="only-rewriter")
+    assert profiling(rewriter_stage) and not profiling(stage)
+    assert pipeline.pipeline().stages[1].profiling_active
+    list(pipeline.generate("Say hello."))
+    report = pipeline.stop_profile(str(tmp_path))
+    assert report.session_id == session and not report.failed
+    assert [s.stage for s in report.stages] == ["rewriter"]
+    root = tmp_path / session
+    assert [p.name for p in root.iterdir() if p.is_dir()] == ["rewriter"]
+    (trace,) = traces_in(root / "rewriter")
+    json.loads(gzip.decompress(trace.read_bytes()))
+    assert (root / "rewriter" / "profiler_out_rewriter.txt").stat().st_size > 0
+    assert json.loads((root / "report.json").read_text())["session_id"] == session
+    assert not profiling(rewriter_stage)
+
+
+def test_profile_all_stages(pipeline: omnistage.Client, tmp_path: Path) -> None:
+    session = pipeline.start_profile()
+    list(pipeline.generate("Say hello."))
+    report = pipeline.stop_profile(str(tmp_path))
+    assert {s.stage for s in report.stages} == {"thinker", "rewriter"} and not report.failed
+    for name in ("thinker", "rewriter"):
+        assert traces_in(tmp_path / session / name)
+        result = next(s for s in report.stages if s.stage == name)
+        local = {p.name for p in (tmp_path / session / name).iterdir()}
+        assert {f.name for f in result.files} == local
+        assert result.stop_seconds > 0
+
+
+def test_profile_by_name_and_index_mixed(pipeline: omnistage.Client, tmp_path: Path) -> None:
+    pipeline.start_profile(stages=["thinker", "1", 0])
+    try:
+        with pytest.raises(errors.ProfilerStateError) as info:
+            pipeline.start_profile()
+        assert "StopProfile" in str(info.value)
+    finally:
+        report = pipeline.stop_profile(str(tmp_path))
+    assert sorted(s.stage for s in report.stages) == ["rewriter", "thinker"]
+
+
+def test_unknown_stage_starts_nothing(
+    pipeline: omnistage.Client, stage: RunningStage, rewriter_stage: RunningStage
+) -> None:
+    for bad in (["thinker", "talker"], ["7"], ["-1"]):
+        with pytest.raises(errors.InvalidRequestError) as info:
+            pipeline.start_profile(stages=bad)
+        assert "thinker" in str(info.value)
+    assert not profiling(stage) and not profiling(rewriter_stage)
+
+
+def test_stop_with_nothing_active(pipeline: omnistage.Client) -> None:
+    with pytest.raises(errors.ProfilerStateError) as info:
+        pipeline.stop_profile()
+    assert "no profile session is active" in str(info.value)
+
+
+def test_failed_start_rolls_back(faulty: tuple[omnistage.Client, str], stage: RunningStage) -> None:
+    client, _ = faulty
+    with pytest.raises(errors.ProfilerStateError) as info:
+        client.start_profile(stages=["thinker", "plain"])
+    message = str(info.value)
+    assert (
+        "plain" in message
+        and "--profiler-config" in message
+        and "no stage is left profiling" in message
+    )
+    assert not profiling(stage)
+    assert not client.pipeline().profiling_active
+
+
+def test_unreachable_stage_is_unavailable(
+    faulty: tuple[omnistage.Client, str], stage: RunningStage
+) -> None:
+    client, dead = faulty
+    with pytest.raises(errors.StageUnavailableError) as info:
+        list(client.generate("hi", max_tokens=2, timeout=60))
+    assert "ghost" in str(info.value) and dead in str(info.value)
+    status = client.pipeline()
+    assert status.stages[2].health == "UNAVAILABLE" and status.stages[0].health == "SERVING"
+    wait_idle(stage)
+
+
+def test_client_cancel_reaches_the_stage(pipeline: omnistage.Client, stage: RunningStage) -> None:
+    outputs = pipeline.generate(
+        "Write a long essay.", stage_sampling={"thinker": {"max_tokens": 1500, "ignore_eos": True}}
+    )
+    for count, _out in enumerate(outputs, start=1):
+        if count == 3:
+            break
+    assert running(stage) >= 1
+    outputs.close()  # type: ignore[attr-defined]
+    wait_idle(stage)
+
+
+def test_client_deadline_reaches_the_stage(pipeline: omnistage.Client, stage: RunningStage) -> None:
+    with pytest.raises(errors.DeadlineError):
+        list(
+            pipeline.generate(
+                "Write a long essay.",
+                timeout=2.0,
+                stage_sampling={"thinker": {"max_tokens": 1500, "ignore_eos": True}},
+            )
+        )
+    wait_idle(stage)
+
+
+@pytest.mark.stops_shared_stage
+def test_dead_stage_during_stop_keeps_the_others(
+    pipeline: omnistage.Client, stage: RunningStage, rewriter_stage: RunningStage, tmp_path: Path
+) -> None:
+    session = pipeline.start_profile()
+    list(pipeline.generate("Say hello."))
+    result: dict[str, object] = {}
+
+    def stop() -> None:
+        result["report"] = pipeline.stop_profile(str(tmp_path))
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    rewriter_stage.process.kill()
+    stopper.join(timeout=600)
+    report = result["report"]
+    assert isinstance(report, omnistage.types.ProfileReport)
+    by_stage = {s.stage: s for s in report.stages}
+    assert by_stage["thinker"].ok and traces_in(tmp_path / session / "thinker")
+    assert not by_stage["rewriter"].ok and by_stage["rewriter"].error
+    # The orchestrator keeps serving, and says which stage is down.
+    info = pipeline.pipeline()
+    assert info.stages[1].health == "UNAVAILABLE" and not info.profiling_active
+    with pytest.raises(errors.StageUnavailableError) as down:
+        list(pipeline.generate("hi", timeout=60))
+    assert "rewriter" in str(down.value)
+    assert not profiling(stage)
