@@ -37,6 +37,7 @@ def _stage_serve(args: argparse.Namespace) -> int:
             kv_cache_gib=args.kv_cache_gib,
             enforce_eager=not args.compile,
             grace_seconds=args.grace_seconds,
+            engine_options=_parse_engine_options(args.engine_options),
         )
     except ValidationError as exc:
         raise OmnistageError(describe_validation_error(exc)) from exc
@@ -46,6 +47,22 @@ def _stage_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve(config, on_bound=announce))
     return 0
+
+
+def _parse_engine_options(text: str) -> dict[str, Any]:
+    """`--engine-options` JSON: an object, passed to the engine as its options."""
+    if not text.strip():
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"--engine-options is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(
+            f"--engine-options must be a JSON object, e.g. '{{\"max_batch_size\": 8}}'; "
+            f"got {type(raw).__name__}"
+        )
+    return raw
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -227,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--kv-cache-gib", type=float, default=1.0)
     serve.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM drain time")
+    serve.add_argument(
+        "--engine-options",
+        default="",
+        metavar="JSON",
+        help='engine options as a JSON object, e.g. \'{"max_batch_size": 8, "max_wait_ms": 5}\'',
+    )
     serve.set_defaults(func=_stage_serve)
 
     check = commands.add_parser("health", help="exit 0 when ADDRESS reports SERVING")

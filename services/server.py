@@ -33,6 +33,10 @@ def create_engine(config: StageConfig) -> Engine:
         from services.engines.vllm_engine import VllmEngine
 
         return VllmEngine(config)
+    if config.engine == "torch":
+        from services.engines.torch_engine import TorchEngine
+
+        return TorchEngine(config)
     raise NotImplementedError(f"engine {config.engine!r} is not available in this build")
 
 

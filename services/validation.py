@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from omnistage.errors import InvalidRequestError
+from omnistage.tensors import validate_tensor
 from omnistage.types import CHAT_ROLES, GenerateInput, ProfileOptions, SamplingOptions
 
 MAX_STOP_STRINGS = 16
@@ -32,7 +33,7 @@ def validate_sampling(options: SamplingOptions) -> None:
 
 
 def validate_generate_input(request: GenerateInput) -> None:
-    """Shape checks every engine shares: one input, known chat roles, sane sampling."""
+    """Shape checks every engine shares: one input, known roles, a valid tensor, sane sampling."""
     kinds = request.input_kinds()
     if not kinds:
         raise InvalidRequestError(
@@ -50,6 +51,8 @@ def validate_generate_input(request: GenerateInput) -> None:
         raise InvalidRequestError("every message is empty: give at least one message content")
     if any(t < 0 for t in request.token_ids):
         raise InvalidRequestError("token_ids must be ≥ 0")
+    if request.tensor is not None:
+        validate_tensor(request.tensor)
     validate_sampling(request.sampling)
 
 
