@@ -177,8 +177,19 @@ def _profile_stop(args: argparse.Namespace) -> int:
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
     print("stopping (each stage flushes its trace; this can take a minute)...", flush=True)
     with Client(args.address) as client:
-        report = client.stop_profile(args.output_dir, stages=stages)
+        report = client.stop_profile(
+            args.output_dir,
+            stages=stages,
+            slim=args.slim,
+            slim_min_duration_us=args.slim_min_us,
+            slim_patterns=args.slim_pattern,
+        )
     print(f"session {report.session_id}: {report.output_dir}")
+    if report.timeline:
+        print(f"  timeline (Perfetto, chrome://tracing): {report.timeline}")
+        print(f"  summary: {report.summary}")
+    elif report.summary:
+        print(f"  {report.summary}")
     for stage in report.stages:
         if stage.ok:
             size = sum(f.size_bytes for f in stage.files)
@@ -189,6 +200,32 @@ def _profile_stop(args: argparse.Namespace) -> int:
         else:
             print(f"  {stage.stage:<12} FAIL  {stage.error}")
     return 0 if not report.failed else 1
+
+
+def _profile_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import rebuild_report
+    from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
+
+    slim = None
+    if args.slim or args.slim_min_us or args.slim_pattern:
+        patterns = tuple(args.slim_pattern) or VLLM_IDLE_PATTERNS
+        slim = SlimOptions(min_duration_us=args.slim_min_us, drop_patterns=patterns)
+    folder = Path(args.dir)
+    if not (folder / "report.json").is_file():
+        raise InvalidRequestError(
+            f"{folder} has no report.json: pass a session folder that StopProfile wrote, "
+            "<output_dir>/<session_id>"
+        )
+    files = rebuild_report(folder, slim=slim, progress=lambda line: print(f"  {line}", flush=True))
+    if slim is not None:
+        total = files.slim_total
+        print(
+            f"slimmed: {total.events_dropped:,} of {total.events_before:,} events dropped, "
+            f"{total.bytes_saved:,} bytes saved (size ratio {total.size_ratio:.2f})"
+        )
+    print(f"timeline: {files.timeline}")
+    print(f"summary:  {files.summary}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -301,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     pstop.add_argument("--stages", default="", help="default: every profiling stage")
     pstop.add_argument("--output-dir", default="", help="on the orchestrator's side")
     pstop.set_defaults(func=_profile_stop)
+    preport = profile_commands.add_parser(
+        "report", help="rebuild timeline.json.gz and summary.md of a collected session folder"
+    )
+    preport.add_argument("dir", help="<output_dir>/<session_id>, as StopProfile wrote it")
+    preport.set_defaults(func=_profile_report)
+    for sub in (pstop, preport):
+        sub.add_argument("--slim", action="store_true", help="drop vLLM's idle loops")
+        sub.add_argument("--slim-min-us", type=float, default=0.0, help="and frames shorter")
+        sub.add_argument("--slim-pattern", action="append", default=[], help="fnmatch pattern")
 
     status = commands.add_parser("status", help="every stage's health and profiling state")
     status.add_argument("--address", default=default_address)

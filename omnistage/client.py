@@ -121,14 +121,24 @@ class AsyncClient:
         output_dir: str = "",
         *,
         stages: Sequence[str | int] | None = None,
+        slim: bool = False,
+        slim_min_duration_us: float = 0.0,
+        slim_patterns: Sequence[str] = (),
         timeout: float = STOP_TIMEOUT_S,
     ) -> ProfileReport:
-        """Stop profiling; every stage's files land in `<output_dir>/<session>/<stage>/`.
+        """Stop profiling; every stage's files land in `<output_dir>/<session>/<stage>/`,
+        with `timeline.json.gz` (all stages on one clock) and `summary.md` beside them.
 
         `output_dir` is on the orchestrator's side; empty means the pipeline's profile_dir.
+        `slim` also writes slimmed copies of the traces (vLLM's idle loops and, with
+        `slim_min_duration_us`, short Python frames dropped) and builds the timeline from them.
         """
         request = orchestrator_pb2.PipelineStopProfileRequest(
-            stages=[str(s) for s in stages or ()], output_dir=output_dir
+            stages=[str(s) for s in stages or ()],
+            output_dir=output_dir,
+            slim=slim,
+            slim_min_duration_us=slim_min_duration_us,
+            slim_patterns=list(slim_patterns),
         )
         try:
             reply = await self._stub.StopProfile(request, timeout=timeout)

@@ -8,17 +8,25 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from omnistage.errors import InvalidRequestError, OmnistageError, ProfilerStateError
 from omnistage.profile_files import new_session_id, sha256_file
 from omnistage.types import ProfileOptions, ProfileReport, StageProfileResult
+from orchestrator.clock import ClockEstimate, ClockSample, combine, estimate_offset
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool, StageReplica
+from orchestrator.report import rebuild_report
+from orchestrator.runner import StageEvent
+from orchestrator.slimming import SlimOptions
+from orchestrator.timeline import RequestSpan
 from services.validation import validate_profile_options
 
 logger = logging.getLogger(__name__)
+
+
+CLOCK_SAMPLES = 5
 
 
 @dataclass
@@ -28,6 +36,9 @@ class _ActiveSession:
     started_unix_ns: int
     # stage name -> replicas that are profiling, each with the stage's own session id
     stages: dict[str, list[tuple[StageReplica, str]]] = field(default_factory=dict)
+    # clock key -> the offset estimated when the session started
+    clock_start: dict[str, ClockEstimate] = field(default_factory=dict)
+    spans: list[RequestSpan] = field(default_factory=list)
 
 
 class PipelineProfiler:
@@ -97,9 +108,56 @@ class PipelineProfiler:
                 raise error
             for replica, stage_session in started:
                 session.stages.setdefault(replica.stage, []).append((replica, stage_session))
+            session.clock_start = await self._clocks([r for r, _ in started], session)
             self._active = session
             logger.info("profile session %s started on %s", session.session_id, names)
             return session.session_id, {n: [sid for _, sid in session.stages[n]] for n in names}
+
+    def record(self, event: StageEvent) -> None:
+        """Keep a finished stage's timing while a session is active, for the timeline."""
+        session, timing = self._active, event.timing
+        if session is None or timing is None:
+            return
+        session.spans.append(
+            RequestSpan(
+                request_id=event.request_id,
+                stage=event.stage,
+                stage_index=event.stage_index,
+                replica=event.replica,
+                start_unix_ns=timing.start_unix_ns,
+                first_output_unix_ns=timing.first_output_unix_ns or timing.end_unix_ns,
+                end_unix_ns=timing.end_unix_ns,
+                handoff_s=timing.handoff_s,
+                queue_time_s=timing.queue_time_s,
+            )
+        )
+
+    async def _clocks(
+        self, replicas: list[StageReplica], session: _ActiveSession
+    ) -> dict[str, ClockEstimate]:
+        """Each replica's clock offset from a few GetInfo round trips; failures are skipped."""
+
+        async def one(replica: StageReplica) -> tuple[str, ClockEstimate | None]:
+            samples = []
+            try:
+                for _ in range(CLOCK_SAMPLES):
+                    sent = time.time_ns()
+                    info = await replica.client.info(timeout=5)
+                    samples.append(ClockSample(sent, info.server_time_unix_ns, time.time_ns()))
+            except OmnistageError as exc:
+                logger.warning(
+                    "no clock sample from %s (%s): %s", replica.stage, replica.address, exc
+                )
+            estimate = estimate_offset(samples) if samples else None
+            return self._clock_key(replica, session), estimate
+
+        pairs = await asyncio.gather(*(one(r) for r in replicas))
+        return {key: estimate for key, estimate in pairs if estimate is not None}
+
+    def _clock_key(self, replica: StageReplica, session: _ActiveSession) -> str:
+        if len(self._pool.replicas(replica.stage)) > 1:
+            return f"{replica.stage}/{_replica_dir(Path(), replica, True).name}"
+        return replica.stage
 
     async def _start_one(
         self, replica: StageReplica, session_id: str, options: ProfileOptions
@@ -121,7 +179,22 @@ class PipelineProfiler:
 
         await asyncio.gather(*(stop(r) for r, _ in started))
 
-    async def stop(self, keys: list[str], output_dir: str) -> ProfileReport:
+    async def _with_timeline(
+        self, report: ProfileReport, session_dir: Path, slim: SlimOptions | None
+    ) -> ProfileReport:
+        """The report with its merged timeline and summary; without them if building fails."""
+        started = time.monotonic()
+        try:
+            files = await asyncio.to_thread(rebuild_report, session_dir, slim=slim)
+        except (OSError, ValueError) as exc:
+            logger.exception("could not build the timeline of %s", session_dir)
+            return replace(report, summary=f"timeline not built: {exc}")
+        logger.info("timeline and summary built in %.1f s", time.monotonic() - started)
+        return replace(report, timeline=str(files.timeline), summary=str(files.summary))
+
+    async def stop(
+        self, keys: list[str], output_dir: str, *, slim: SlimOptions | None = None
+    ) -> ProfileReport:
         """Stop the selected profiling stages concurrently and pull their files."""
         async with self._lock:
             session = self._active
@@ -139,6 +212,7 @@ class PipelineProfiler:
             session_dir.mkdir(parents=True, exist_ok=True)
             targets = [(r, sid) for n in names for r, sid in session.stages[n]]
             multi = {n for n in names if len(session.stages[n]) > 1}
+            clock_stop = await self._clocks([r for r, _ in targets], session)
             results = await asyncio.gather(
                 *(
                     self._stop_one(r, sid, _replica_dir(session_dir, r, r.stage in multi))
@@ -152,8 +226,15 @@ class PipelineProfiler:
             report = ProfileReport(
                 session_id=session.session_id, output_dir=str(session_dir), stages=tuple(results)
             )
-            (session_dir / "report.json").write_text(json.dumps(asdict(report), indent=2))
-            return report
+            clocks = {
+                key: combine(session.clock_start.get(key), clock_stop.get(key))
+                for key in session.clock_start.keys() | clock_stop.keys()
+            }
+            record = asdict(report)
+            record["clocks"] = {key: asdict(estimate) for key, estimate in clocks.items()}
+            record["spans"] = [asdict(span) for span in session.spans]
+            (session_dir / "report.json").write_text(json.dumps(record, indent=2))
+            return await self._with_timeline(report, session_dir, slim)
 
     async def _stop_one(
         self, replica: StageReplica, stage_session: str, local_dir: Path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from omnistage.errors import InvalidRequestError, OmnistageError
@@ -39,6 +39,7 @@ class StageEvent:
     delta: OutputDelta
     final: bool
     timing: StageTiming | None = None
+    replica: str = ""
 
 
 def name_stage(error: OmnistageError, stage: str) -> OmnistageError:
@@ -51,9 +52,16 @@ def name_stage(error: OmnistageError, stage: str) -> OmnistageError:
 class PipelineRunner:
     """Chains the stages: stage N's finished output becomes stage N+1's input."""
 
-    def __init__(self, pipeline: PipelineConfig, pool: StagePool) -> None:
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        pool: StagePool,
+        *,
+        on_stage_done: Callable[[StageEvent], None] | None = None,
+    ) -> None:
         self._pipeline = pipeline
         self._pool = pool
+        self._on_stage_done = on_stage_done
         self._processors: list[EdgeProcessor] = [
             resolve_processor(spec.input) for spec in pipeline.stages
         ]
@@ -137,14 +145,18 @@ class PipelineRunner:
                         first_output_unix_ns=first_ns,
                         end_unix_ns=time.time_ns(),
                     )
-                yield StageEvent(
+                event = StageEvent(
                     stage=spec.name,
                     stage_index=index,
                     request_id=stage_input.request_id,
                     delta=delta,
                     final=final,
                     timing=timing,
+                    replica=replica.address,
                 )
+                if timing is not None and self._on_stage_done is not None:
+                    self._on_stage_done(event)
+                yield event
         except OmnistageError as exc:
             logger.info("request %s failed in stage %s: %s", stage_input.request_id, spec.name, exc)
             raise name_stage(exc, spec.name) from exc

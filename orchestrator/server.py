@@ -41,7 +41,7 @@ class OrchestratorServer:
         servicer = OrchestratorServicer(
             pipeline=pipeline,
             pool=self.pool,
-            runner=PipelineRunner(pipeline, self.pool),
+            runner=PipelineRunner(pipeline, self.pool, on_stage_done=self.profiler.record),
             profiler=self.profiler,
         )
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, self.server)

@@ -15,11 +15,13 @@ from omnistage.convert import (
     report_to_pb,
     sampling_from_pb,
 )
+from omnistage.errors import InvalidRequestError
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool, replica_health
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.runner import PipelineRunner, StageEvent
+from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
 from services.status import grpc_errors
 from services.validation import validate_generate_input
 
@@ -76,7 +78,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
         context: grpc.aio.ServicerContext,
     ) -> orchestrator_pb2.ProfileReport:
         async with grpc_errors(context, "StopProfile"):
-            report = await self._profiler.stop(list(request.stages), request.output_dir)
+            slim = None
+            if request.slim or request.slim_min_duration_us or request.slim_patterns:
+                slim = slim_options(request.slim_min_duration_us, list(request.slim_patterns))
+            report = await self._profiler.stop(list(request.stages), request.output_dir, slim=slim)
             return report_to_pb(report)
         raise AssertionError("unreachable")
 
@@ -136,3 +141,13 @@ def _event_to_pb(event: StageEvent) -> orchestrator_pb2.PipelineResponse:
             )
         )
     return msg
+
+
+def slim_options(min_duration_us: float, patterns: list[str]) -> SlimOptions:
+    """Slimming as asked for; no patterns means vLLM's known idle loops."""
+    try:
+        return SlimOptions(
+            min_duration_us=min_duration_us, drop_patterns=tuple(patterns) or VLLM_IDLE_PATTERNS
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(f"slimming: {exc}") from exc

@@ -97,12 +97,18 @@ class PipelineStartProfileResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileStart, _Mapping]]] = ...) -> None: ...
 
 class PipelineStopProfileRequest(_message.Message):
-    __slots__ = ("stages", "output_dir")
+    __slots__ = ("stages", "output_dir", "slim_min_duration_us", "slim_patterns", "slim")
     STAGES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    SLIM_MIN_DURATION_US_FIELD_NUMBER: _ClassVar[int]
+    SLIM_PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    SLIM_FIELD_NUMBER: _ClassVar[int]
     stages: _containers.RepeatedScalarFieldContainer[str]
     output_dir: str
-    def __init__(self, stages: _Optional[_Iterable[str]] = ..., output_dir: _Optional[str] = ...) -> None: ...
+    slim_min_duration_us: float
+    slim_patterns: _containers.RepeatedScalarFieldContainer[str]
+    slim: bool
+    def __init__(self, stages: _Optional[_Iterable[str]] = ..., output_dir: _Optional[str] = ..., slim_min_duration_us: _Optional[float] = ..., slim_patterns: _Optional[_Iterable[str]] = ..., slim: _Optional[bool] = ...) -> None: ...
 
 class StageProfileResult(_message.Message):
     __slots__ = ("stage", "ok", "error", "files", "stage_session_id", "replica", "local_dir", "stop_seconds")

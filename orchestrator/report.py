@@ -1,0 +1,182 @@
+"""Rebuild a profile session's merged timeline and summary from its folder.
+
+A session folder (``<output_dir>/<session_id>/``, as ``StopProfile`` leaves it) holds
+``report.json`` and each stage's files. ``report.json`` may carry two optional keys besides
+:class:`omnistage.types.ProfileReport`'s fields:
+
+* ``"clocks"``: ``{"<stage>" or "<stage>/<replica>": {"offset_ns", "error_ns", "rtt_ns",
+  "samples"}}``, the :class:`~orchestrator.clock.ClockEstimate` of each stage's host;
+* ``"spans"``: ``[asdict(RequestSpan), ...]``, each request's passage through each stage.
+
+:func:`rebuild_report` works from that alone, so it runs after the fact too
+(``omnistage profile report DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.clock import ClockEstimate
+from orchestrator.slimming import SlimOptions, SlimStats, slim_copy_path, slim_trace_file
+from orchestrator.summary import TraceStatsCollector, write_summary
+from orchestrator.timeline import RequestSpan, build_timeline, find_traces
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.json"
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """What :func:`rebuild_report` wrote."""
+
+    timeline: Path
+    summary: Path
+    slim_stats: Mapping[str, SlimStats] = field(default_factory=dict)
+    """Per trace (path relative to the session folder): what slimming saved. Empty when the
+    traces were not slimmed."""
+
+    @property
+    def slim_total(self) -> SlimStats:
+        return SlimStats.total(self.slim_stats.values())
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """``report.json``, read: the report itself, the request spans and the clock estimates."""
+
+    report: Mapping[str, Any]
+    spans: tuple[RequestSpan, ...]
+    clocks: Mapping[str, ClockEstimate]
+
+    def stage_order(self) -> dict[str, int]:
+        """Stage indices in the order the report lists the stages."""
+        order: dict[str, int] = {}
+        for entry in self.report.get("stages", []):
+            if isinstance(entry, Mapping) and isinstance(entry.get("stage"), str):
+                order.setdefault(entry["stage"], len(order))
+        return order
+
+
+def read_session(session_dir: Path) -> SessionRecord:
+    """Read and check ``session_dir/report.json``.
+
+    Raises:
+        FileNotFoundError: there is no report.json: not a session folder.
+        ValueError: report.json is not valid JSON, or a span or clock entry is malformed.
+    """
+    path = Path(session_dir) / REPORT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: give a session folder (<output_dir>/<session_id>/ as "
+            "StopProfile writes it)"
+        )
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(report, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(report).__name__}")
+    spans = []
+    for i, item in enumerate(report.get("spans") or []):
+        try:
+            spans.append(span_from_mapping(item))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: spans[{i}] is malformed: {exc}") from exc
+    clocks = {}
+    for key, item in (report.get("clocks") or {}).items():
+        try:
+            clocks[str(key)] = ClockEstimate(
+                offset_ns=int(item["offset_ns"]),
+                error_ns=int(item["error_ns"]),
+                rtt_ns=int(item.get("rtt_ns", 0)),
+                samples=int(item.get("samples", 1)),
+            )
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise ValueError(f"{path}: clocks[{key!r}] is malformed: {exc!r}") from exc
+    return SessionRecord(report, tuple(spans), clocks)
+
+
+def rebuild_report(
+    session_dir: Path,
+    *,
+    slim: SlimOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ReportFiles:
+    """Write ``timeline.json.gz`` and ``summary.md`` into ``session_dir`` from its report.json
+    and traces.
+
+    With ``slim``, every trace first gets a slimmed copy beside it
+    (``x.slim.pt.trace.json.gz``, see :mod:`orchestrator.slimming`; an existing copy is
+    rewritten, and none is kept where it would not be smaller) and the timeline is built from
+    the copies. The originals are never modified.
+    Each trace is loaded once for the timeline and the summary together.
+
+    Raises:
+        FileNotFoundError: no report.json in ``session_dir``.
+        ValueError: report.json is malformed.
+    """
+    session_dir = Path(session_dir)
+    record = read_session(session_dir)
+    say = progress or (lambda _msg: None)
+    slimmed: dict[str, SlimStats] = {}
+    if slim is not None:
+        for source in find_traces(session_dir):
+            if slim_copy_path(source.path) == source.path:
+                continue  # a slimmed copy whose original is gone
+            rel = source.path.relative_to(session_dir).as_posix()
+            say(f"slimming {rel}")
+            try:
+                slimmed[rel] = slim_trace_file(
+                    source.path, slim_copy_path(source.path), slim, only_if_smaller=True
+                )
+            except (OSError, ValueError) as exc:
+                logger.warning("could not slim %s: %s; the timeline uses the original", rel, exc)
+                slim_copy_path(source.path).unlink(missing_ok=True)
+    collector = TraceStatsCollector()
+    timeline = build_timeline(
+        session_dir,
+        spans=record.spans,
+        clocks=record.clocks,
+        progress=progress,
+        stage_indices=record.stage_order(),
+        prefer_slim=slim is not None,
+        observer=collector,
+    )
+    summary = write_summary(
+        session_dir,
+        report=record.report,
+        spans=record.spans,
+        clocks=record.clocks,
+        collected=collector,
+        slim_stats=slimmed,
+    )
+    return ReportFiles(timeline=timeline, summary=summary, slim_stats=slimmed)
+
+
+def span_from_mapping(data: Mapping[str, Any]) -> RequestSpan:
+    """A :class:`RequestSpan` from its ``dataclasses.asdict`` form, as report.json holds it.
+
+    ``request_id``, ``stage``, ``start_unix_ns`` and ``end_unix_ns`` are required; the other
+    fields default to 0 (or an empty replica).
+    """
+    required = ("request_id", "stage", "start_unix_ns", "end_unix_ns")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise ValueError(f"request span {dict(data)!r} lacks {missing}")
+    return RequestSpan(
+        request_id=str(data["request_id"]),
+        stage=str(data["stage"]),
+        stage_index=int(data.get("stage_index", 0)),
+        replica=str(data.get("replica", "")),
+        start_unix_ns=int(data["start_unix_ns"]),
+        first_output_unix_ns=int(data.get("first_output_unix_ns", 0)),
+        end_unix_ns=int(data["end_unix_ns"]),
+        handoff_s=float(data.get("handoff_s", 0.0)),
+        queue_time_s=float(data.get("queue_time_s", 0.0)),
+    )

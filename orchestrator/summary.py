@@ -1,0 +1,375 @@
+"""``summary.md``: where a profile session's time went, stage by stage, in one page.
+
+Definitions used in the summary:
+
+* **top ops**: :func:`services.profiling.optable.op_stats` of the stage's traces (all its
+  files merged), by self CPU time; and by self device time when the traces have device events;
+* **profiled window**: from the first to the last event of any profiled stage, on the
+  orchestrator's clock (each stage's trace shifted by its clock offset);
+* **busy share**: the time during which the stage ran at least one op — the union of its host
+  ops' intervals (``cpu_op``/``user_annotation``, on any of its threads, nested ops counted
+  once) — over the profiled window. Device busy share likewise, from its device events;
+* **request latency by stage**: from the orchestrator's spans (start → end of each request in
+  each stage), p50 and p90 with linear interpolation;
+* **dominant stage**: the stage with the largest sum of span durations over the requests that
+  overlap the profiled window (all requests when no trace was read).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.clock import ClockEstimate, resolve_clock
+from orchestrator.slimming import SlimStats, slim_copy_path
+from orchestrator.timeline import TIMELINE_NAME, RequestSpan, TraceSource, find_traces
+from services.profiling.optable import (
+    DEVICE_CATEGORIES,
+    HOST_OP_CATEGORIES,
+    OpStat,
+    load_trace,
+    op_stats,
+)
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.md"
+_HOST = frozenset(c.lower() for c in HOST_OP_CATEGORIES)
+_DEVICE = frozenset(c.lower() for c in DEVICE_CATEGORIES)
+_NAME_WIDTH = 70
+
+
+@dataclass
+class StageTraceStats:
+    """What one stage's (one replica's) traces hold; times are orchestrator-clock unix µs."""
+
+    key: str
+    files: list[str] = field(default_factory=list)
+    ops: dict[str, OpStat] = field(default_factory=dict)
+    host_busy: list[tuple[float, float]] = field(default_factory=list)
+    device_busy: list[tuple[float, float]] = field(default_factory=list)
+    first_us: float = math.inf
+    last_us: float = -math.inf
+
+
+class TraceStatsCollector:
+    """Gathers :class:`StageTraceStats` per stage key; pass it as build_timeline's observer."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, StageTraceStats] = {}
+
+    def __call__(self, source: TraceSource, trace: Mapping[str, Any], offset_ns: int) -> None:
+        stats = self.stages.setdefault(source.key, StageTraceStats(source.key))
+        stats.files.append(source.path.name)
+        for op in op_stats(trace):
+            old = stats.ops.get(op.name)
+            stats.ops[op.name] = op if old is None else _add(old, op)
+        base = trace.get("baseTimeNanoseconds")
+        shift = ((base if type(base) is int else 0) - offset_ns) / 1000
+        host: list[tuple[float, float]] = []
+        device: list[tuple[float, float]] = []
+        for ev in trace["traceEvents"]:
+            if type(ev) is not dict or ev.get("ph") == "M":
+                continue
+            ts, dur = ev.get("ts"), ev.get("dur", 0)
+            if not isinstance(ts, (int, float)) or not isinstance(dur, (int, float)):
+                continue
+            stats.first_us = min(stats.first_us, ts + shift)
+            stats.last_us = max(stats.last_us, ts + dur + shift)
+            cat = ev.get("cat")
+            if ev.get("ph") == "X" and isinstance(cat, str) and dur >= 0:
+                low = cat.lower()
+                if low in _HOST:
+                    host.append((ts + shift, ts + dur + shift))
+                elif low in _DEVICE:
+                    device.append((ts + shift, ts + dur + shift))
+        stats.host_busy = _union([*stats.host_busy, *host])
+        stats.device_busy = _union([*stats.device_busy, *device])
+
+
+def collect_stats(
+    session_dir: Path,
+    clocks: Mapping[str, ClockEstimate],
+    progress: Callable[[str], None] | None = None,
+) -> TraceStatsCollector:
+    """Load every trace of the session (slimmed copies where they exist: same op tables)."""
+    collector = TraceStatsCollector()
+    for source in find_traces(session_dir, prefer_slim=True):
+        estimate, _ = resolve_clock(clocks, source.stage, source.replica)
+        try:
+            trace = load_trace(source.path)
+        except (OSError, ValueError) as exc:
+            logger.warning("summary: %s skipped: %s", source.path, exc)
+            continue
+        if progress is not None:
+            progress(f"stage {source.key}: {len(trace['traceEvents']):,} events")
+        collector(source, trace, estimate.offset_ns if estimate else 0)
+    return collector
+
+
+def write_summary(
+    session_dir: Path,
+    *,
+    report: Mapping[str, Any],
+    spans: Sequence[RequestSpan],
+    clocks: Mapping[str, ClockEstimate],
+    top: int = 15,
+    collected: TraceStatsCollector | None = None,
+    slim_stats: Mapping[str, SlimStats] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write ``session_dir/summary.md`` and return its path.
+
+    ``collected`` is what a :class:`TraceStatsCollector` gathered while the timeline was
+    built; without it the traces are loaded here. ``slim_stats`` (per trace, relative path)
+    lists the slimmed copies and what they saved.
+    """
+    session_dir = Path(session_dir)
+    stats = collected if collected is not None else collect_stats(session_dir, clocks, progress)
+    stages = stats.stages
+    window = (
+        min((s.first_us for s in stages.values()), default=math.inf),
+        max((s.last_us for s in stages.values()), default=-math.inf),
+    )
+    lines = [f"# Profile session {report.get('session_id', session_dir.name)}", ""]
+    lines += _overview(session_dir, report, spans, window)
+    lines += _ops_sections(stages, window, top)
+    lines += _request_section(spans, window)
+    lines += _clock_section(clocks, stages)
+    lines += _files_section(session_dir, slim_stats or {})
+    path = session_dir / SUMMARY_NAME
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    logger.info("summary %s written", path)
+    return path
+
+
+def _overview(
+    session_dir: Path,
+    report: Mapping[str, Any],
+    spans: Sequence[RequestSpan],
+    window: tuple[float, float],
+) -> list[str]:
+    results = [r for r in report.get("stages", []) if isinstance(r, Mapping)]
+    failed = [r for r in results if not r.get("ok", True)]
+    lines = [
+        f"- stages profiled: {len(results)} ({len(failed)} failed)",
+        f"- requests seen: {len({s.request_id for s in spans})}",
+    ]
+    if window[1] > window[0]:
+        lines.append(f"- profiled window: {_ms(window[1] - window[0])}")
+    if (session_dir / TIMELINE_NAME).exists():
+        lines.append(
+            f"- merged timeline: [{TIMELINE_NAME}]({TIMELINE_NAME}) (open it in ui.perfetto.dev)"
+        )
+    if failed:
+        lines += ["", "## Failed stages", ""]
+        for r in failed:
+            where = f" ({r.get('replica')})" if r.get("replica") else ""
+            lines.append(
+                f"- **{r.get('stage', '?')}**{where}: {r.get('error') or 'no error given'}"
+            )
+    return [*lines, ""]
+
+
+def _ops_sections(
+    stages: Mapping[str, StageTraceStats], window: tuple[float, float], top: int
+) -> list[str]:
+    span_us = window[1] - window[0]
+    lines = ["## Stages", ""]
+    if not stages:
+        return [*lines, "No trace was read.", ""]
+    lines += ["| stage | busy (host) | share of window | busy (device) | share of window |"]
+    lines += ["| --- | ---: | ---: | ---: | ---: |"]
+    for key, s in stages.items():
+        host, device = _length(s.host_busy), _length(s.device_busy)
+        dev = [_ms(device), _pct(device, span_us)] if s.device_busy else ["–", "–"]
+        lines.append(f"| {key} | {_ms(host)} | {_pct(host, span_us)} | {dev[0]} | {dev[1]} |")
+    lines += [
+        "",
+        "Busy: the time during which the stage ran at least one op (host: `cpu_op` and "
+        "`user_annotation` events on any of its threads, nested ops counted once; device: its "
+        "kernels, memcpy and memset). Share: busy time over the profiled window, from the first "
+        "to the last event of any profiled stage on the orchestrator's clock.",
+        "",
+    ]
+    for key, s in stages.items():
+        ops = sorted(s.ops.values(), key=lambda o: (-o.self_cpu_us, -o.self_device_us, o.name))
+        lines += [f"### {key}: top {top} ops by self CPU time", ""]
+        lines += [f"From {', '.join(f'`{f}`' for f in s.files)}.", ""]
+        lines += _op_table(ops, top, by_device=False)
+        if any(o.self_device_us > 0 for o in ops):
+            ops.sort(key=lambda o: (-o.self_device_us, -o.self_cpu_us, o.name))
+            lines += [f"### {key}: top {top} ops by self device time", ""]
+            lines += _op_table(ops, top, by_device=True)
+    return lines
+
+
+def _op_table(ops: Sequence[OpStat], top: int, *, by_device: bool) -> list[str]:
+    cpu_total = math.fsum(o.self_cpu_us for o in ops)
+    dev_total = math.fsum(o.self_device_us for o in ops)
+    with_device = dev_total > 0
+    head = "| op | calls | self CPU | self CPU % | CPU total |"
+    rule = "| --- | ---: | ---: | ---: | ---: |"
+    if with_device:
+        head += " self device | self device % |"
+        rule += " ---: | ---: |"
+    lines = [head, rule]
+    for o in ops[: max(top, 0)]:
+        if by_device and o.self_device_us <= 0:
+            break
+        row = f"| {_name(o.name)} | {o.calls} | {_ms(o.self_cpu_us)} | "
+        row += f"{_pct(o.self_cpu_us, cpu_total)} | {_ms(o.total_cpu_us)} |"
+        if with_device:
+            row += f" {_ms(o.self_device_us)} | {_pct(o.self_device_us, dev_total)} |"
+        lines.append(row)
+    return [*lines, ""]
+
+
+def _request_section(spans: Sequence[RequestSpan], window: tuple[float, float]) -> list[str]:
+    lines = ["## Requests", ""]
+    if not spans:
+        return [*lines, "No request spans were recorded in this session.", ""]
+    lines.append("Per stage, over every request (times from the orchestrator's spans):")
+    lines += ["", "| stage | requests | latency p50 | latency p90 | first output p50 |"]
+    lines[-1] += " first output p90 | queue p50 | queue p90 | handoff p50 | handoff p90 |"
+    lines.append("| --- |" + " ---: |" * 9)
+    by_stage: dict[str, list[RequestSpan]] = {}
+    for span in sorted(spans, key=lambda s: (s.stage_index, s.stage)):
+        by_stage.setdefault(span.stage, []).append(span)
+    for stage, group in by_stage.items():
+        cells = [str(len({s.request_id for s in group}))]
+        for values in (
+            [(s.end_unix_ns - s.start_unix_ns) / 1e3 for s in group],
+            [
+                (s.first_output_unix_ns - s.start_unix_ns) / 1e3
+                for s in group
+                if s.first_output_unix_ns
+            ],
+            [s.queue_time_s * 1e6 for s in group],
+            [s.handoff_s * 1e6 for s in group],
+        ):
+            cells += [_ms(_percentile(values, 50)), _ms(_percentile(values, 90))]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lo, hi = window
+    inside = [s for s in spans if s.end_unix_ns / 1e3 >= lo and s.start_unix_ns / 1e3 <= hi]
+    scope = "that overlap the profiled window" if hi > lo else "of the session"
+    if not inside:
+        return [*lines, "No request overlaps the profiled window.", ""]
+    totals: dict[str, float] = {}
+    slowest: dict[str, int] = {}
+    requests: dict[str, list[RequestSpan]] = {}
+    for s in inside:
+        totals[s.stage] = totals.get(s.stage, 0.0) + (s.end_unix_ns - s.start_unix_ns) / 1e3
+        requests.setdefault(s.request_id, []).append(s)
+    for group in requests.values():
+        worst = max(group, key=lambda s: s.end_unix_ns - s.start_unix_ns)
+        slowest[worst.stage] = slowest.get(worst.stage, 0) + 1
+    dominant = max(totals, key=lambda k: totals[k])
+    lines.append(
+        f"**Dominant stage: {dominant}**, with {_pct(totals[dominant], sum(totals.values()))} of "
+        f"the time that the {len(requests)} requests {scope} spent in stages; it was the "
+        f"slowest stage of {slowest.get(dominant, 0)} of them."
+    )
+    return [*lines, ""]
+
+
+def _clock_section(
+    clocks: Mapping[str, ClockEstimate], stages: Mapping[str, StageTraceStats]
+) -> list[str]:
+    lines = [
+        "## Clock offsets",
+        "",
+        "Stage clock minus orchestrator clock, from GetInfo round trips:",
+        "",
+    ]
+    lines += [
+        "| stage | offset | ± error | round trip | samples |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key, c in sorted(clocks.items()):
+        times = [_ms(c.offset_ns / 1e3), _ms(c.error_ns / 1e3), _ms(c.rtt_ns / 1e3)]
+        lines.append(f"| {key} | {' | '.join(times)} | {c.samples} |")
+    for key in stages:
+        stage, _, replica = key.partition("/")
+        if resolve_clock(clocks, stage, replica)[0] is None:
+            lines.append(f"| {key} | no estimate: 0 assumed | – | – | 0 |")
+    return [*lines, ""]
+
+
+def _files_section(session_dir: Path, slim_stats: Mapping[str, SlimStats]) -> list[str]:
+    lines = ["## Files", ""]
+    if (session_dir / TIMELINE_NAME).exists():
+        lines.append(f"- [{TIMELINE_NAME}]({TIMELINE_NAME}): every stage and request on one clock")
+    for table in sorted(session_dir.glob("*/**/*profiler_out*.txt")):
+        rel = table.relative_to(session_dir).as_posix()
+        lines.append(f"- [{rel}]({rel}): the stage's own op table")
+    for rel, st in sorted(slim_stats.items()):
+        if not st.written:
+            continue
+        copy = slim_copy_path(session_dir / rel).relative_to(session_dir).as_posix()
+        lines.append(
+            f"- [{copy}]({copy}): {_mb(st.bytes_after)} instead of {_mb(st.bytes_before)} "
+            f"({st.events_dropped:,} of {st.events_before:,} events dropped; same op table)"
+        )
+    return [*lines, ""]
+
+
+def _add(a: OpStat, b: OpStat) -> OpStat:
+    return OpStat(
+        a.name,
+        a.calls + b.calls,
+        a.self_cpu_us + b.self_cpu_us,
+        a.total_cpu_us + b.total_cpu_us,
+        a.self_device_us + b.self_device_us,
+    )
+
+
+def _union(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _length(intervals: Iterable[tuple[float, float]]) -> float:
+    return math.fsum(end - start for start, end in intervals)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _ms(us: float) -> str:
+    if math.isnan(us):
+        return "–"
+    if abs(us) >= 1e6:
+        return f"{us / 1e6:.3f} s"
+    return f"{us / 1e3:.3f} ms"
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole > 0 else "–"
+
+
+def _name(name: str) -> str:
+    short = name if len(name) <= _NAME_WIDTH else name[: _NAME_WIDTH - 1] + "…"
+    return "`" + short.replace("`", "'").replace("|", "\\|") + "`"

@@ -1,0 +1,201 @@
+"""summary.md (orchestrator.summary) and the whole rebuild (orchestrator.report)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.clock import ClockEstimate
+from orchestrator.report import ReportFiles, read_session, rebuild_report
+from orchestrator.slimming import SlimOptions
+from orchestrator.summary import write_summary
+from orchestrator.timeline import RequestSpan
+from services.profiling.optable import load_trace, op_stats
+from tests.unit.trace_factory import (
+    IDLE_PATTERN,
+    Session,
+    copy_session,
+    read_json,
+    shared_session,
+)
+
+CLOCKS = {
+    "thinker": {"offset_ns": 1_250_000, "error_ns": 40_000, "rtt_ns": 80_000, "samples": 5},
+    "talker": {"offset_ns": 0, "error_ns": 35_000, "rtt_ns": 70_000, "samples": 5},
+}
+FAILED = {
+    "stage": "vocoder",
+    "replica": "127.0.0.1:50063",
+    "ok": False,
+    "error": "UnavailableError: stage 'vocoder' is down",
+}
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
+    return shared_session(tmp_path_factory)
+
+
+@pytest.fixture()
+def fresh(session: Session, tmp_path: Path) -> Session:
+    fresh = copy_session(session, tmp_path / session.dir.name)
+    fresh.write_report()
+    report = json.loads((fresh.dir / "report.json").read_text())
+    report["stages"].append(FAILED)
+    report["clocks"] = CLOCKS
+    report["spans"] = [asdict(s) for s in fresh.spans]
+    (fresh.dir / "report.json").write_text(json.dumps(report))
+    return fresh
+
+
+def _section(text: str, title: str) -> str:
+    match = re.search(rf"^#+ {re.escape(title)}\n(.*?)(?=^#+ |\Z)", text, re.M | re.S)
+    assert match, f"no section {title!r} in:\n{text}"
+    return match.group(1)
+
+
+def _row(text: str, first_cell: str) -> list[str]:
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{text}")
+
+
+def test_rebuild_writes_timeline_and_summary(fresh: Session) -> None:
+    messages: list[str] = []
+    files = rebuild_report(fresh.dir, progress=messages.append)
+    assert files == ReportFiles(fresh.dir / "timeline.json.gz", fresh.dir / "summary.md", {})
+    assert any(m.startswith("stage talker: ") for m in messages)
+    text = files.summary.read_text()
+    assert text.startswith(f"# Profile session {fresh.dir.name}\n")
+
+    requests = _section(text, "Requests")
+    assert "latency p50" in requests and "latency p90" in requests
+    for stage, spans in (("thinker", 3), ("talker", 3)):
+        row = _row(requests, stage)
+        assert row[1] == str(spans)
+        p50, p90 = (float(c.split()[0]) for c in row[2:4])
+        assert 0 < p50 <= p90
+    # the talker sleeps 30 ms per request: it dominates
+    dominant = re.search(r"\*\*Dominant stage: talker\*\*, with ([\d.]+)% of the time", requests)
+    assert dominant and float(dominant.group(1)) > 50
+    assert "slowest stage of 3 of them" in requests
+
+    stages = _section(text, "Stages")
+    for stage in ("thinker", "talker"):
+        share = _row(stages, stage)[2]
+        assert 0 < float(share.rstrip("%")) < 100
+        assert f"### {stage}: top 15 ops by self CPU time" in text
+    assert "self device" not in text  # a CPU-only profile
+
+    clocks = _section(text, "Clock offsets")
+    assert _row(clocks, "thinker")[1:] == ["1.250 ms", "0.040 ms", "0.080 ms", "5"]
+    assert "UnavailableError: stage 'vocoder' is down" in _section(text, "Failed stages")
+    links = _section(text, "Files")
+    for target in (
+        "timeline.json.gz",
+        "thinker/profiler_out_thinker.txt",
+        "talker/profiler_out_talker.txt",
+    ):
+        assert f"]({target})" in links
+        assert (fresh.dir / target).exists()
+
+
+def test_top_ops_are_those_of_the_op_table(fresh: Session) -> None:
+    text = rebuild_report(fresh.dir).summary.read_text()
+    section = text.split("### talker: top 15 ops by self CPU time", 1)[1]
+    expected = op_stats(load_trace(fresh.stages["talker"].trace))[:3]
+    rows = [line for line in section.splitlines() if line.startswith("| `")][:3]
+    assert [r.split("`")[1] for r in rows] == [op.name for op in expected]
+    assert _row(section, f"`{expected[0].name}`")[1] == str(expected[0].calls)
+
+
+def test_rebuild_with_slimming_uses_the_slim_copies(fresh: Session) -> None:
+    options = SlimOptions(min_duration_us=2.0, drop_patterns=(IDLE_PATTERN,))
+    files = rebuild_report(fresh.dir, slim=options)
+    total = files.slim_total
+    assert total.bytes_saved > 0 and total.events_dropped > 0
+    timeline = read_json(files.timeline)
+    used = [t["file"] for t in timeline["metadata"]["traces"]]
+    assert all(".slim." in f for f in used if "rank0" in f)
+    for rel, stats in files.slim_stats.items():
+        original = fresh.dir / rel
+        assert original.exists()  # never modified
+        copy = original.with_name(original.name.replace(".pt.trace", ".slim.pt.trace"))
+        assert copy.exists() == stats.written
+    assert ".slim.pt.trace.json.gz):" in _section(files.summary.read_text(), "Files")
+    # the op tables are those of the originals
+    again = write_summary(
+        fresh.dir,
+        report={"stages": []},
+        spans=[],
+        clocks={},
+    ).read_text()
+    assert again.count("top 15 ops by self CPU time") == 2
+
+
+def test_device_time_appears_where_the_trace_has_it(tmp_path: Path) -> None:
+    def ev(cat: str, name: str, ts: float, dur: float, **args: Any) -> dict[str, Any]:
+        return {
+            "ph": "X",
+            "cat": cat,
+            "name": name,
+            "pid": 5,
+            "tid": 5,
+            "ts": ts,
+            "dur": dur,
+            "args": args,
+        }
+
+    events = [
+        ev("cpu_op", "aten::mm", 0.0, 50.0, **{"External id": 1}),
+        ev("cuda_runtime", "cudaLaunchKernel", 10.0, 5.0, correlation=9),
+        ev("kernel", "gemm", 20.0, 400.0, correlation=9, **{"External id": 1})
+        | {"pid": 0, "tid": 7},
+    ]
+    (tmp_path / "dit").mkdir()
+    trace = {"traceEvents": events, "baseTimeNanoseconds": 1_700_000_000_000_000_000}
+    (tmp_path / "dit" / "rank0.1.pt.trace.json").write_text(json.dumps(trace))
+    span = RequestSpan(
+        "r", "dit", 0, "", 1_700_000_000_000_000_000, 0, 1_700_000_000_000_500_000, 0, 0
+    )
+    text = write_summary(tmp_path, report={}, spans=[span], clocks={}).read_text()
+    assert "### dit: top 15 ops by self device time" in text
+    row = _row(text.split("self device time", 1)[1], "`aten::mm`")
+    assert row[-2:] == ["0.400 ms", "100.0%"]
+    assert _row(_section(text, "Stages"), "dit")[3] == "0.400 ms"  # device busy
+    assert "| dit | no estimate: 0 assumed |" in text
+    assert "**Dominant stage: dit**" in text
+
+
+def test_a_session_without_traces_or_spans(tmp_path: Path) -> None:
+    text = write_summary(tmp_path, report={"stages": [FAILED]}, spans=[], clocks={}).read_text()
+    assert "No trace was read." in text
+    assert "No request spans were recorded" in text
+    assert "stages profiled: 1 (1 failed)" in text
+
+
+def test_read_session_checks_report_json(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="session folder"):
+        read_session(tmp_path)
+    (tmp_path / "report.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_session(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"spans": [{"stage": "a"}]}))
+    with pytest.raises(ValueError, match=r"spans\[0\] is malformed"):
+        read_session(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"clocks": {"a": {"offset_ns": 1}}}))
+    with pytest.raises(ValueError, match=r"clocks\['a'\] is malformed"):
+        read_session(tmp_path)
+    (tmp_path / "report.json").write_text(
+        json.dumps({"stages": [{"stage": "b"}, {"stage": "a"}], "clocks": CLOCKS})
+    )
+    record = read_session(tmp_path)
+    assert record.spans == () and record.stage_order() == {"b": 0, "a": 1}
+    assert record.clocks["thinker"] == ClockEstimate(1_250_000, 40_000, 80_000, 5)

@@ -1,0 +1,277 @@
+"""The merged timeline (orchestrator.timeline) of real torch.profiler traces."""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.clock import ClockEstimate
+from orchestrator.timeline import (
+    ORCHESTRATOR_PID,
+    TIMELINE_NAME,
+    RequestSpan,
+    build_timeline,
+    find_traces,
+)
+from tests.unit.trace_factory import (
+    FLOW_ID,
+    REQUESTS,
+    Session,
+    copy_session,
+    read_json,
+    shared_session,
+    shift_base_time,
+)
+
+SHIFT_NS = 3_700_000_000  # the talker host's clock runs 3.7 s ahead
+EXACT = ClockEstimate(offset_ns=0, error_ns=0, rtt_ns=0, samples=1)
+TOLERANCE_US = 1.0  # torch's and Python's readings of the same wall clock
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
+    return shared_session(tmp_path_factory)
+
+
+@pytest.fixture()
+def fresh(session: Session, tmp_path: Path) -> Session:
+    return copy_session(session, tmp_path / session.dir.name)
+
+
+def _build(session: Session, clocks: dict[str, ClockEstimate], **kw: Any) -> dict[str, Any]:
+    path = build_timeline(session.dir, spans=session.spans, clocks=clocks, **kw)
+    assert path == session.dir / TIMELINE_NAME
+    data: dict[str, Any] = read_json(path)
+    return data
+
+
+def _process_names(events: list[dict[str, Any]]) -> dict[int, str]:
+    return {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e["ph"] == "M" and e["name"] == "process_name"
+    }
+
+
+def _pid_of(events: list[dict[str, Any]], name: str) -> int:
+    return next(pid for pid, n in _process_names(events).items() if n == name)
+
+
+def _request_spans(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (e["args"]["stage"], e["args"]["request_id"]): e
+        for e in events
+        if e["pid"] == ORCHESTRATOR_PID and e["ph"] == "X" and e["name"].startswith("stage ")
+    }
+
+
+def _misplaced_ops(events: list[dict[str, Any]], slack_us: float) -> list[str]:
+    """Each request's annotated work (and the ops inside it) must lie inside its stage span."""
+    spans = _request_spans(events)
+    problems = []
+    annotations = [e for e in events if e.get("cat") == "user_annotation" and ":" in e["name"]]
+    assert len(annotations) == 2 * len(REQUESTS)
+    for ann in annotations:
+        stage, request_id = ann["name"].split(":")
+        span = spans[(stage, request_id)]
+        ops = [
+            e
+            for e in events
+            if e.get("cat") == "cpu_op"
+            and e["pid"] == ann["pid"]
+            and ann["ts"] <= e["ts"] <= ann["ts"] + ann["dur"]
+        ]
+        assert ops, ann["name"]
+        for ev in [ann, *ops]:
+            if ev["ts"] < span["ts"] - slack_us or (
+                ev["ts"] + ev["dur"] > span["ts"] + span["dur"] + slack_us
+            ):
+                problems.append(f"{ann['name']}: {ev['name']} at {ev['ts']} outside {span}")
+    return problems
+
+
+def test_merged_file_follows_the_trace_event_format(session: Session, tmp_path: Path) -> None:
+    fresh = copy_session(session, tmp_path / "s")
+    data = _build(fresh, {"thinker": EXACT, "talker": EXACT})
+    events = data["traceEvents"]
+    assert data["displayTimeUnit"] == "ms"
+    names = _process_names(events)
+    flows: dict[tuple[str, Any], set[str]] = defaultdict(set)
+    for ev in events:
+        assert "ph" in ev and isinstance(ev.get("pid"), int), ev
+        if ev["ph"] != "M":
+            assert isinstance(ev.get("ts"), (int, float)) and ev["ts"] >= 0, ev
+            assert ev["pid"] in names, f"process {ev['pid']} has no name"
+        if ev["ph"] == "X":
+            assert ev["dur"] >= 0
+        if ev["ph"] in ("s", "t", "f"):
+            flows[(ev["cat"], ev["id"])].add(ev["ph"])
+    assert flows
+    assert all({"s", "f"} <= phases for phases in flows.values()), flows
+    # shifted so that the earliest event is at (nearly) 0
+    assert min(e["ts"] for e in events if e["ph"] != "M") < 1.0
+    meta = data["metadata"]
+    first_span = min(s.start_unix_ns for s in fresh.spans)
+    assert 0 < first_span - meta["origin_unix_ns"] < 60e9
+    assert meta["warnings"] == []
+
+
+def test_each_stage_and_front_end_is_its_own_sorted_process(session: Session) -> None:
+    events = _build(session, {"thinker": EXACT, "talker": EXACT})["traceEvents"]
+    names = _process_names(events)
+    assert sorted(names.values()) == [
+        "orchestrator",
+        "talker",
+        "talker front end",
+        "thinker",
+        "thinker front end",
+    ]
+    assert len(set(names)) == len(names)
+    sort_index = {
+        e["pid"]: e["args"]["sort_index"]
+        for e in events
+        if e["ph"] == "M" and e["name"] == "process_sort_index"
+    }
+    by_name = {name: sort_index[pid] for pid, name in names.items()}
+    assert by_name == {
+        "orchestrator": -1,
+        "thinker": 0,
+        "thinker front end": 0,
+        "talker": 1,
+        "talker front end": 1,
+    }
+    # tids are kept: the worker's thread is the profiling thread of the original trace
+    original = read_json(session.stages["thinker"].trace)["traceEvents"]
+    tids = {e["tid"] for e in original if e.get("cat") == "cpu_op"}
+    thinker = _pid_of(events, "thinker")
+    assert tids <= {e["tid"] for e in events if e["pid"] == thinker}
+
+
+def test_ops_fall_inside_the_spans_of_their_requests(session: Session) -> None:
+    events = _build(session, {"thinker": EXACT, "talker": EXACT})["traceEvents"]
+    assert _misplaced_ops(events, TOLERANCE_US) == []
+
+
+def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
+    shift_base_time(fresh.stages["talker"].trace, SHIFT_NS)
+    shift_base_time(fresh.stages["talker"].frontend, SHIFT_NS)
+    # an estimate that is 0.15 ms off, within its stated error of 0.2 ms
+    estimate = ClockEstimate(
+        offset_ns=SHIFT_NS + 150_000, error_ns=200_000, rtt_ns=400_000, samples=5
+    )
+    data = _build(fresh, {"thinker": EXACT, "talker": estimate})
+    assert _misplaced_ops(data["traceEvents"], estimate.error_ns / 1000 + TOLERANCE_US) == []
+    offsets = data["metadata"]["clock_offsets"]
+    assert offsets["talker"] == {
+        "offset_ns": SHIFT_NS + 150_000,
+        "error_ns": 200_000,
+        "clock": "talker",
+    }
+
+    # without the estimate the talker's ops are 3.7 s away from their requests, and it is said
+    data = _build(fresh, {"thinker": EXACT})
+    problems = _misplaced_ops(data["traceEvents"], 1000.0)
+    assert problems and all(p.startswith("talker:") for p in problems)
+    assert any("'talker'" in w and "offset" in w for w in data["metadata"]["warnings"])
+
+
+def test_requests_cross_the_stages_on_the_orchestrator_track(session: Session) -> None:
+    events = _build(session, {"thinker": EXACT, "talker": EXACT})["traceEvents"]
+    mine = [e for e in events if e["pid"] == ORCHESTRATOR_PID]
+    spans = _request_spans(events)
+    assert len(spans) == 2 * len(REQUESTS)
+    tids = {request_id: spans[("thinker", request_id)]["tid"] for request_id in REQUESTS}
+    assert sorted(tids.values()) == [1, 2, 3]
+    by_id = {s.request_id + s.stage: s for s in session.spans}
+    flows: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for ev in mine:
+        if ev["ph"] in ("s", "f"):
+            flows[ev["id"]][ev["ph"]] = ev
+    assert len(flows) == len(REQUESTS)
+    for request_id, tid in tids.items():
+        thinker, talker = spans[("thinker", request_id)], spans[("talker", request_id)]
+        assert talker["tid"] == tid
+        assert thinker["args"]["queue_time_s"] == pytest.approx(0.0001)
+        assert talker["args"]["handoff_s"] == pytest.approx(0.0005)
+        nested = [
+            e
+            for e in mine
+            if e["ph"] == "X" and e["tid"] == tid and e["name"] == "queued→first output"
+        ]
+        assert len(nested) == 2
+        for part in nested:
+            outer = thinker if part["ts"] == thinker["ts"] else talker
+            assert part["ts"] + part["dur"] <= outer["ts"] + outer["dur"] + 0.002
+        span = by_id[request_id + "talker"]
+        assert talker["dur"] == pytest.approx((span.end_unix_ns - span.start_unix_ns) / 1000)
+        # one flow per hop: from inside the thinker's span to the start of the talker's
+        (flow,) = [f for f in flows.values() if f["s"]["tid"] == tid]
+        assert flow["f"]["bp"] == "e" and flow["s"]["cat"] == flow["f"]["cat"]
+        assert thinker["ts"] <= flow["s"]["ts"] <= thinker["ts"] + thinker["dur"]
+        assert flow["f"]["ts"] == talker["ts"]
+
+
+def test_flow_ids_of_different_stages_cannot_collide(session: Session) -> None:
+    events = _build(session, {"thinker": EXACT, "talker": EXACT})["traceEvents"]
+    pid_of = {_pid_of(events, "thinker"): "thinker", _pid_of(events, "talker"): "talker"}
+    ids: dict[str, set[int]] = defaultdict(set)
+    for ev in events:
+        if ev.get("cat") == "ac2g":
+            ids[pid_of[ev["pid"]]].add(ev["id"])
+    assert len(ids["thinker"]) == len(ids["talker"]) == 1
+    assert ids["thinker"] != ids["talker"]
+    assert FLOW_ID not in ids["thinker"] | ids["talker"]
+
+
+def test_replicas_have_their_own_tracks_and_clocks(fresh: Session) -> None:
+    talker = fresh.dir / "talker"
+    for replica in ("10.0.0.1_50062", "10.0.0.2_50062"):
+        (talker / replica).mkdir()
+        for trace in talker.glob("*.pt.trace.json.gz"):
+            shutil.copy(trace, talker / replica / trace.name)
+    for trace in talker.glob("*.pt.trace.json.gz"):
+        trace.unlink()
+    shift_base_time(next((talker / "10.0.0.1_50062").glob("rank0.*")), SHIFT_NS)
+    ahead = ClockEstimate(offset_ns=SHIFT_NS, error_ns=0, rtt_ns=0, samples=1)
+    clocks = {"thinker": EXACT, "talker/10.0.0.1:50062": ahead, "talker": EXACT}
+    sources = find_traces(fresh.dir)
+    assert {s.key for s in sources} == {"thinker", "talker/10.0.0.1_50062", "talker/10.0.0.2_50062"}
+    data = _build(fresh, clocks)
+    names = set(_process_names(data["traceEvents"]).values())
+    assert {"talker/10.0.0.1_50062", "talker/10.0.0.2_50062 front end"} <= names
+    offsets = data["metadata"]["clock_offsets"]
+    assert offsets["talker/10.0.0.1_50062"]["clock"] == "talker/10.0.0.1:50062"
+    assert offsets["talker/10.0.0.2_50062"]["clock"] == "talker"
+    # both replicas' copies of the same work land on the same instants
+    starts = defaultdict(list)
+    for pid, name in _process_names(data["traceEvents"]).items():
+        if name.startswith("talker/") and "front end" not in name:
+            starts[name] = sorted(
+                e["ts"] for e in data["traceEvents"] if e["pid"] == pid and e.get("cat") == "cpu_op"
+            )
+    first, second = starts.values()
+    assert first == pytest.approx(second, abs=0.002)
+
+
+def test_progress_unreadable_traces_and_no_spans(fresh: Session) -> None:
+    (fresh.dir / "thinker" / "broken.pt.trace.json.gz").write_bytes(b"\x1f\x8bnot gzip")
+    messages: list[str] = []
+    path = build_timeline(fresh.dir, spans=[], clocks={}, progress=messages.append)
+    assert any(m.startswith("stage thinker: ") and m.endswith(" events") for m in messages)
+    data = read_json(path)
+    warnings = data["metadata"]["warnings"]
+    assert any("broken.pt.trace.json.gz skipped" in w for w in warnings)
+    assert sum("no clock estimate" in w for w in warnings) == 2
+    assert not [e for e in data["traceEvents"] if e["pid"] == ORCHESTRATOR_PID and e["ph"] == "X"]
+
+
+def test_an_empty_session_gives_an_empty_timeline(tmp_path: Path) -> None:
+    span = RequestSpan("r", "a", 0, "", 2_000_000, 2_500_000, 3_000_000, 0.0, 0.0)
+    data = read_json(build_timeline(tmp_path, spans=[span], clocks={}))
+    assert data["metadata"]["origin_unix_ns"] == 2_000_000
+    (x,) = [e for e in data["traceEvents"] if e["name"] == "stage a"]
+    assert (x["ts"], x["dur"]) == (0.0, 1000.0)
