@@ -35,7 +35,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ _COLUMN_GAP = "  "
 _MIN_EPS_US = 5e-4  # half a nanosecond: traces are written with nanosecond resolution
 
 _SKIP, _HOST, _DEVICE, _RUNTIME = 0, 1, 2, 3
+_INF = math.inf
+_NO_ARGS: dict[str, Any] = {}
 _BY_START = itemgetter(0, 1)
 
 
@@ -81,7 +83,10 @@ def load_trace(path: Path) -> dict[str, Any]:
     """Read a Chrome trace written by torch.profiler, plain (``.json``) or gzipped (``.gz``).
 
     Compression is detected from the file's content, not its name. A trace in the JSON Array
-    Format (a bare list of events) is returned as ``{"traceEvents": [...]}``.
+    Format (a bare list of events) is returned as ``{"traceEvents": [...]}``. Bytes that are
+    not UTF-8 are replaced with U+FFFD (with a warning): torch.profiler with ``with_stack=True``
+    is known to write garbage into the names of Python frames whose code objects were freed
+    while profiling (pytorch/pytorch#64345, #113564), and one bad name must not lose the trace.
 
     Raises:
         ValueError: the file is not valid (gzipped) JSON or not a trace; the message names it.
@@ -93,13 +98,18 @@ def load_trace(path: Path) -> dict[str, Any]:
     try:
         if gzipped:
             with gzip.open(path, "rb") as gz:
-                data: Any = json.load(gz)
+                raw = gz.read()
         else:
-            with path.open("rb") as fh:
-                data = json.load(fh)
+            raw = path.read_bytes()
+        text = raw.decode("utf-8-sig", errors="replace")
+        del raw
+        data: Any = json.loads(text)
     except (gzip.BadGzipFile, EOFError, zlib.error, ValueError) as exc:
         kind = "gzipped JSON" if gzipped else "JSON"
         raise ValueError(f"{path} is not a Chrome trace: cannot read it as {kind}: {exc}") from exc
+    if "\ufffd" in text:
+        logger.warning("%s has bytes that are not UTF-8; they were replaced with U+FFFD", path)
+    del text
     if isinstance(data, list):
         return {"traceEvents": data}
     if isinstance(data, dict) and isinstance(data.get("traceEvents"), list):
@@ -156,23 +166,28 @@ def op_stats(
     device: list[tuple[str, float, Any, Any]] = []
 
     for ev in events:
-        if type(ev) is not dict or ev.get("ph") != "X":
+        if type(ev) is not dict:
             continue
         cat = ev.get("cat")
         kind = kinds.get(cat)
         if kind is None:
             kind = kinds[cat] = _classify(cat, host_cats)
-        if kind == _SKIP:
+        if kind == _SKIP or ev.get("ph") != "X":
             continue
-        dur = ev.get("dur")
-        ts = ev.get("ts")
-        if not (_is_number(dur) and _is_number(ts) and dur >= 0):
+        dur: Any = ev.get("dur")
+        ts: Any = ev.get("ts")
+        try:  # finite numbers only (rejects None, strings, NaN and infinities)
+            if not (0.0 <= dur < _INF and -_INF < ts < _INF):
+                continue
+        except TypeError:
             continue
         args = ev.get("args")
         if type(args) is not dict:
-            args = {}
+            args = _NO_ARGS
         if kind == _HOST:
-            name = _name_of(ev)
+            name = ev.get("name")
+            if type(name) is not str:
+                name = _name_of(name)
             ext = args.get("External id")
             if ext is not None:
                 ext_names[ext] = name
@@ -182,7 +197,10 @@ def op_stats(
                 lst = threads[key] = []
             lst.append((ts, -dur, name, None))
         elif kind == _DEVICE:
-            device.append((_name_of(ev), dur, args.get("External id"), args.get("correlation")))
+            name = ev.get("name")
+            if type(name) is not str:
+                name = _name_of(name)
+            device.append((name, dur, args.get("External id"), args.get("correlation")))
         else:
             corr = args.get("correlation")
             if corr is not None:
@@ -280,49 +298,56 @@ def _walk_thread(
     acc: dict[str, list[float]],
     launched_by: dict[Any, str],
 ) -> None:
-    """Nest one thread's events (sorted by start, longest first) and add their times to acc."""
-    # open frames: [end, name, dur, children's dur, number of children, first child's name,
-    # first child's dur]
+    """Nest one thread's events (sorted by start, longest first) and add their times to acc.
+
+    An op's call, duration (as self and as total time) are added to its name's accumulator
+    when it opens; its duration is taken off its parent's self time when it becomes a child.
+    When an op closes with a single child sharing its accumulator (its name), torch's
+    ``_remove_dup_nodes`` merges the two: self time is unchanged by that, only the child's
+    call and inclusive time go away.
+    """
+    # open frames: [end, name, accumulator, number of children, first child's accumulator,
+    # first child's duration]
     stack: list[list[Any]] = []
-
-    def close(frame: list[Any]) -> None:
-        _end, name, dur, child_sum, n_children, child_name, child_dur = frame
-        a = acc.get(name)
-        if a is None:
-            a = acc[name] = [0.0, 0.0, 0.0, 0.0]
-        a[0] += 1
-        a[1] += dur - child_sum
-        a[2] += dur
-        if n_children == 1 and child_name == name:
-            # torch's _remove_dup_nodes: the only child, of the same name, merges into this
-            # op. Self time is unchanged; the child's call and inclusive time go away.
-            a[0] -= 1
-            a[2] -= child_dur
-
     for ts, neg_dur, name, corr in events:
         if name is None:  # a runtime call: only note which op it is inside
             while stack and ts >= stack[-1][0] - eps:
-                close(stack.pop())
+                frame = stack.pop()
+                if frame[3] == 1 and frame[4] is frame[2]:
+                    frame[2][0] -= 1
+                    frame[2][2] -= frame[5]
             if stack:
                 launched_by[corr] = stack[-1][1]
             continue
         dur = -neg_dur
         end = ts + dur
+        a = acc.get(name)
+        if a is None:
+            a = acc[name] = [0.0, 0.0, 0.0, 0.0]
+        a[0] += 1
+        a[1] += dur
+        a[2] += dur
         while stack:
             top = stack[-1]
             top_end = top[0]
             if ts >= top_end - eps or end > top_end + eps:
-                close(stack.pop())
+                stack.pop()
+                if top[3] == 1 and top[4] is top[2]:
+                    top[2][0] -= 1
+                    top[2][2] -= top[5]
             else:
-                top[3] += dur
-                top[4] += 1
-                if top[4] == 1:
-                    top[5] = name
-                    top[6] = dur
+                top[2][1] -= dur
+                top[3] += 1
+                if top[3] == 1:
+                    top[4] = a
+                    top[5] = dur
                 break
-        stack.append([end, name, dur, 0.0, 0, None, 0.0])
+        stack.append([end, name, a, 0, None, 0.0])
     while stack:
-        close(stack.pop())
+        frame = stack.pop()
+        if frame[3] == 1 and frame[4] is frame[2]:
+            frame[2][0] -= 1
+            frame[2][2] -= frame[5]
 
 
 def _attribute_device(
@@ -368,17 +393,8 @@ def _classify(cat: Any, host_cats: frozenset[str]) -> int:
     return _SKIP
 
 
-def _is_number(value: object) -> TypeGuard[float]:
-    """A finite JSON number (bool is not one)."""
-    if type(value) is int:
-        return True
-    return type(value) is float and math.isfinite(value)
-
-
-def _name_of(ev: Mapping[str, Any]) -> str:
-    name = ev.get("name")
-    if isinstance(name, str):
-        return name
+def _name_of(name: Any) -> str:
+    """The row name for an event whose ``name`` is not a string."""
     return "<unnamed>" if name is None else str(name)
 
 
