@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,12 @@ class VllmEngine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # vLLM starts and stops its front-end torch profiler with asyncio.to_thread. torch's
+        # profiler is bound to the thread that started it: stopped from another thread of the
+        # default pool, it segfaults while saving the trace. One thread makes them the same.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-frontend")
+        )
         self._model_dir = await asyncio.to_thread(resolve_model, self._config.model)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self._config.kv_cache_gib:g}")
         started = time.monotonic()
