@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -178,7 +180,7 @@ def test_profile_one_stage_only(
 def test_profile_all_stages(pipeline: omnistage.Client, tmp_path: Path) -> None:
     session = pipeline.start_profile()
     list(pipeline.generate("Say hello."))
-    report = pipeline.stop_profile(str(tmp_path))
+    report = pipeline.stop_profile(str(tmp_path), slim=True)
     assert {s.stage for s in report.stages} == {"thinker", "rewriter"} and not report.failed
     for name in ("thinker", "rewriter"):
         assert traces_in(tmp_path / session / name)
@@ -292,3 +294,57 @@ def test_dead_stage_during_stop_keeps_the_others(
         list(pipeline.generate("hi", timeout=60))
     assert "rewriter" in str(down.value)
     assert not profiling(stage)
+
+
+def test_report_has_aligned_timeline_and_summary(
+    pipeline: omnistage.Client, tmp_path: Path
+) -> None:
+    session = pipeline.start_profile(label="timeline")
+    list(pipeline.generate("Name a river."))
+    report = pipeline.stop_profile(str(tmp_path))
+    root = tmp_path / session
+    record = json.loads((root / "report.json").read_text())
+    assert set(record["clocks"]) == {"thinker", "rewriter"}
+    for clock in record["clocks"].values():
+        assert 0 <= clock["error_ns"] < 50_000_000 and clock["samples"] >= 5
+    spans = record["spans"]
+    assert sorted(s["stage"] for s in spans) == ["rewriter", "thinker"]
+    assert Path(report.timeline) == root / "timeline.json.gz"
+    assert Path(report.summary) == root / "summary.md"
+    events = json.loads(gzip.decompress(Path(report.timeline).read_bytes()))["traceEvents"]
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    assert {"thinker", "rewriter", "orchestrator"} <= {
+        n.split("/")[0].split(" ")[0] for n in names.values()
+    }
+    assert all("ph" in e and "pid" in e and ("ts" in e or e["ph"] == "M") for e in events)
+    # The thinker's model ops lie inside the thinker's request span, once clocks are aligned.
+    orchestrator_pid = next(p for p, n in names.items() if n == "orchestrator")
+    span = next(
+        e
+        for e in events
+        if e.get("pid") == orchestrator_pid and e.get("ph") == "X" and e["name"] == "stage thinker"
+    )
+    thinker_pids = {p for p, n in names.items() if n.startswith("thinker") and "async_llm" not in n}
+    ops = [e for e in events if e.get("pid") in thinker_pids and e.get("cat") == "cpu_op"]
+    assert ops
+    slack_us = 50_000  # the clock error bound plus scheduling noise, generously
+    inside = [
+        o for o in ops if span["ts"] - slack_us <= o["ts"] <= span["ts"] + span["dur"] + slack_us
+    ]
+    assert len(inside) / len(ops) > 0.95
+    summary = (root / "summary.md").read_text()
+    assert "thinker" in summary and "rewriter" in summary and "p50" in summary
+    # The CLI rebuilds the same report from the folder alone.
+    (root / "timeline.json.gz").unlink()
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "omnistage.cli", "profile", "report", str(root), "--slim"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "timeline:" in rebuilt.stdout and (root / "timeline.json.gz").exists()
