@@ -113,14 +113,15 @@ class ServerProcess:
             time.sleep(0.5)
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM the process group, then SIGKILL it if it has not exited in time."""
+        """SIGTERM the server alone, so it drains and closes its engine; then SIGKILL whatever
+        of its process group is left (an engine process a crash orphaned)."""
         if self.process.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self.process.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 logger.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
-        self._signal_group(signal.SIGKILL)  # any child the parent left behind
+        self._signal_group(signal.SIGKILL)
         code = self.process.wait()
         self._reader.join(timeout=5)
         if self.process.stdout is not None:

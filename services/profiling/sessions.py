@@ -175,10 +175,13 @@ def ensure_op_table(session_dir: Path, stage_name: str) -> Path | None:
     Returns the table's path, or None when the session holds no trace at all.
     """
     target = session_dir / f"profiler_out_{stage_name}.txt"
-    engine_tables = sorted(session_dir.glob("*profiler_out.txt"))
+    # The engine's own table first, the front end's (vLLM's async_llm) after it.
+    engine_tables = sorted(
+        session_dir.glob("*profiler_out.txt"), key=lambda p: ("async_llm" in p.name, p.name)
+    )
     usable = [p for p in engine_tables if p.read_text(errors="replace").strip()]
     for empty in set(engine_tables) - set(usable):
-        empty.unlink()  # vLLM's front end writes an empty table on the CPU
+        empty.unlink()  # an empty table says nothing: vLLM's front end writes one at times
     if usable:
         usable[0].rename(target)
         for extra in usable[1:]:
