@@ -28,6 +28,7 @@ demo: model
 
 bench: model
 	$(PY) bench/stage_overhead.py
+	$(PY) bench/pipeline_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

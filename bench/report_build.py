@@ -1,0 +1,183 @@
+"""How long a profile session's report takes to build: merged timeline, summary, slimming.
+
+Run it from the repository root on a session folder (``<output_dir>/<session_id>/`` with its
+``report.json``, as ``StopProfile`` leaves it):
+
+    .venv/bin/python bench/report_build.py examples/two-stage/profiles/<session>
+
+The folder is copied to a temporary folder first (``--in-place`` builds in the folder itself),
+then built twice, one after the other:
+
+1. **full**: ``rebuild_report(copy)`` — timeline and summary from the original traces;
+2. **slim**: ``rebuild_report(copy, slim=SlimOptions(...))`` — slimmed copies first, then
+   the timeline and summary from them.
+
+Throughput is the traces' size over the build's wall time, both as stored (gzip) and as JSON
+(uncompressed). The slimmed/full ratio is the slimmed copies' bytes over the originals'
+(a trace whose copy would not be smaller keeps its original and counts as 1.0). Every number
+printed is measured in this run; results go to ``bench/results/report_build.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from orchestrator.report import ReportFiles, rebuild_report
+from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
+from orchestrator.timeline import find_traces
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "report_build.json"
+MB = 1e6
+
+
+def trace_sizes(session_dir: Path) -> dict[str, int]:
+    """Stored and uncompressed bytes of the session's original traces, and how many."""
+    stored = raw = 0
+    sources = find_traces(session_dir)
+    for source in sources:
+        stored += source.path.stat().st_size
+        opener = gzip.open if source.path.name.endswith(".gz") else open
+        with opener(source.path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                raw += len(block)
+    return {"files": len(sources), "stored_bytes": stored, "json_bytes": raw}
+
+
+def build(session_dir: Path, slim: SlimOptions | None) -> tuple[float, ReportFiles, list[str]]:
+    messages: list[str] = []
+    started = time.perf_counter()
+    files = rebuild_report(session_dir, slim=slim, progress=messages.append)
+    return time.perf_counter() - started, files, messages
+
+
+def run(session_dir: Path, slim: SlimOptions) -> dict[str, Any]:
+    sizes = trace_sizes(session_dir)
+    rows: dict[str, Any] = {}
+    for name, options in (("full", None), ("slim", slim)):
+        seconds, files, messages = build(session_dir, options)
+        timeline = json.loads(gzip.decompress(files.timeline.read_bytes()))["metadata"]
+        total = files.slim_total
+        rows[name] = {
+            "build_s": seconds,
+            "stored_mb_per_s": sizes["stored_bytes"] / MB / seconds,
+            "json_mb_per_s": sizes["json_bytes"] / MB / seconds,
+            "timeline_bytes": files.timeline.stat().st_size,
+            "timeline_events": sum(t["events"] for t in timeline["traces"]),
+            "slim_bytes_before": total.bytes_before if options else None,
+            "slim_bytes_after": total.bytes_after if options else None,
+            "slim_ratio": total.size_ratio if options else None,
+            "slim_events_before": total.events_before if options else None,
+            "slim_events_after": total.events_after if options else None,
+            "progress": messages,
+        }
+    return {"traces": sizes, "builds": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    header = ("build", "time s", "MB/s (gz)", "MB/s (json)", "timeline MB", "events", "slim/full")
+    lines = [header]
+    for name, row in result["builds"].items():
+        ratio = row["slim_ratio"]
+        lines.append(
+            (
+                name,
+                f"{row['build_s']:.2f}",
+                f"{row['stored_mb_per_s']:.2f}",
+                f"{row['json_mb_per_s']:.1f}",
+                f"{row['timeline_bytes'] / MB:.2f}",
+                f"{row['timeline_events']:,}",
+                "-" if ratio is None else f"{ratio:.3f}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for index, line in enumerate(lines):
+        cells = [line[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
+        out.append("  ".join(cells))
+        if index == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def machine_info() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "loadavg": list(os.getloadavg()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("session_dir", type=Path, help="a profile session folder")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON report")
+    parser.add_argument("--in-place", action="store_true", help="build in the folder itself")
+    parser.add_argument(
+        "--min-duration-us", type=float, default=0.0, help="slimming: drop shorter Python frames"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    source: Path = args.session_dir.resolve()
+    if not (source / "report.json").is_file():
+        parser.error(f"{source} has no report.json: give a session folder")
+    slim = SlimOptions(min_duration_us=args.min_duration_us, drop_patterns=VLLM_IDLE_PATTERNS)
+    report: dict[str, Any] = {
+        "benchmark": "report_build",
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "session_dir": str(source),
+        "machine": machine_info(),
+        "slim_options": {
+            "min_duration_us": slim.min_duration_us,
+            "drop_patterns": slim.drop_patterns,
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="omnistage-report-bench-") as tmp:
+        target = source if args.in_place else Path(tmp) / source.name
+        if not args.in_place:
+            shutil.copytree(source, target)
+        report |= run(target, slim)
+    report["loadavg_after"] = list(os.getloadavg())
+    out: Path = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    sizes = report["traces"]
+    print(
+        f"session {source.name}: {sizes['files']} traces, {sizes['stored_bytes'] / MB:.2f} MB "
+        f"stored, {sizes['json_bytes'] / MB:.1f} MB of JSON; {report['machine']['nproc']} CPUs, "
+        f"load {report['machine']['loadavg'][0]:.2f} before, {report['loadavg_after'][0]:.2f} after"
+    )
+    print(format_table(report))
+    builds = report["builds"]
+    print(
+        json.dumps({k: {m: v for m, v in r.items() if m != "progress"} for k, r in builds.items()})
+    )
+    print(f"JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
