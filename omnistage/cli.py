@@ -120,6 +120,7 @@ def _parse_stage_sampling(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def _generate(args: argparse.Namespace) -> int:
     from omnistage.client import Client
+    from omnistage.types import TensorData
 
     sampling = {
         k: v
@@ -131,6 +132,7 @@ def _generate(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
+    audio: list[TensorData] = []
     with Client(args.address) as client:
         current = None
         outputs = client.generate(
@@ -141,18 +143,30 @@ def _generate(args: argparse.Namespace) -> int:
             **sampling,
         )
         for out in outputs:
-            if out.stage != current:
+            if out.final and out.tensor is not None:
+                audio.append(out.tensor)
+            if out.text and out.stage != current:
                 current = out.stage
                 print(f"\n[{out.stage_index}:{out.stage}] ", end="", flush=True)
             print(out.text, end="", flush=True)
             if out.finished and out.metrics is not None and args.verbose_metrics:
                 m = out.metrics
                 print(
-                    f"\n    (first output {m.time_to_first_output_s * 1000:.0f} ms, "
+                    f"\n    ({out.stage}: first output {m.time_to_first_output_s * 1000:.0f} ms, "
                     f"duration {m.duration_s:.2f} s, hand-off {m.handoff_s * 1000:.1f} ms)",
                     end="",
                 )
         print()
+    if args.wav:
+        from omnistage.audio import write_wav
+
+        if not audio:
+            raise InvalidRequestError(
+                "--wav: the final stage sent no audio tensors; is the pipeline's last stage a "
+                "vocoder such as code2wav?"
+            )
+        info = write_wav(args.wav, audio, sample_rate=args.sample_rate)
+        print(f"wrote {info.path}: {info.duration_s:.2f} s of {info.sample_rate} Hz mono audio")
     return 0
 
 
@@ -322,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     generate.add_argument("--metrics", dest="verbose_metrics", action="store_true")
+    generate.add_argument(
+        "--wav", default="", metavar="PATH", help="write the final stage's audio as a WAV file"
+    )
+    generate.add_argument(
+        "--sample-rate", type=int, default=24_000, help="of --wav's audio (default 24000)"
+    )
     generate.set_defaults(func=_generate)
 
     profile = commands.add_parser("profile", help="profile pipeline stages")

@@ -51,9 +51,12 @@ def launch_pipeline(
                 config["torch_profiler_dir"] = str(
                     pipeline.resolve_path(str(config["torch_profiler_dir"]))
                 )
+            model = spec.model
+            if spec.engine == "vllm" and pipeline.resolve_path(model).is_dir():
+                model = str(pipeline.resolve_path(model))  # a folder beside the pipeline file
             args = stage_args(
                 name=name,
-                model=spec.model,
+                model=model,
                 port=spec.port,
                 host=spec.host,
                 engine=spec.engine,

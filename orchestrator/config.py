@@ -97,6 +97,15 @@ class InputConfig(BaseModel):
     processor: str = Field(default="text", description="A built-in or 'package.module:function'.")
     template: str | None = Field(default=None, description="text/chat: of {text} and {prompt}.")
     system: str | None = Field(default=None, description="chat: an optional system message.")
+    stream_chunk: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Streaming hand-off: start this stage on every `stream_chunk` new tokens of the"
+            " previous stage while it still generates (the last chunk may be shorter), one call"
+            " per chunk, outputs in chunk order. Unset: wait for the previous stage to finish."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> InputConfig:
@@ -164,7 +173,11 @@ class LaunchStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: Literal["vllm", "torch"] = Field(default="vllm", description="The engine adapter.")
-    model: str = Field(default="smollm2", min_length=1, description="A model folder or smollm2.")
+    model: str = Field(
+        default="smollm2",
+        min_length=1,
+        description="vllm: smollm2 or a model folder (relative to this file); torch: pkg.mod:fn.",
+    )
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
     host: str = Field(default="127.0.0.1", min_length=1, description="The interface to bind.")
     profiler_config: dict[str, Any] | None = Field(
@@ -224,6 +237,9 @@ class PipelineConfig(BaseModel):
                 why = f"duplicate stage name {stage.name!r} (also stages[{first[stage.name]}])"
                 problems.append((("stages", i, "name"), why))
             first.setdefault(stage.name, i)
+            if i == 0 and stage.input.stream_chunk is not None:
+                why = "stage 0 takes the client's request; set stream_chunk on a later stage"
+                problems.append((("stages", 0, "input", "stream_chunk"), why))
             if stage.all_addresses:
                 continue
             launch = launched.get(stage.name)

@@ -1,52 +1,28 @@
-"""Runs one request through every stage of a pipeline and streams each stage's output."""
+"""Runs one request through every stage of a pipeline and streams each stage's output.
+
+Each stage is a stream of events that wraps the previous stage's: it passes the upstream events
+on and adds its own. A stage either waits for the previous stage's finished output, or, with
+`input.stream_chunk`, starts on chunks of it while it still generates (`orchestrator.streaming`).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from omnistage.errors import InvalidRequestError, OmnistageError
-from omnistage.types import GenerateInput, OutputDelta, SamplingOptions
+from omnistage.types import GenerateInput, SamplingOptions
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool
 from orchestrator.processors import EdgeProcessor, StageOutput, resolve_processor
+from orchestrator.stage_call import StageEvent, StageTiming, call_stage, closing, name_stage
+from orchestrator.streaming import StreamedStage
+
+__all__ = ["PipelineRunner", "StageEvent", "StageTiming", "name_stage"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageTiming:
-    """One stage's share of one request, in seconds, plus wall-clock marks for timelines."""
-
-    queue_time_s: float
-    time_to_first_output_s: float
-    duration_s: float
-    handoff_s: float
-    start_unix_ns: int
-    first_output_unix_ns: int
-    end_unix_ns: int
-
-
-@dataclass(frozen=True)
-class StageEvent:
-    """One piece of a pipeline's output, tagged with the stage that produced it."""
-
-    stage: str
-    stage_index: int
-    request_id: str
-    delta: OutputDelta
-    final: bool
-    timing: StageTiming | None = None
-    replica: str = ""
-
-
-def name_stage(error: OmnistageError, stage: str) -> OmnistageError:
-    """The same kind of error (so the same status code), its message prefixed with the stage."""
-    renamed = type(error)(f"stage {stage!r}: {error}")
-    renamed.__cause__ = error
-    return renamed
 
 
 class PipelineRunner:
@@ -81,36 +57,86 @@ class PipelineRunner:
         stage_sampling: dict[str, SamplingOptions] | None = None,
         deadline: float | None = None,
     ) -> AsyncIterator[StageEvent]:
-        """Yield every stage's deltas (or the final stage's only), in stage order."""
+        """Yield every stage's deltas (or the final stage's only), each stage's in order."""
         overrides = stage_sampling or {}
         self.check_stage_sampling(overrides)
         last = len(self._names) - 1
-        stage_input = request
-        text, token_ids = "", list[int]()
-        handoff_started = time.monotonic()
-        for index, spec in enumerate(self._pipeline.stages):
-            if index > 0:
-                previous = StageOutput(
-                    stage=self._names[index - 1], text=text, token_ids=tuple(token_ids)
-                )
-                try:
-                    stage_input = self._processors[index](previous, request, spec.input)
-                except OmnistageError as exc:
-                    raise name_stage(exc, spec.name) from exc
-            sampling = overrides.get(spec.name, SamplingOptions()).merged_over(
-                request.sampling.merged_over(spec.sampling.to_options())
+        first_input = replace(request, sampling=self._sampling(0, request, overrides))
+        events = self._run_stage(
+            0, first_input, time.monotonic(), deadline=deadline, final=not last
+        )
+        for index in range(1, last + 1):
+            spec = self._pipeline.stages[index]
+            sampling = self._sampling(index, request, overrides)
+            if spec.input.stream_chunk is None:
+                events = self._after(index, events, request, sampling, deadline=deadline)
+                continue
+            streamed = StreamedStage(
+                index=index,
+                spec=spec,
+                upstream_stage=self._names[index - 1],
+                pool=self._pool,
+                build_input=self._input_builder(index, request, sampling),
+                request_id=request.request_id,
+                deadline=deadline,
+                final=index == last,
+                on_done=self._on_stage_done,
             )
-            stage_input = replace(stage_input, request_id=request.request_id, sampling=sampling)
-            text, token_ids = "", []
-            show = self._pipeline.outputs == "all" or index == last
-            async for event in self._run_stage(
-                index, stage_input, handoff_started, deadline=deadline, final=index == last
-            ):
-                text += event.delta.text
-                token_ids.extend(event.delta.token_ids)
-                if show:
+            events = streamed.events(events)
+        async with closing(events):
+            async for event in events:
+                if self._pipeline.outputs == "all" or event.stage_index == last:
                     yield event
-            handoff_started = time.monotonic()
+
+    def _sampling(
+        self, index: int, request: GenerateInput, overrides: dict[str, SamplingOptions]
+    ) -> SamplingOptions:
+        """The request's per-stage override, over its sampling, over the stage's defaults."""
+        spec = self._pipeline.stages[index]
+        return overrides.get(spec.name, SamplingOptions()).merged_over(
+            request.sampling.merged_over(spec.sampling.to_options())
+        )
+
+    def _input_builder(
+        self, index: int, request: GenerateInput, sampling: SamplingOptions
+    ) -> Callable[[StageOutput], GenerateInput]:
+        """Stage `index`'s input from (part of) the previous stage's output, by the edge."""
+        spec = self._pipeline.stages[index]
+
+        def build(previous: StageOutput) -> GenerateInput:
+            try:
+                built = self._processors[index](previous, request, spec.input)
+            except OmnistageError as exc:
+                raise name_stage(exc, spec.name) from exc
+            return replace(built, request_id=request.request_id, sampling=sampling)
+
+        return build
+
+    async def _after(
+        self,
+        index: int,
+        upstream: AsyncIterator[StageEvent],
+        request: GenerateInput,
+        sampling: SamplingOptions,
+        *,
+        deadline: float | None,
+    ) -> AsyncIterator[StageEvent]:
+        """The upstream events, then stage `index` on the previous stage's finished output."""
+        text, token_ids = "", list[int]()
+        async with closing(upstream):
+            async for event in upstream:
+                if event.stage_index == index - 1:
+                    text += event.delta.text
+                    token_ids.extend(event.delta.token_ids)
+                yield event
+        handoff_started = time.monotonic()
+        previous = StageOutput(stage=self._names[index - 1], text=text, token_ids=tuple(token_ids))
+        stage_input = self._input_builder(index, request, sampling)(previous)
+        final = index == len(self._names) - 1
+        async for event in self._run_stage(
+            index, stage_input, handoff_started, deadline=deadline, final=final
+        ):
+            yield event
 
     async def _run_stage(
         self,
@@ -122,16 +148,13 @@ class PipelineRunner:
         final: bool,
     ) -> AsyncIterator[StageEvent]:
         spec = self._pipeline.stages[index]
-        replica = self._pool.next_replica(spec.name)
-        timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
-        if spec.timeout_s is not None:
-            timeout = spec.timeout_s if timeout is None else min(timeout, spec.timeout_s)
         started = time.monotonic()
         start_ns = time.time_ns()
         handoff = started - handoff_started
         first_at, first_ns = 0.0, 0
-        try:
-            async for delta in replica.client.generate(stage_input, timeout=timeout):
+        deltas = call_stage(self._pool, spec, stage_input, deadline=deadline)
+        async with closing(deltas):
+            async for delta, replica in deltas:
                 if not first_at:
                     first_at, first_ns = time.monotonic(), time.time_ns()
                 timing = None
@@ -152,11 +175,8 @@ class PipelineRunner:
                     delta=delta,
                     final=final,
                     timing=timing,
-                    replica=replica.address,
+                    replica=replica,
                 )
                 if timing is not None and self._on_stage_done is not None:
                     self._on_stage_done(event)
                 yield event
-        except OmnistageError as exc:
-            logger.info("request %s failed in stage %s: %s", stage_input.request_id, spec.name, exc)
-            raise name_stage(exc, spec.name) from exc

@@ -1,4 +1,5 @@
-"""Session-wide real servers: vLLM stages on the bundled model, in their own processes.
+"""Session-wide real servers: vLLM stages on the bundled model, the omni pipeline's talker
+(vLLM, random weights) and code2wav (torch), in their own processes.
 
 Engines start once per session, concurrently, and every integration test runs against them.
 Fixtures wait on the gRPC health check, never on log lines; finalizers SIGTERM, then kill
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,17 +70,32 @@ def reference_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subp
         process.wait()
 
 
-def _start_stage(name: str, logs: Path, profiler_dir: Path | None) -> ServerProcess:
+TALKER_MODEL = ROOT / "examples" / "omni" / "talker"
+CODE2WAV_MODEL = "examples.omni.code2wav:build"
+CODE2WAV_OPTIONS = {"max_batch_size": 4, "max_wait_ms": 5, "num_threads": 1}
+
+
+def _start_stage(
+    name: str,
+    logs: Path,
+    profiler_dir: Path | None,
+    *,
+    engine: str = "vllm",
+    model: str = "smollm2",
+    extra: tuple[str, ...] = (),
+) -> ServerProcess:
     return ServerProcess(
         f"stage {name!r}",
         stage_args(
             name=name,
+            engine=engine,
+            model=model,
             profiler_config=(
                 {"torch_profiler_dir": str(profiler_dir), "torch_profiler_with_stack": False}
                 if profiler_dir
                 else None
             ),
-            extra=["--grace-seconds", "20"],
+            extra=["--grace-seconds", "20", *extra],
         ),
         log_path=logs / f"{name}.log",
     )
@@ -91,10 +108,29 @@ def _stages(
     logs = tmp_path_factory.mktemp("logs")
     profiler_dir = tmp_path_factory.mktemp("profiles")
     rewriter_dir = tmp_path_factory.mktemp("rewriter-profiles")
+    talker_dir = tmp_path_factory.mktemp("talker-profiles")
+    code2wav_dir = tmp_path_factory.mktemp("code2wav-profiles")
+    talker_args = ("--max-num-seqs", "16")
+    code2wav_args = ("--engine-options", json.dumps(CODE2WAV_OPTIONS))
     processes = {
         "profiled": (_start_stage("thinker", logs, profiler_dir), profiler_dir),
         "rewriter": (_start_stage("rewriter", logs, rewriter_dir), rewriter_dir),
         "plain": (_start_stage("plain", logs, None), None),
+        "talker": (
+            _start_stage("talker", logs, talker_dir, model=str(TALKER_MODEL), extra=talker_args),
+            talker_dir,
+        ),
+        "code2wav": (
+            _start_stage(
+                "code2wav",
+                logs,
+                code2wav_dir,
+                engine="torch",
+                model=CODE2WAV_MODEL,
+                extra=code2wav_args,
+            ),
+            code2wav_dir,
+        ),
     }
     running: dict[str, RunningStage] = {}
     try:
@@ -109,8 +145,12 @@ def _stages(
         for stage in running.values():
             if stage.channel is not None:
                 stage.channel.close()
-        for process, _ in processes.values():
-            process.stop()
+        # Each stage drains and closes its engine on SIGTERM; stop them all at once.
+        stoppers = [threading.Thread(target=p.stop) for p, _ in processes.values()]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +169,15 @@ def rewriter_stage(_stages: dict[str, RunningStage]) -> RunningStage:
 def plain_stage(_stages: dict[str, RunningStage]) -> RunningStage:
     """A vLLM stage started without a profiler dir."""
     return _stages["plain"]
+
+
+@pytest.fixture(scope="session")
+def talker_stage(_stages: dict[str, RunningStage]) -> RunningStage:
+    """The omni pipeline's talker: vLLM on the random-weight codec LM, profiler configured."""
+    return _stages["talker"]
+
+
+@pytest.fixture(scope="session")
+def code2wav_stage(_stages: dict[str, RunningStage]) -> RunningStage:
+    """The omni pipeline's code2wav: the torch engine on the vocoder, profiler configured."""
+    return _stages["code2wav"]

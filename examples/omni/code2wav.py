@@ -7,6 +7,10 @@ Serve it with a torch stage:
 The weights are random (seeded by the `seed` engine option), so the audio is noise, but the
 shapes, dtypes, costs and batching behave as a real convolutional decoder's would: each code
 becomes HOP_LENGTH samples through an embedding, transposed convolutions and a tanh.
+
+The decoder is frame-local: each code's HOP_LENGTH samples depend on that code alone. So codes
+decoded in chunks (the pipeline's streaming hand-off) give exactly the samples of one decode of
+them all. A real vocoder looks across frames; stream it with overlapping chunks instead.
 """
 
 from __future__ import annotations
@@ -35,12 +39,12 @@ DEFAULT_MAX_CODES = 3000
 
 
 class Code2WavDecoder(nn.Module):
-    """[B, T] int64 codes → [B, 1, T * HOP_LENGTH] float waveform in [-1, 1]."""
+    """[B, T] int64 codes → [B, 1, T * HOP_LENGTH] float waveform in [-1, 1], frame by frame."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(CODEBOOK_SIZE, EMBED_DIM)
-        self.pre = nn.Conv1d(EMBED_DIM, EMBED_DIM, kernel_size=7, padding=3)
+        self.pre = nn.Conv1d(EMBED_DIM, EMBED_DIM, kernel_size=1)
         layers: list[nn.Module] = []
         channels = EMBED_DIM
         for stride in UPSAMPLE_STRIDES:
@@ -56,9 +60,11 @@ class Code2WavDecoder(nn.Module):
         self.post = nn.Conv1d(channels, 1, kernel_size=7, padding=3)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(codes).transpose(1, 2)  # [B, EMBED_DIM, T]
-        hidden = self.upsample(self.pre(hidden))
-        return torch.tanh(self.post(hidden))
+        batch, frames = codes.shape
+        hidden = self.embed(codes).reshape(batch * frames, EMBED_DIM, 1)  # one frame per row
+        hidden = self.upsample(self.pre(hidden))  # [B * T, C, HOP_LENGTH]
+        wave = torch.tanh(self.post(hidden))  # [B * T, 1, HOP_LENGTH]
+        return wave.reshape(batch, 1, frames * HOP_LENGTH)
 
 
 class Code2Wav:

@@ -1,0 +1,221 @@
+"""Streaming hand-off: a stage that starts on chunks of the previous stage's output.
+
+With `input.stream_chunk: N` on stage K, every N new tokens of stage K-1 become one Generate
+call on stage K, its input built by the edge's processor from a `StageOutput` holding those N
+tokens alone (and the text that arrived with them); the last, shorter chunk goes when stage K-1
+finishes. Chunk n starts once chunk n - STREAM_IN_FLIGHT has been sent on, so a few calls run
+ahead of the one streaming back. Stage K's outputs reach the client in chunk order, and its
+`finished` comes once, after the last chunk, carrying the whole stage's timing.
+
+Stage K-1's events pass through as they arrive. When anything fails, or the caller goes away,
+every chunk call and the upstream stream are cancelled, so every stage aborts its piece.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from omnistage.types import GenerateInput, OutputDelta, RequestMetrics
+from orchestrator.config import StageSpec
+from orchestrator.pool import StagePool
+from orchestrator.processors import StageOutput
+from orchestrator.stage_call import StageEvent, StageTiming, call_stage, closing
+
+logger = logging.getLogger(__name__)
+
+STREAM_IN_FLIGHT = 2
+"""Chunk calls of one request that may run at once on a streamed stage."""
+
+
+class _Done:
+    """Marks the end of the merged stream."""
+
+
+@dataclass(eq=False)
+class _Chunk:
+    number: int
+    stage_input: GenerateInput
+    ready_at: float
+    deltas: asyncio.Queue[tuple[OutputDelta, str] | None] = field(default_factory=asyncio.Queue)
+    emitted: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+def _has_content(delta: OutputDelta) -> bool:
+    return bool(delta.token_ids or delta.text or delta.tensor is not None)
+
+
+class StreamedStage:
+    """One request's pass through a streamed stage: `events(upstream)` yields both stages'."""
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        spec: StageSpec,
+        upstream_stage: str,
+        pool: StagePool,
+        build_input: Callable[[StageOutput], GenerateInput],
+        request_id: str,
+        deadline: float | None,
+        final: bool,
+        on_done: Callable[[StageEvent], None] | None = None,
+        in_flight: int = STREAM_IN_FLIGHT,
+    ) -> None:
+        if spec.input.stream_chunk is None:
+            raise ValueError(f"stage {spec.name!r} has no input.stream_chunk")
+        self._index = index
+        self._spec = spec
+        self._size = spec.input.stream_chunk
+        self._upstream_stage = upstream_stage
+        self._pool = pool
+        self._build_input = build_input
+        self._request_id = request_id
+        self._deadline = deadline
+        self._final = final
+        self._on_done = on_done
+        self._in_flight = in_flight
+        self._chunks: list[_Chunk] = []
+        self._pending: asyncio.Queue[_Chunk | None] = asyncio.Queue()
+        self._out: asyncio.Queue[StageEvent | Exception | _Done] = asyncio.Queue()
+        self._started_at = 0.0
+        self._start_ns = 0
+        self._handoff_s = 0.0
+
+    async def events(self, upstream: AsyncIterator[StageEvent]) -> AsyncIterator[StageEvent]:
+        tasks = [
+            asyncio.create_task(self._guard(self._feed(upstream)), name="handoff-feed"),
+            asyncio.create_task(self._guard(self._emit()), name="handoff-emit"),
+        ]
+        try:
+            while True:
+                item = await self._out.get()
+                if isinstance(item, _Done):
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            running = [*tasks, *(c.task for c in self._chunks if c.task is not None)]
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work`; its failure ends the merged stream with that error."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._out.put_nowait(exc)
+
+    async def _feed(self, upstream: AsyncIterator[StageEvent]) -> None:
+        """Pass upstream events on, and cut the previous stage's tokens into chunk calls."""
+        token_ids: list[int] = []
+        text = ""
+        async with closing(upstream):
+            async for event in upstream:
+                self._out.put_nowait(event)
+                if event.stage_index != self._index - 1:
+                    continue
+                token_ids.extend(event.delta.token_ids)
+                text += event.delta.text
+                while len(token_ids) >= self._size:
+                    self._start_chunk(token_ids[: self._size], text)
+                    token_ids, text = token_ids[self._size :], ""
+        if token_ids or not self._chunks:  # no chunk at all: the processor says why
+            self._start_chunk(token_ids, text)
+        logger.debug(
+            "request %s: %d chunks for stage %s",
+            self._request_id,
+            len(self._chunks),
+            self._spec.name,
+        )
+        self._pending.put_nowait(None)
+
+    def _start_chunk(self, token_ids: list[int], text: str) -> None:
+        number = len(self._chunks)
+        output = StageOutput(stage=self._upstream_stage, text=text, token_ids=tuple(token_ids))
+        built = self._build_input(output)
+        request_id = f"{self._request_id}-chunk{number}" if self._request_id else ""
+        chunk = _Chunk(number, replace(built, request_id=request_id), time.monotonic())
+        ahead = self._chunks[number - self._in_flight] if number >= self._in_flight else None
+        chunk.task = asyncio.create_task(
+            self._guard(self._call(chunk, ahead)), name=f"handoff-chunk{number}"
+        )
+        self._chunks.append(chunk)
+        self._pending.put_nowait(chunk)
+
+    async def _call(self, chunk: _Chunk, ahead: _Chunk | None) -> None:
+        if ahead is not None:
+            await ahead.emitted.wait()
+        if chunk.number == 0:
+            self._started_at, self._start_ns = time.monotonic(), time.time_ns()
+            self._handoff_s = self._started_at - chunk.ready_at
+        deltas = call_stage(self._pool, self._spec, chunk.stage_input, deadline=self._deadline)
+        async with closing(deltas):
+            async for item in deltas:
+                chunk.deltas.put_nowait(item)
+        chunk.deltas.put_nowait(None)
+
+    async def _emit(self) -> None:
+        """Send the chunks' outputs on in chunk order, then one `finished` for the stage."""
+        first_at, first_ns, replica = 0.0, 0, ""
+        finishes: list[OutputDelta] = []
+        while (chunk := await self._pending.get()) is not None:
+            while (item := await chunk.deltas.get()) is not None:
+                delta, replica = item
+                if delta.finished:
+                    finishes.append(delta)
+                    delta = replace(delta, finished=False, finish_reason="", metrics=None)
+                if not _has_content(delta):
+                    continue
+                if not first_at:
+                    first_at, first_ns = time.monotonic(), time.time_ns()
+                self._out.put_nowait(self._event(delta, replica))
+            chunk.emitted.set()
+        ended = time.monotonic()
+        first_at, first_ns = (first_at, first_ns) if first_at else (ended, time.time_ns())
+        metrics = [d.metrics for d in finishes if d.metrics is not None]
+        timing = StageTiming(
+            queue_time_s=metrics[0].queue_time_s if metrics else 0.0,
+            time_to_first_output_s=first_at - self._started_at,
+            duration_s=ended - self._started_at,
+            handoff_s=self._handoff_s,
+            start_unix_ns=self._start_ns,
+            first_output_unix_ns=first_ns,
+            end_unix_ns=time.time_ns(),
+        )
+        finished = OutputDelta(
+            request_id=self._request_id,
+            finished=True,
+            finish_reason=finishes[-1].finish_reason if finishes else "",
+            metrics=RequestMetrics(
+                queue_time_s=timing.queue_time_s,
+                time_to_first_token_s=timing.time_to_first_output_s,
+                prompt_tokens=sum(m.prompt_tokens for m in metrics),
+                generated_tokens=sum(m.generated_tokens for m in metrics),
+                duration_s=timing.duration_s,
+            ),
+        )
+        event = replace(self._event(finished, replica), timing=timing)
+        if self._on_done is not None:
+            self._on_done(event)
+        self._out.put_nowait(event)
+        self._out.put_nowait(_Done())
+
+    def _event(self, delta: OutputDelta, replica: str) -> StageEvent:
+        return StageEvent(
+            stage=self._spec.name,
+            stage_index=self._index,
+            request_id=self._request_id,
+            delta=replace(delta, request_id=self._request_id),
+            final=self._final,
+            replica=replica,
+        )

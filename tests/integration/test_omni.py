@@ -1,0 +1,195 @@
+"""The omni pipeline end to end: thinker → talker → code2wav on the session's real stages,
+through orchestrator subprocesses: one with the streaming hand-off, one that waits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import omnistage
+from examples.omni.code2wav import HOP_LENGTH, SAMPLE_RATE
+from omnistage.audio import mono_samples, write_wav
+from omnistage.launch import ServerProcess
+from omnistage.types import PipelineOutput
+from omnistage.v1 import stage_pb2
+from tests.conftest import RunningStage
+
+THINKER_TOKENS = 16
+TALKER_TOKENS = 40
+STREAM_CHUNK = 16  # 40 codes: chunks of 16, 16 and 8
+PROMPT = [{"role": "user", "content": "Tell me one fact about the sea."}]
+
+
+def start_omni_orchestrator(
+    tmp: Path, name: str, addresses: dict[str, str], stream_chunk: int | None
+) -> ServerProcess:
+    chunk = f", stream_chunk: {stream_chunk}" if stream_chunk else ""
+    text = f"""name: {name}
+outputs: all
+stages:
+  - name: thinker
+    address: {addresses["thinker"]}
+    sampling: {{max_tokens: {THINKER_TOKENS}, temperature: 0.0}}
+  - name: talker
+    address: {addresses["talker"]}
+    input: {{processor: token_ids}}
+    sampling: {{max_tokens: {TALKER_TOKENS}, ignore_eos: true, temperature: 0.8, seed: 1234}}
+  - name: code2wav
+    address: {addresses["code2wav"]}
+    input: {{processor: "examples.omni.processors:tokens_to_codes"{chunk}}}
+"""
+    path = tmp / f"{name}.yaml"
+    path.write_text(text)
+    process = ServerProcess(
+        f"orchestrator {name}",
+        ["orchestrator", "serve", "--pipeline", str(path), "--port", "0", "--host", "127.0.0.1"],
+        log_path=tmp / f"{name}.log",
+    )
+    process.wait_serving(timeout=60)
+    return process
+
+
+@pytest.fixture(scope="module")
+def omni_addresses(
+    stage: RunningStage, talker_stage: RunningStage, code2wav_stage: RunningStage
+) -> dict[str, str]:
+    return {
+        "thinker": stage.address,
+        "talker": talker_stage.address,
+        "code2wav": code2wav_stage.address,
+    }
+
+
+@pytest.fixture(scope="module")
+def streaming(
+    tmp_path_factory: pytest.TempPathFactory, omni_addresses: dict[str, str]
+) -> Iterator[omnistage.Client]:
+    tmp = tmp_path_factory.mktemp("omni-streaming")
+    process = start_omni_orchestrator(tmp, "omni-streaming", omni_addresses, STREAM_CHUNK)
+    with omnistage.Client(process.address) as client:
+        yield client
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def waiting(
+    tmp_path_factory: pytest.TempPathFactory, omni_addresses: dict[str, str]
+) -> Iterator[omnistage.Client]:
+    tmp = tmp_path_factory.mktemp("omni-waiting")
+    process = start_omni_orchestrator(tmp, "omni-waiting", omni_addresses, None)
+    with omnistage.Client(process.address) as client:
+        yield client
+    process.stop()
+
+
+def running(stage: RunningStage) -> int:
+    return int(stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests)
+
+
+def of(outputs: list[PipelineOutput], stage: str) -> list[PipelineOutput]:
+    return [o for o in outputs if o.stage == stage]
+
+
+def audio_of(outputs: list[PipelineOutput]) -> np.ndarray[Any, Any]:
+    return mono_samples([o.tensor for o in of(outputs, "code2wav") if o.tensor is not None])
+
+
+def test_text_then_audio_in_a_wav(streaming: omnistage.Client, tmp_path: Path) -> None:
+    outputs = list(streaming.generate(messages=PROMPT))
+    thinker, talker, code2wav = (of(outputs, s) for s in ("thinker", "talker", "code2wav"))
+    assert "".join(o.text for o in thinker).strip()
+    codes = [t for o in talker for t in o.token_ids]
+    assert len(codes) == TALKER_TOKENS
+    # The talker starts on the thinker's finished answer; code2wav streams while the talker runs.
+    assert outputs.index(talker[0]) > outputs.index(thinker[-1])
+    talker_done = next(i for i, o in enumerate(outputs) if o.stage == "talker" and o.finished)
+    assert outputs.index(code2wav[0]) < talker_done
+    # One `finished` for code2wav, at the very end, with the whole stage's metrics.
+    assert [o for o in outputs if o.stage == "code2wav" and o.finished] == [outputs[-1]]
+    last = outputs[-1]
+    assert last.final and last.metrics is not None
+    assert 0 < last.metrics.time_to_first_output_s <= last.metrics.duration_s
+    assert all(o.stage_index == 2 and o.final for o in code2wav)
+    info = write_wav(tmp_path / "answer.wav", [o.tensor for o in code2wav if o.tensor is not None])
+    with wave.open(str(info.path), "rb") as wav:
+        assert wav.getframerate() == SAMPLE_RATE == 24_000 and wav.getnchannels() == 1
+        assert wav.getnframes() == len(codes) * HOP_LENGTH
+
+
+def test_streaming_hand_off_gives_the_same_audio(
+    streaming: omnistage.Client, waiting: omnistage.Client
+) -> None:
+    streamed = list(streaming.generate(messages=PROMPT))
+    waited = list(waiting.generate(messages=PROMPT))
+    tokens = [[t for o in of(run, "talker") for t in o.token_ids] for run in (streamed, waited)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == TALKER_TOKENS
+    audio, expected = audio_of(streamed), audio_of(waited)
+    assert audio.shape == expected.shape == (TALKER_TOKENS * HOP_LENGTH,)
+    np.testing.assert_allclose(audio, expected, atol=1e-5)
+    # Waiting: code2wav starts only after the talker's finished output.
+    talker_done = next(i for i, o in enumerate(waited) if o.stage == "talker" and o.finished)
+    assert all(i > talker_done for i, o in enumerate(waited) if o.stage == "code2wav")
+
+
+def test_profiles_thinker_and_code2wav_only(
+    streaming: omnistage.Client,
+    stage: RunningStage,
+    talker_stage: RunningStage,
+    code2wav_stage: RunningStage,
+    tmp_path: Path,
+) -> None:
+    session = streaming.start_profile(stages=["thinker", "code2wav"], label="omni")
+    list(streaming.generate(messages=PROMPT))
+    report = streaming.stop_profile(str(tmp_path))
+    assert sorted(s.stage for s in report.stages) == ["code2wav", "thinker"]
+    assert all(s.ok for s in report.stages), [s.error for s in report.stages]
+    for name in ("thinker", "code2wav"):
+        traces = list((tmp_path / session / name).glob("*.pt.trace.json.gz"))
+        assert traces, f"no trace for {name} in {tmp_path / session / name}"
+    assert not (tmp_path / session / "talker").exists()
+    assert talker_stage.profiler_dir is not None
+    assert not list(talker_stage.profiler_dir.rglob("*.pt.trace.json.gz"))
+    assert Path(report.timeline).is_file() and Path(report.summary).is_file()
+
+
+def test_cancelling_mid_audio_aborts_every_stage(
+    streaming: omnistage.Client,
+    stage: RunningStage,
+    talker_stage: RunningStage,
+    code2wav_stage: RunningStage,
+) -> None:
+    outputs = streaming.generate(messages=PROMPT, stage_sampling={"talker": {"max_tokens": 1500}})
+    for out in outputs:
+        if out.stage == "code2wav" and out.tensor is not None:
+            break
+    assert running(talker_stage) == 1  # the talker is mid-request
+    outputs.close()  # type: ignore[attr-defined]
+    stages = (stage, talker_stage, code2wav_stage)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(running(s) for s in stages):
+        time.sleep(0.1)
+    assert [running(s) for s in stages] == [0, 0, 0]
+
+
+def test_cli_writes_the_audio_as_a_wav(streaming: omnistage.Client, tmp_path: Path) -> None:
+    wav_path = tmp_path / "cli.wav"
+    command = [sys.executable, "-m", "omnistage.cli", "generate", "--address", streaming.address]
+    result = subprocess.run(
+        [*command, "--chat", "Say hi.", "--wav", str(wav_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[0:thinker]" in result.stdout and f"wrote {wav_path}" in result.stdout
+    assert "24000 Hz" in result.stdout
+    with wave.open(str(wav_path), "rb") as wav:
+        assert wav.getframerate() == 24_000 and wav.getnframes() == TALKER_TOKENS * HOP_LENGTH

@@ -1,0 +1,145 @@
+"""The runner's streaming hand-off, on fake stages: order, one `finished`, cancellation, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from omnistage.errors import InvalidRequestError, OmnistageError
+from omnistage.types import GenerateInput, OutputDelta, RequestMetrics
+from orchestrator.config import parse_pipeline
+from orchestrator.runner import PipelineRunner, StageEvent
+
+
+@dataclass
+class FakeStage:
+    """Stage 'talker' yields `tokens` one by one; 'code2wav' echoes each token id × 10."""
+
+    name: str
+    tokens: int = 10
+    delay: float = 0.002
+    fail_on_call: int | None = None
+    calls: list[GenerateInput] = field(default_factory=list)
+    active: int = 0
+    cancelled: int = 0
+
+    async def generate(
+        self, request: GenerateInput, *, timeout: float | None = None
+    ) -> AsyncIterator[OutputDelta]:
+        self.calls.append(request)
+        self.active += 1
+        try:
+            if self.fail_on_call == len(self.calls) - 1:
+                raise InvalidRequestError("codes must lie in [0, 1024)")
+            ids = list(range(self.tokens)) if self.name == "talker" else list(request.token_ids)
+            for token in ids:
+                await asyncio.sleep(self.delay)
+                out = token if self.name == "talker" else token * 10
+                yield OutputDelta(request_id=request.request_id, token_ids=(out,), text=f"{out} ")
+            metrics = RequestMetrics(prompt_tokens=1, generated_tokens=len(ids))
+            yield OutputDelta(
+                request.request_id, finished=True, finish_reason="stop", metrics=metrics
+            )
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+
+@dataclass
+class FakeReplica:
+    client: FakeStage
+    address: str
+
+
+class FakePool:
+    def __init__(self, **stages: FakeStage) -> None:
+        self.stages = stages
+
+    def next_replica(self, stage: str) -> FakeReplica:
+        return FakeReplica(self.stages[stage], f"fake/{stage}")
+
+
+def runner(stream_chunk: int | None, pool: FakePool, done: list[StageEvent]) -> PipelineRunner:
+    chunk = f", stream_chunk: {stream_chunk}" if stream_chunk else ""
+    pipeline = parse_pipeline(
+        "stages:\n"
+        "  - {name: talker, address: fake:1}\n"
+        f"  - {{name: code2wav, address: fake:2, input: {{processor: token_ids{chunk}}}}}\n"
+    )
+    return PipelineRunner(pipeline, pool, on_stage_done=done.append)  # type: ignore[arg-type]
+
+
+async def collect(run: PipelineRunner, **kwargs: Any) -> list[StageEvent]:
+    return [e async for e in run.run(GenerateInput(request_id="r1", prompt="hi"), **kwargs)]
+
+
+def outputs(events: list[StageEvent], stage: str) -> list[int]:
+    return [t for e in events if e.stage == stage for t in e.delta.token_ids]
+
+
+@pytest.mark.parametrize("chunk", [None, 4, 5, 100])
+def test_streamed_outputs_equal_waiting_ones_in_order(chunk: int | None) -> None:
+    pool = FakePool(talker=FakeStage("talker"), code2wav=FakeStage("code2wav"))
+    done: list[StageEvent] = []
+    events = asyncio.run(collect(runner(chunk, pool, done)))
+    assert outputs(events, "code2wav") == [t * 10 for t in range(10)]
+    finished = [e for e in events if e.stage == "code2wav" and e.delta.finished]
+    assert finished == [events[-1]] and events[-1].final and events[-1].timing is not None
+    assert events[-1].delta.metrics is not None and events[-1].delta.finish_reason == "stop"
+    size = chunk or 10
+    expected = [list(range(i, min(i + size, 10))) for i in range(0, 10, size)]
+    assert [list(c.token_ids) for c in pool.stages["code2wav"].calls] == expected
+    assert [e.stage for e in done] == ["talker", "code2wav"]  # once per stage
+    if chunk is not None and chunk < 10:
+        ids = [c.request_id for c in pool.stages["code2wav"].calls]
+        assert ids == [f"r1-chunk{n}" for n in range(len(expected))]
+        timing = done[1].timing
+        assert timing is not None and timing.duration_s >= timing.time_to_first_output_s > 0
+        assert all(e.request_id == "r1" for e in events)
+
+
+def test_streaming_starts_before_upstream_finishes() -> None:
+    pool = FakePool(talker=FakeStage("talker", tokens=20), code2wav=FakeStage("code2wav"))
+    events = asyncio.run(collect(runner(4, pool, [])))
+    first_audio = next(i for i, e in enumerate(events) if e.stage == "code2wav")
+    talker_done = next(i for i, e in enumerate(events) if e.stage == "talker" and e.delta.finished)
+    assert first_audio < talker_done
+
+
+def test_cancelling_mid_stream_cancels_every_call() -> None:
+    talker = FakeStage("talker", tokens=200, delay=0.005)
+    code2wav = FakeStage("code2wav", delay=0.01)
+    pool = FakePool(talker=talker, code2wav=code2wav)
+
+    async def main() -> None:
+        events = runner(4, pool, []).run(GenerateInput(request_id="r1", prompt="hi"))
+        async for event in events:
+            if event.stage == "code2wav":
+                break
+        assert talker.active == 1 and code2wav.active >= 1
+        await events.aclose()  # type: ignore[attr-defined]
+        assert talker.active == 0 and code2wav.active == 0
+        assert talker.cancelled == 1 and code2wav.cancelled >= 1
+
+    asyncio.run(main())
+
+
+def test_a_failing_chunk_names_the_stage_and_cancels_upstream() -> None:
+    talker = FakeStage("talker", tokens=200, delay=0.005)
+    pool = FakePool(talker=talker, code2wav=FakeStage("code2wav", fail_on_call=1))
+    with pytest.raises(InvalidRequestError, match=r"stage 'code2wav': codes must lie") as info:
+        asyncio.run(collect(runner(4, pool, [])))
+    assert isinstance(info.value, OmnistageError)
+    assert talker.active == 0 and talker.cancelled == 1
+
+
+def test_no_upstream_tokens_is_the_processors_error() -> None:
+    pool = FakePool(talker=FakeStage("talker", tokens=0), code2wav=FakeStage("code2wav"))
+    with pytest.raises(InvalidRequestError, match=r"stage 'code2wav'.*produced no token ids"):
+        asyncio.run(collect(runner(4, pool, [])))
