@@ -3,6 +3,8 @@ through orchestrator subprocesses: one with the streaming hand-off, one that wai
 
 from __future__ import annotations
 
+import gzip
+import json
 import subprocess
 import sys
 import time
@@ -193,3 +195,30 @@ def test_cli_writes_the_audio_as_a_wav(streaming: omnistage.Client, tmp_path: Pa
     assert "24000 Hz" in result.stdout
     with wave.open(str(wav_path), "rb") as wav:
         assert wav.getframerate() == 24_000 and wav.getnframes() == TALKER_TOKENS * HOP_LENGTH
+
+
+def test_report_on_a_three_stage_profile(streaming: omnistage.Client, tmp_path: Path) -> None:
+    """All three stages side by side on one time axis, and a summary naming the costliest."""
+    session = streaming.start_profile(label="all-three")
+    list(streaming.generate(messages=PROMPT))
+    report = streaming.stop_profile(str(tmp_path), slim=True)
+    assert sorted(s.stage for s in report.stages) == ["code2wav", "talker", "thinker"]
+    assert all(s.ok for s in report.stages), [s.error for s in report.stages]
+    timeline = json.loads(gzip.decompress(Path(report.timeline).read_bytes()))
+    events = timeline["traceEvents"]
+    names = {
+        e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    for stage_name in ("thinker", "talker", "code2wav", "orchestrator"):
+        assert any(n == stage_name or n.startswith(f"{stage_name} ") for n in names), names
+    spans = [
+        e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("stage ")
+    ]
+    assert {e["name"] for e in spans} >= {"stage thinker", "stage talker", "stage code2wav"}
+    starts = {e["id"] for e in events if e.get("ph") == "s"}
+    ends = {e["id"] for e in events if e.get("ph") == "f"}
+    assert starts and starts == ends  # every flow arrow has both ends
+    summary = Path(report.summary).read_text()
+    assert all(name in summary for name in ("thinker", "talker", "code2wav"))
+    assert "domin" in summary.lower()
+    assert (tmp_path / session / "report.json").is_file()
