@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,7 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+
+from bench_machine import machine_info
 
 import omnistage
 from omnistage.launch import ServerProcess, stage_args
@@ -204,32 +203,6 @@ async def run_grpc(max_tokens: int, plan: dict[int, int], workdir: Path) -> list
             process.stop()
 
 
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    import grpc
-    import torch
-    import vllm
-
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "versions": {
-            "vllm": vllm.__version__,
-            "torch": torch.__version__,
-            "grpcio": grpc.__version__,
-            "omnistage": omnistage.__version__,
-        },
-    }
-
-
 def table(results: list[Measurement], hops: int) -> str:
     header = f"{'setup':<15} {'conc':>4} {'req':>4} {'req/s':>7} {'tok/s':>7}"
     lines = [f"{header} {'p50 s':>7} {'p90 s':>7} {'hand-off p50':>13}"]
@@ -275,7 +248,7 @@ def main() -> None:
             {
                 "benchmark": "pipeline_overhead",
                 "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "machine": machine(),
+                "machine": machine_info(),
                 "settings": {
                     "max_tokens_per_stage": max_tokens,
                     "rounds": plan,

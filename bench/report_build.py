@@ -25,7 +25,6 @@ import gzip
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from bench_machine import align_table, machine_info
 
 from orchestrator.report import ReportFiles, rebuild_report
 from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
@@ -102,32 +103,7 @@ def format_table(result: dict[str, Any]) -> str:
                 "-" if ratio is None else f"{ratio:.3f}",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for index, line in enumerate(lines):
-        cells = [line[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
-        out.append("  ".join(cells))
-        if index == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "loadavg": list(os.getloadavg()),
-    }
+    return align_table(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

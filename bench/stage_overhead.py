@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench_machine import align_table, machine_info
+
 from omnistage.client import AsyncStageClient, make_request
 from omnistage.launch import ServerProcess, stage_args
 from omnistage.types import GenerateInput, OutputDelta, ProfileOptions
@@ -412,33 +414,6 @@ async def run_paths(settings: BenchSettings, log_path: Path, results: dict[str, 
 # -- machine, versions, report -----------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": _proc_field("/proc/cpuinfo", "model name"),
-        "ram_total_gib": _meminfo_gib("MemTotal"),
-        "ram_available_gib": _meminfo_gib("MemAvailable"),
-        "loadavg": list(os.getloadavg()),
-    }
-
-
-def _proc_field(path: str, key: str) -> str:
-    try:
-        for line in Path(path).read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == key:
-                return value.strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def _meminfo_gib(key: str) -> float:
-    value = _proc_field("/proc/meminfo", key)  # "24596172 kB"
-    return round(int(value.split()[0]) / (1 << 20), 2) if value != "unknown" else math.nan
-
-
 def versions() -> dict[str, str]:
     import grpc
     import torch
@@ -521,15 +496,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(row["ratio_grpc_over_inprocess"], ".3f"),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for index, line in enumerate(lines):
-        cells = [line[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
-        out.append("  ".join(cells))
-        if index == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return align_table(lines)
 
 
 def _fmt(value: Any, fmt: str) -> str:
