@@ -108,7 +108,7 @@ class PipelineProfiler:
                 raise error
             for replica, stage_session in started:
                 session.stages.setdefault(replica.stage, []).append((replica, stage_session))
-            session.clock_start = await self._clocks([r for r, _ in started], session)
+            session.clock_start = await self._clocks([r for r, _ in started])
             self._active = session
             logger.info("profile session %s started on %s", session.session_id, names)
             return session.session_id, {n: [sid for _, sid in session.stages[n]] for n in names}
@@ -132,9 +132,7 @@ class PipelineProfiler:
             )
         )
 
-    async def _clocks(
-        self, replicas: list[StageReplica], session: _ActiveSession
-    ) -> dict[str, ClockEstimate]:
+    async def _clocks(self, replicas: list[StageReplica]) -> dict[str, ClockEstimate]:
         """Each replica's clock offset from a few GetInfo round trips; failures are skipped."""
 
         async def one(replica: StageReplica) -> tuple[str, ClockEstimate | None]:
@@ -149,12 +147,13 @@ class PipelineProfiler:
                     "no clock sample from %s (%s): %s", replica.stage, replica.address, exc
                 )
             estimate = estimate_offset(samples) if samples else None
-            return self._clock_key(replica, session), estimate
+            return self._clock_key(replica), estimate
 
         pairs = await asyncio.gather(*(one(r) for r in replicas))
         return {key: estimate for key, estimate in pairs if estimate is not None}
 
-    def _clock_key(self, replica: StageReplica, session: _ActiveSession) -> str:
+    def _clock_key(self, replica: StageReplica) -> str:
+        """The stage's name, or stage/<replica folder> when the stage has replicas."""
         if len(self._pool.replicas(replica.stage)) > 1:
             return f"{replica.stage}/{_replica_dir(Path(), replica, True).name}"
         return replica.stage
@@ -212,7 +211,7 @@ class PipelineProfiler:
             session_dir.mkdir(parents=True, exist_ok=True)
             targets = [(r, sid) for n in names for r, sid in session.stages[n]]
             multi = {n for n in names if len(session.stages[n]) > 1}
-            clock_stop = await self._clocks([r for r, _ in targets], session)
+            clock_stop = await self._clocks([r for r, _ in targets])
             results = await asyncio.gather(
                 *(
                     self._stop_one(r, sid, _replica_dir(session_dir, r, r.stage in multi))
