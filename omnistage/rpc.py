@@ -13,7 +13,8 @@ from omnistage import errors
 
 T = TypeVar("T")
 
-CHANNEL_OPTIONS = [
+# Clients and servers alike: tensors and trace chunks are larger than gRPC's 4 MiB default.
+MESSAGE_SIZE_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]

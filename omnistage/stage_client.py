@@ -13,7 +13,7 @@ from omnistage.convert import (
     generate_input_to_pb,
     manifest_from_pb,
 )
-from omnistage.rpc import CHANNEL_OPTIONS, STOP_PROFILE_TIMEOUT_S, LoopThread, error_from_rpc
+from omnistage.rpc import MESSAGE_SIZE_OPTIONS, STOP_PROFILE_TIMEOUT_S, LoopThread, error_from_rpc
 from omnistage.types import (
     ChatTurn,
     GenerateInput,
@@ -51,7 +51,7 @@ class AsyncStageClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS)
         self._stub = stage_pb2_grpc.StageStub(self._channel)
 
     async def close(self) -> None:

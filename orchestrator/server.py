@@ -7,9 +7,7 @@ import logging
 import signal
 from collections.abc import Callable
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
@@ -17,14 +15,11 @@ from orchestrator.pool import StagePool
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.runner import PipelineRunner
 from orchestrator.servicer import OrchestratorServicer
+from services.serving import GrpcServer
 
 logger = logging.getLogger(__name__)
 
 ORCHESTRATOR_SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-]
 
 
 class OrchestratorServer:
@@ -36,8 +31,8 @@ class OrchestratorServer:
         self.profiler = PipelineProfiler(
             pipeline, self.pool, default_output_dir=pipeline.default_profile_dir()
         )
-        self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._grpc = GrpcServer(ORCHESTRATOR_SERVICE)
+        self.server, self.health = self._grpc.server, self._grpc.health
         servicer = OrchestratorServicer(
             pipeline=pipeline,
             pool=self.pool,
@@ -45,18 +40,11 @@ class OrchestratorServer:
             profiler=self.profiler,
         )
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (ORCHESTRATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"could not bind {host}:{port}; is the port taken?")
+        self.port = self._grpc.bind(host, port)
 
     async def start(self) -> None:
         await self.server.start()
-        for service in ("", ORCHESTRATOR_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._grpc.set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "orchestrator for %r SERVING on port %d: %s",
             self.pipeline.name,

@@ -8,23 +8,18 @@ import signal
 import time
 from collections.abc import Callable
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from omnistage.v1 import stage_pb2, stage_pb2_grpc
 from services.config import StageConfig
 from services.engines.base import Engine
 from services.profiling.sessions import ProfileSessionStore
 from services.servicer import StageServicer
+from services.serving import GrpcServer
 
 logger = logging.getLogger(__name__)
 
 STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-]
 
 
 def create_engine(config: StageConfig) -> Engine:
@@ -46,10 +41,10 @@ class StageServer:
     def __init__(self, config: StageConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
-        self.health = health.aio.HealthServicer()
+        self._grpc = GrpcServer(STAGE_SERVICE)
+        self.server, self.health = self._grpc.server, self._grpc.health
         root = config.profiler.directory if config.profiler.enabled else None
         self.sessions = ProfileSessionStore(stage_name=config.name, engine=engine, root=root)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         servicer = StageServicer(
             name=config.name,
             engine=engine,
@@ -57,30 +52,20 @@ class StageServer:
             on_engine_dead=self._mark_not_serving,
         )
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (STAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise OSError(f"could not bind {config.host}:{config.port}; is the port taken?")
-
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        for service in ("", STAGE_SERVICE):
-            await self.health.set(service, status)
+        self.port = self._grpc.bind(config.host, config.port)
 
     def _mark_not_serving(self) -> None:
         asyncio.get_running_loop().create_task(
-            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._grpc.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         )
 
     async def start(self) -> None:
         """Serve with health NOT_SERVING, load the engine, then report SERVING."""
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._grpc.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         started = time.monotonic()
         await self.engine.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._grpc.set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "stage %r SERVING on port %d (engine ready in %.1f s)",
             self.config.name,

@@ -23,6 +23,7 @@ from omnistage.launch import ServerProcess
 from omnistage.types import PipelineOutput
 from omnistage.v1 import stage_pb2
 from tests.conftest import RunningStage
+from tests.integration.test_orchestrator import serve_pipeline
 
 THINKER_TOKENS = 16
 TALKER_TOKENS = 40
@@ -48,15 +49,7 @@ stages:
     address: {addresses["code2wav"]}
     input: {{processor: "examples.omni.processors:tokens_to_codes"{chunk}}}
 """
-    path = tmp / f"{name}.yaml"
-    path.write_text(text)
-    process = ServerProcess(
-        f"orchestrator {name}",
-        ["orchestrator", "serve", "--pipeline", str(path), "--port", "0", "--host", "127.0.0.1"],
-        log_path=tmp / f"{name}.log",
-    )
-    process.wait_serving(timeout=60)
-    return process
+    return serve_pipeline(tmp, name, text)
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,13 @@ def start_orchestrator(
         lines += ["    sampling: {max_tokens: 12, temperature: 0.0}"]
         if index:
             lines += ["    input: {processor: text, template: 'Rewrite formally: {text}'}"]
+    return serve_pipeline(tmp, name, "\n".join(lines) + "\n")
+
+
+def serve_pipeline(tmp: Path, name: str, text: str) -> ServerProcess:
+    """An orchestrator process serving the pipeline file `text`, once it is SERVING."""
     path = tmp / f"{name}.yaml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(text)
     process = ServerProcess(
         f"orchestrator {name}",
         ["orchestrator", "serve", "--pipeline", str(path), "--port", "0", "--host", "127.0.0.1"],
