@@ -98,15 +98,30 @@ def audio_of(outputs: list[PipelineOutput]) -> np.ndarray[Any, Any]:
 
 
 def test_text_then_audio_in_a_wav(streaming: omnistage.Client, tmp_path: Path) -> None:
-    outputs = list(streaming.generate(messages=PROMPT))
+    outputs, arrived = [], []
+    for output in streaming.generate(messages=PROMPT):
+        outputs.append(output)
+        arrived.append(time.monotonic())
     thinker, talker, code2wav = (of(outputs, s) for s in ("thinker", "talker", "code2wav"))
     assert "".join(o.text for o in thinker).strip()
     codes = [t for o in talker for t in o.token_ids]
     assert len(codes) == TALKER_TOKENS
-    # The talker starts on the thinker's finished answer; code2wav streams while the talker runs.
+    # The talker starts on the thinker's finished answer.
     assert outputs.index(talker[0]) > outputs.index(thinker[-1])
+    # code2wav gets the codes in chunks of STREAM_CHUNK, one audio piece per chunk, in order.
+    pieces = [o.tensor for o in code2wav if o.tensor is not None]
+    assert [len(mono_samples([p])) for p in pieces] == [
+        16 * HOP_LENGTH,
+        16 * HOP_LENGTH,
+        8 * HOP_LENGTH,
+    ]
+    # code2wav started while the talker still ran: the stage's duration (from its first chunk
+    # to its end) is longer than the time between the talker's finish and the end, as seen here.
+    # Which output reaches the client first is a race, so the order of outputs is not checked.
     talker_done = next(i for i, o in enumerate(outputs) if o.stage == "talker" and o.finished)
-    assert outputs.index(code2wav[0]) < talker_done
+    after_talker_s = arrived[-1] - arrived[talker_done]
+    assert outputs[-1].metrics is not None
+    assert outputs[-1].metrics.duration_s > after_talker_s + 0.05
     # One `finished` for code2wav, at the very end, with the whole stage's metrics.
     assert [o for o in outputs if o.stage == "code2wav" and o.finished] == [outputs[-1]]
     last = outputs[-1]
