@@ -22,7 +22,7 @@ from omnistage.convert import (
     report_from_pb,
     sampling_to_pb,
 )
-from omnistage.rpc import MESSAGE_SIZE_OPTIONS, LoopThread, error_from_rpc
+from omnistage.rpc import CHANNEL_OPTIONS, LoopThread, error_from_rpc
 from omnistage.stage_client import AsyncStageClient, StageClient, make_request
 from omnistage.types import ChatTurn, PipelineOutput, ProfileReport, SamplingOptions
 from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
@@ -48,7 +48,7 @@ class AsyncClient:
 
     def __init__(self, address: str = "localhost:50050") -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
     async def close(self) -> None:

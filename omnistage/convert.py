@@ -193,6 +193,7 @@ def pipeline_output_from_pb(msg: orchestrator_pb2.PipelineResponse) -> PipelineO
         finish_reason=msg.finish_reason,
         metrics=metrics,
         tensor=tensor_from_pb(msg.tensor) if msg.HasField("tensor") else None,
+        replica=msg.replica,
     )
 
 

@@ -18,6 +18,23 @@ MESSAGE_SIZE_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]
+# Clients: a peer behind a cut link is found dead within about 10 s, even mid-stream (keepalive
+# pings), and a peer that comes back is reconnected within 5 s (capped reconnect backoff).
+CHANNEL_OPTIONS = [
+    *MESSAGE_SIZE_OPTIONS,
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
+# Servers: accept those pings rather than answer them with GOAWAY (too_many_pings).
+SERVER_OPTIONS = [
+    *MESSAGE_SIZE_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 4000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
 STOP_PROFILE_TIMEOUT_S = 600.0  # a vLLM stop on the CPU takes tens of seconds
 
 _ERRORS_BY_CODE: dict[grpc.StatusCode, type[errors.OmnistageError]] = {

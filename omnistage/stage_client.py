@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from omnistage.convert import (
     delta_from_pb,
     generate_input_to_pb,
     manifest_from_pb,
 )
-from omnistage.rpc import MESSAGE_SIZE_OPTIONS, STOP_PROFILE_TIMEOUT_S, LoopThread, error_from_rpc
+from omnistage.rpc import CHANNEL_OPTIONS, STOP_PROFILE_TIMEOUT_S, LoopThread, error_from_rpc
 from omnistage.types import (
     ChatTurn,
     GenerateInput,
@@ -51,11 +52,21 @@ class AsyncStageClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = stage_pb2_grpc.StageStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def health(self, *, timeout: float = 2.0) -> str:
+        """SERVING or NOT_SERVING, or the status code's name when the check itself fails."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            return str(code.name)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     async def __aenter__(self) -> AsyncStageClient:
         return self

@@ -197,3 +197,4 @@ class PipelineOutput:
     finish_reason: str = ""
     metrics: StageMetrics | None = None
     tensor: TensorData | None = None
+    replica: str = ""  # host:port of the stage replica that produced it

@@ -31,6 +31,8 @@ from omnistage.types import SamplingOptions
 from services.config import STAGE_NAME_PATTERN, ProfilerSettings
 
 BUILTIN_PROCESSORS = ("text", "token_ids", "chat")
+# An address that stands for every address its name resolves to, each a replica (gRPC's form).
+DNS_SCHEME = "dns:///"
 TEMPLATE_FIELDS = ("text", "prompt")
 
 KeyPath = tuple[str | int, ...]
@@ -148,7 +150,11 @@ class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=STAGE_NAME_PATTERN, description="The stage's name.")
-    address: str | None = Field(default=None, min_length=1, description="host:port of one server.")
+    address: str | None = Field(
+        default=None,
+        min_length=1,
+        description="host:port of one server, or dns:///name:port: every address of the name.",
+    )
     addresses: list[typing.Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description="host:port of several replicas; instead of address."
     )
@@ -160,11 +166,43 @@ class StageSpec(BaseModel):
     def _one_address_kind(self) -> StageSpec:
         if self.address is not None and self.addresses:
             raise _Problems([(("addresses",), "set address or addresses, not both")])
+        problems: list[tuple[KeyPath, str]] = []
+        if self.address is not None:
+            problems += [(("address",), why) for why in _address_problems(self.address)]
+        for i, address in enumerate(self.addresses):
+            problems += [(("addresses", i), why) for why in _address_problems(address)]
+        if problems:
+            raise _Problems(problems)
         return self
 
     @property
     def all_addresses(self) -> list[str]:
         return [self.address] if self.address is not None else list(self.addresses)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port); ValueError says what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{address!r} has no port; write host:port")
+    if not (port.isascii() and port.isdecimal() and 0 < int(port) < 65536):
+        raise ValueError(f"{address!r}: the port must be 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _address_problems(address: str) -> list[str]:
+    plain = address.removeprefix(DNS_SCHEME)
+    if "://" in plain or plain.startswith("dns:"):
+        return [
+            f"{address!r}: write host:port, or {DNS_SCHEME}name:port for every address of a name"
+        ]
+    try:
+        split_host_port(plain)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 class LaunchStage(BaseModel):
@@ -224,6 +262,12 @@ class PipelineConfig(BaseModel):
     name: str = Field(default="pipeline", min_length=1, description="The pipeline's name.")
     outputs: Literal["final", "all"] = Field(default="all", description="Which stages stream back.")
     stages: list[StageSpec] = Field(min_length=1, description="The stages, in order.")
+    health_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=300,
+        description="How often every replica's health is checked and dns:/// names re-resolved.",
+    )
     launch: LaunchConfig | None = Field(default=None, description="For `omnistage up`.")
     _source: Path | None = PrivateAttr(default=None)
 

@@ -1,17 +1,28 @@
-"""Clients for every stage of a pipeline, one per address, with replicas taken in turn."""
+"""Clients for every replica of every stage, the replicas' health, and which replica is next.
+
+A stage's replicas are its `address`, its `addresses`, or every address that a `dns:///name:port`
+address resolves to (a Kubernetes headless Service, a compose service with several containers).
+A background task re-resolves those names and checks every replica's gRPC health every
+`health_interval_s`; requests go round-robin to the replicas that answered SERVING.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import Iterator
+import contextlib
+import logging
+import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from omnistage.errors import StageUnavailableError
 from omnistage.stage_client import AsyncStageClient
-from orchestrator.config import PipelineConfig, StageSpec
+from orchestrator.config import DNS_SCHEME, PipelineConfig, StageSpec, split_host_port
+
+logger = logging.getLogger(__name__)
+
+SERVING = "SERVING"
+UNKNOWN = "UNKNOWN"
 
 
 @dataclass
@@ -20,45 +31,153 @@ class StageReplica:
     index: int
     address: str
     client: AsyncStageClient
+    health: str = UNKNOWN
 
 
 class StagePool:
-    """Holds one client per stage address for the orchestrator's lifetime."""
+    """Holds one client per stage replica for the orchestrator's lifetime."""
 
     def __init__(self, pipeline: PipelineConfig) -> None:
         self._specs = list(pipeline.stages)
-        self._replicas: dict[str, list[StageReplica]] = {}
-        self._turns: dict[str, Iterator[int]] = {}
+        self._interval = pipeline.health_interval_s
+        self._replicas: dict[str, dict[str, StageReplica]] = {s.name: {} for s in self._specs}
+        self._resolve_errors: dict[str, str] = {}
+        self._turns: dict[str, int] = dict.fromkeys(self._replicas, 0)
+        self._retired: list[StageReplica] = []
+        self._watcher: asyncio.Task[None] | None = None
         for index, spec in enumerate(self._specs):
-            replicas = [
-                StageReplica(spec.name, index, address, AsyncStageClient(address))
-                for address in spec.all_addresses
-            ]
-            self._replicas[spec.name] = replicas
-            self._turns[spec.name] = itertools.cycle(range(len(replicas)))
+            if not _has_dns(spec):
+                self._set_members(spec, index, spec.all_addresses)
 
     @property
     def specs(self) -> list[StageSpec]:
         return self._specs
 
     def replicas(self, stage: str) -> list[StageReplica]:
-        return self._replicas[stage]
+        return list(self._replicas[stage].values())
 
-    def next_replica(self, stage: str) -> StageReplica:
-        """The next replica of a stage, in turn."""
-        return self._replicas[stage][next(self._turns[stage])]
+    def has_replicas(self, stage: str) -> bool:
+        """Whether the stage is configured for several replicas (its files go per replica)."""
+        spec = next(s for s in self._specs if s.name == stage)
+        return len(spec.all_addresses) > 1 or _has_dns(spec)
+
+    async def start(self) -> None:
+        """Resolve and check every stage once, then keep doing so in the background."""
+        await self.refresh()
+        self._watcher = asyncio.create_task(self._watch(), name="stage-pool-watch")
+
+    async def refresh(self, stages: Iterable[str] | None = None) -> None:
+        """Re-resolve the DNS addresses and check the health of every replica, now."""
+        names = list(stages) if stages is not None else list(self._replicas)
+        index = {spec.name: i for i, spec in enumerate(self._specs)}
+        for name in names:
+            spec = self._specs[index[name]]
+            if _has_dns(spec):
+                self._set_members(spec, index[name], await self._resolve(spec))
+        replicas = [r for name in names for r in self._replicas[name].values()]
+        healths = await asyncio.gather(*(self._check(r) for r in replicas))
+        for replica, health in zip(replicas, healths, strict=True):
+            if health != replica.health:
+                logger.info("stage %s replica %s: %s", replica.stage, replica.address, health)
+            replica.health = health
+
+    async def pick(self, stage: str, *, exclude: Iterable[str] = ()) -> StageReplica:
+        """The next replica of a stage that is SERVING (or not yet checked), in turn.
+
+        When none is, the stage is checked again at once, so a replica that just came back is
+        used without waiting for the next background check.
+        """
+        skip = set(exclude)
+        ready = self._ready(stage, skip)
+        if not ready:
+            await self.refresh([stage])
+            ready = self._ready(stage, skip)
+        if not ready:
+            raise StageUnavailableError(self.describe_unready(stage))
+        turn = self._turns[stage]
+        self._turns[stage] = turn + 1
+        return ready[turn % len(ready)]
+
+    def mark(self, replica: StageReplica, health: str) -> None:
+        """What a failed call taught about a replica, until the next check."""
+        replica.health = health
+
+    def describe_unready(self, stage: str) -> str:
+        """Why no replica of a stage can take a request, replica by replica."""
+        replicas = self._replicas[stage]
+        if not replicas:
+            why = self._resolve_errors.get(stage, "no address")
+            return f"no replica to call: {why}"
+        states = ", ".join(f"{r.address} {r.health}" for r in replicas.values())
+        return f"no replica is SERVING ({states})"
 
     async def close(self) -> None:
-        await asyncio.gather(*(r.client.close() for rs in self._replicas.values() for r in rs))
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        everyone = [r for rs in self._replicas.values() for r in rs.values()] + self._retired
+        await asyncio.gather(*(r.client.close() for r in everyone))
+
+    def _ready(self, stage: str, skip: set[str]) -> list[StageReplica]:
+        return [
+            r
+            for r in self._replicas[stage].values()
+            if r.health in (SERVING, UNKNOWN) and r.address not in skip
+        ]
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh()
+            except Exception:  # the watch must outlive one bad round
+                logger.exception("stage health check failed")
+
+    async def _check(self, replica: StageReplica) -> str:
+        return await replica.client.health(timeout=min(2.0, self._interval))
+
+    async def _resolve(self, spec: StageSpec) -> list[str]:
+        addresses: list[str] = []
+        problems: list[str] = []
+        loop = asyncio.get_running_loop()
+        for source in spec.all_addresses:
+            if not source.startswith(DNS_SCHEME):
+                addresses.append(source)
+                continue
+            host, port = split_host_port(source[len(DNS_SCHEME) :])
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                problems.append(f"{source} did not resolve ({exc})")
+                continue
+            found = [_join(str(info[4][0]), port) for info in infos]
+            if not found:
+                problems.append(f"{source} resolved to no address")
+            addresses.extend(found)
+        if problems:
+            self._resolve_errors[spec.name] = "; ".join(problems)
+            logger.warning("stage %s: %s", spec.name, self._resolve_errors[spec.name])
+        else:
+            self._resolve_errors.pop(spec.name, None)
+        return list(dict.fromkeys(addresses))
+
+    def _set_members(self, spec: StageSpec, index: int, addresses: list[str]) -> None:
+        current = self._replicas[spec.name]
+        for address in addresses:
+            if address not in current:
+                current[address] = StageReplica(
+                    spec.name, index, address, AsyncStageClient(address)
+                )
+                logger.info("stage %s: replica %s added", spec.name, address)
+        for address in [a for a in current if a not in addresses]:
+            logger.info("stage %s: replica %s gone from DNS", spec.name, address)
+            self._retired.append(current.pop(address))
 
 
-async def replica_health(address: str, *, timeout: float = 2.0) -> str:
-    """SERVING, NOT_SERVING, or the gRPC code name when the health check itself fails."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            return str(code.name)
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+def _has_dns(spec: StageSpec) -> bool:
+    return any(a.startswith(DNS_SCHEME) for a in spec.all_addresses)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -11,12 +11,17 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from omnistage.errors import InvalidRequestError, OmnistageError, ProfilerStateError
+from omnistage.errors import (
+    InvalidRequestError,
+    OmnistageError,
+    ProfilerStateError,
+    StageUnavailableError,
+)
 from omnistage.profile_files import new_session_id, sha256_file
 from omnistage.types import ProfileOptions, ProfileReport, StageProfileResult
 from orchestrator.clock import ClockEstimate, ClockSample, combine, estimate_offset
 from orchestrator.config import PipelineConfig
-from orchestrator.pool import StagePool, StageReplica
+from orchestrator.pool import SERVING, StagePool, StageReplica
 from orchestrator.report import rebuild_report
 from orchestrator.runner import StageEvent
 from orchestrator.slimming import SlimOptions
@@ -84,7 +89,7 @@ class PipelineProfiler:
                     f"{list(self._active.stages)}; call StopProfile first"
                 )
             session = _ActiveSession(new_session_id(options.label), options.label, time.time_ns())
-            targets = [r for name in names for r in self._pool.replicas(name)]
+            targets = await self._serving_replicas(names)
             results = await asyncio.gather(
                 *(self._start_one(r, session.session_id, options) for r in targets),
                 return_exceptions=True,
@@ -112,6 +117,29 @@ class PipelineProfiler:
             self._active = session
             logger.info("profile session %s started on %s", session.session_id, names)
             return session.session_id, {n: [sid for _, sid in session.stages[n]] for n in names}
+
+    async def _serving_replicas(self, names: list[str]) -> list[StageReplica]:
+        """Every SERVING replica of the named stages, checked now; each stage needs one."""
+        await self._pool.refresh(names)
+        targets: list[StageReplica] = []
+        for name in names:
+            replicas = self._pool.replicas(name)
+            serving = [r for r in replicas if r.health == SERVING]
+            if not serving:
+                raise StageUnavailableError(
+                    f"stage {name!r} cannot be profiled: {self._pool.describe_unready(name)}; "
+                    "no stage was started"
+                )
+            for replica in replicas:
+                if replica.health != SERVING:
+                    logger.warning(
+                        "profiling stage %s without replica %s: it is %s",
+                        name,
+                        replica.address,
+                        replica.health,
+                    )
+            targets += serving
+        return targets
 
     def record(self, event: StageEvent) -> None:
         """Keep a finished stage's timing while a session is active, for the timeline."""
@@ -154,7 +182,7 @@ class PipelineProfiler:
 
     def _clock_key(self, replica: StageReplica) -> str:
         """The stage's name, or stage/<replica folder> when the stage has replicas."""
-        if len(self._pool.replicas(replica.stage)) > 1:
+        if self._pool.has_replicas(replica.stage):
             return f"{replica.stage}/{_replica_dir(Path(), replica, True).name}"
         return replica.stage
 
@@ -210,7 +238,7 @@ class PipelineProfiler:
             session_dir = (root / session.session_id).resolve()
             session_dir.mkdir(parents=True, exist_ok=True)
             targets = [(r, sid) for n in names for r, sid in session.stages[n]]
-            multi = {n for n in names if len(session.stages[n]) > 1}
+            multi = {n for n in names if self._pool.has_replicas(n)}
             clock_stop = await self._clocks([r for r, _ in targets])
             results = await asyncio.gather(
                 *(

@@ -43,6 +43,7 @@ class OrchestratorServer:
         self.port = self._grpc.bind(host, port)
 
     async def start(self) -> None:
+        await self.pool.start()
         await self.server.start()
         await self._grpc.set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -18,7 +17,7 @@ from omnistage.convert import (
 from omnistage.errors import InvalidRequestError
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
-from orchestrator.pool import StagePool, replica_health
+from orchestrator.pool import StagePool
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.runner import PipelineRunner, StageEvent
 from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
@@ -91,9 +90,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
         async with grpc_errors(context, "GetPipeline"):
             profiling = set(self._profiler.profiling_stages())
             stages = []
+            await self._pool.refresh()
             for index, spec in enumerate(self._pipeline.stages):
                 replicas = self._pool.replicas(spec.name)
-                healths = await asyncio.gather(*(replica_health(r.address) for r in replicas))
+                healths = [r.health for r in replicas]
                 status = orchestrator_pb2.StageStatus(
                     name=spec.name,
                     index=index,
@@ -101,6 +101,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
                     health=",".join(healths),
                     profiling_active=spec.name in profiling,
                 )
+                if not replicas:
+                    status.error = self._pool.describe_unready(spec.name)
                 if "SERVING" in healths:
                     try:
                         info = await replicas[healths.index("SERVING")].client.info(timeout=5)
@@ -128,6 +130,7 @@ def _event_to_pb(event: StageEvent) -> orchestrator_pb2.PipelineResponse:
         finished=delta.finished,
         final=event.final,
         finish_reason=delta.finish_reason,
+        replica=event.replica,
     )
     if delta.HasField("tensor"):
         msg.tensor.CopyFrom(delta.tensor)

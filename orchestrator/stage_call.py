@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from omnistage.errors import OmnistageError
+from omnistage.errors import OmnistageError, StageUnavailableError
 from omnistage.types import GenerateInput, OutputDelta
 from orchestrator.config import StageSpec
 from orchestrator.pool import StagePool
@@ -74,16 +74,40 @@ def stage_timeout(spec: StageSpec, deadline: float | None) -> float | None:
 async def call_stage(
     pool: StagePool, spec: StageSpec, stage_input: GenerateInput, *, deadline: float | None
 ) -> AsyncIterator[tuple[OutputDelta, str]]:
-    """The deltas of one Generate call on the stage's next replica, with that replica's address.
+    """The deltas of one Generate call on the stage's next SERVING replica, with its address.
 
-    Closing this iterator early cancels the call, so the stage aborts the request.
+    A replica that is unreachable before it sent anything is marked down and the call goes to
+    the next replica; once output has flowed, a failure ends the request. Closing this iterator
+    early cancels the call, so the stage aborts the request.
     """
-    replica = pool.next_replica(spec.name)
-    try:
-        deltas = replica.client.generate(stage_input, timeout=stage_timeout(spec, deadline))
-        async with closing(deltas):
-            async for delta in deltas:
-                yield delta, replica.address
-    except OmnistageError as exc:
-        logger.info("request %s failed in stage %s: %s", stage_input.request_id, spec.name, exc)
-        raise name_stage(exc, spec.name) from exc
+    tried: list[str] = []
+    while True:
+        try:
+            replica = await pool.pick(spec.name, exclude=tried)
+        except StageUnavailableError as exc:
+            raise name_stage(exc, spec.name) from exc
+        started = False
+        try:
+            deltas = replica.client.generate(stage_input, timeout=stage_timeout(spec, deadline))
+            async with closing(deltas):
+                async for delta in deltas:
+                    started = True
+                    yield delta, replica.address
+            return
+        except StageUnavailableError as exc:
+            pool.mark(replica, "UNAVAILABLE")
+            tried.append(replica.address)
+            others = [r for r in pool.replicas(spec.name) if r.address not in tried]
+            if started or not others:
+                logger.info("request %s: stage %s: %s", stage_input.request_id, spec.name, exc)
+                raise name_stage(exc, spec.name) from exc
+            logger.warning(
+                "request %s: stage %s replica %s unavailable, trying another: %s",
+                stage_input.request_id,
+                spec.name,
+                replica.address,
+                exc,
+            )
+        except OmnistageError as exc:
+            logger.info("request %s failed in stage %s: %s", stage_input.request_id, spec.name, exc)
+            raise name_stage(exc, spec.name) from exc

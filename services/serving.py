@@ -6,7 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from omnistage.rpc import MESSAGE_SIZE_OPTIONS
+from omnistage.rpc import SERVER_OPTIONS
 
 
 class GrpcServer:
@@ -14,7 +14,7 @@ class GrpcServer:
 
     def __init__(self, service: str) -> None:
         self.service = service
-        self.server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

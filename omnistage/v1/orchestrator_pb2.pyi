@@ -45,7 +45,7 @@ class StageMetrics(_message.Message):
     def __init__(self, queue_time_s: _Optional[float] = ..., time_to_first_output_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., handoff_s: _Optional[float] = ...) -> None: ...
 
 class PipelineResponse(_message.Message):
-    __slots__ = ("stage", "stage_index", "request_id", "text", "token_ids", "tensor", "finished", "final", "finish_reason", "metrics")
+    __slots__ = ("stage", "stage_index", "request_id", "text", "token_ids", "tensor", "finished", "final", "finish_reason", "metrics", "replica")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class PipelineResponse(_message.Message):
     FINAL_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     stage: str
     stage_index: int
     request_id: str
@@ -66,7 +67,8 @@ class PipelineResponse(_message.Message):
     final: bool
     finish_reason: str
     metrics: StageMetrics
-    def __init__(self, stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., finished: _Optional[bool] = ..., final: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ...) -> None: ...
+    replica: str
+    def __init__(self, stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., finished: _Optional[bool] = ..., final: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class PipelineStartProfileRequest(_message.Message):
     __slots__ = ("stages", "label", "delay_iterations", "max_iterations")

@@ -61,7 +61,7 @@ class FakePool:
     def __init__(self, **stages: FakeStage) -> None:
         self.stages = stages
 
-    def next_replica(self, stage: str) -> FakeReplica:
+    async def pick(self, stage: str, *, exclude: object = ()) -> FakeReplica:
         return FakeReplica(self.stages[stage], f"fake/{stage}")
 
 
