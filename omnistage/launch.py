@@ -41,15 +41,25 @@ class ServerProcess:
     """One `omnistage ... serve` process in its own process group, with its log in a file."""
 
     def __init__(
-        self, name: str, args: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        connect_host: str = "127.0.0.1",
     ) -> None:
+        """`prefix` goes before the command (e.g. `ip netns exec NS`); `connect_host` is where
+        this process reaches the server once it is bound."""
         self.name = name
+        self.connect_host = connect_host
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("w")
         self.port = 0
         self._bound = threading.Event()
-        command = [sys.executable, "-m", "omnistage.cli", *args]
+        command = [*prefix, sys.executable, "-m", "omnistage.cli", *args]
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -73,7 +83,7 @@ class ServerProcess:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.connect_host}:{self.port}"
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from omnistage.errors import InvalidRequestError, OmnistageError
-from omnistage.types import GenerateInput, SamplingOptions
+from omnistage.types import GenerateInput, SamplingOptions, TensorData
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool
 from orchestrator.processors import EdgeProcessor, StageOutput, resolve_processor
@@ -122,15 +122,22 @@ class PipelineRunner:
         deadline: float | None,
     ) -> AsyncIterator[StageEvent]:
         """The upstream events, then stage `index` on the previous stage's finished output."""
-        text, token_ids = "", list[int]()
+        text, token_ids, tensors = "", list[int](), list[TensorData]()
         async with closing(upstream):
             async for event in upstream:
                 if event.stage_index == index - 1:
                     text += event.delta.text
                     token_ids.extend(event.delta.token_ids)
+                    if event.delta.tensor is not None:
+                        tensors.append(event.delta.tensor)
                 yield event
         handoff_started = time.monotonic()
-        previous = StageOutput(stage=self._names[index - 1], text=text, token_ids=tuple(token_ids))
+        previous = StageOutput(
+            stage=self._names[index - 1],
+            text=text,
+            token_ids=tuple(token_ids),
+            tensors=tuple(tensors),
+        )
         stage_input = self._input_builder(index, request, sampling)(previous)
         final = index == len(self._names) - 1
         async for event in self._run_stage(
