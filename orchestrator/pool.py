@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from omnistage.security import ClientSecurity, aio_channel
 from omnistage.stage_client import AsyncStageClient
 from orchestrator.config import PipelineConfig, StageSpec
+from orchestrator.security import stage_client_security
 
 
 @dataclass
@@ -20,6 +22,7 @@ class StageReplica:
     index: int
     address: str
     client: AsyncStageClient
+    security: ClientSecurity | None = None
 
 
 class StagePool:
@@ -30,8 +33,15 @@ class StagePool:
         self._replicas: dict[str, list[StageReplica]] = {}
         self._turns: dict[str, Iterator[int]] = {}
         for index, spec in enumerate(self._specs):
+            security = stage_client_security(pipeline, index)
             replicas = [
-                StageReplica(spec.name, index, address, AsyncStageClient(address))
+                StageReplica(
+                    spec.name,
+                    index,
+                    address,
+                    AsyncStageClient(address, security=security),
+                    security,
+                )
                 for address in spec.all_addresses
             ]
             self._replicas[spec.name] = replicas
@@ -52,9 +62,11 @@ class StagePool:
         await asyncio.gather(*(r.client.close() for rs in self._replicas.values() for r in rs))
 
 
-async def replica_health(address: str, *, timeout: float = 2.0) -> str:
+async def replica_health(
+    address: str, *, timeout: float = 2.0, security: ClientSecurity | None = None
+) -> str:
     """SERVING, NOT_SERVING, or the gRPC code name when the health check itself fails."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with aio_channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)

@@ -93,7 +93,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
             stages = []
             for index, spec in enumerate(self._pipeline.stages):
                 replicas = self._pool.replicas(spec.name)
-                healths = await asyncio.gather(*(replica_health(r.address) for r in replicas))
+                healths = await asyncio.gather(
+                    *(replica_health(r.address, security=r.security) for r in replicas)
+                )
                 status = orchestrator_pb2.StageStatus(
                     name=spec.name,
                     index=index,
