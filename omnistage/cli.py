@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from omnistage import cli_security
 from omnistage.errors import InvalidRequestError, OmnistageError
 
 logger = logging.getLogger("omnistage")
@@ -38,6 +39,8 @@ def _stage_serve(args: argparse.Namespace) -> int:
             enforce_eager=not args.compile,
             grace_seconds=args.grace_seconds,
             engine_options=_parse_engine_options(args.engine_options),
+            security=cli_security.server_security(args),
+            health_port=args.health_port,
         )
     except ValidationError as exc:
         raise OmnistageError(describe_validation_error(exc)) from exc
@@ -69,7 +72,9 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    from omnistage.security import sync_channel
+
+    with sync_channel(args.address, cli_security.client_security(args)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(
@@ -84,15 +89,27 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _orchestrator_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from orchestrator.config import load_pipeline
-    from orchestrator.server import serve
+    from orchestrator.server import OrchestratorServerConfig, serve
+    from services.config import describe_validation_error
 
     pipeline = load_pipeline(Path(args.pipeline))
+    try:
+        config = OrchestratorServerConfig(
+            host=args.host,
+            port=args.port,
+            health_port=args.health_port,
+            security=cli_security.server_security(args),
+        )
+    except ValidationError as exc:
+        raise OmnistageError(describe_validation_error(exc)) from exc
 
     def announce(port: int) -> None:
         print(f"orchestrator {pipeline.name!r} listening on {args.host}:{port}", flush=True)
 
-    asyncio.run(serve(pipeline, host=args.host, port=args.port, on_bound=announce))
+    asyncio.run(serve(pipeline, config, on_bound=announce))
     return 0
 
 
@@ -133,7 +150,7 @@ def _generate(args: argparse.Namespace) -> int:
         if v is not None
     }
     audio: list[TensorData] = []
-    with Client(args.address) as client:
+    with Client(args.address, security=cli_security.client_security(args)) as client:
         current = None
         outputs = client.generate(
             "" if args.chat else args.prompt,
@@ -174,7 +191,7 @@ def _profile_start(args: argparse.Namespace) -> int:
     from omnistage.client import Client
 
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
-    with Client(args.address) as client:
+    with Client(args.address, security=cli_security.client_security(args)) as client:
         session = client.start_profile(
             stages,
             label=args.label,
@@ -190,7 +207,7 @@ def _profile_stop(args: argparse.Namespace) -> int:
 
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
     print("stopping (each stage flushes its trace; this can take a minute)...", flush=True)
-    with Client(args.address) as client:
+    with Client(args.address, security=cli_security.client_security(args)) as client:
         report = client.stop_profile(
             args.output_dir,
             stages=stages,
@@ -245,7 +262,7 @@ def _profile_report(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from omnistage.client import Client
 
-    with Client(args.address) as client:
+    with Client(args.address, security=cli_security.client_security(args)) as client:
         info = client.pipeline()
     session = f", profiling session {info.profile_session_id}" if info.profiling_active else ""
     print(f"pipeline {info.name!r}{session}")
@@ -301,12 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='engine options as a JSON object, e.g. \'{"max_batch_size": 8, "max_wait_ms": 5}\'',
     )
+    cli_security.add_server_flags(serve)
     serve.set_defaults(func=_stage_serve)
 
     check = commands.add_parser("health", help="exit 0 when ADDRESS reports SERVING")
     check.add_argument("address", help="host:port")
     check.add_argument("--service", default="", help="service name; empty for the server")
     check.add_argument("--timeout", type=float, default=5.0)
+    cli_security.add_client_flags(check)
     check.set_defaults(func=_health)
 
     default_address = os.environ.get("OMNISTAGE_ADDRESS", "localhost:50050")
@@ -316,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     oserve.add_argument("--pipeline", required=True, help="the pipeline YAML file")
     oserve.add_argument("--host", default="0.0.0.0")
     oserve.add_argument("--port", type=int, default=50050, help="port; 0 picks a free one")
+    cli_security.add_server_flags(oserve)
     oserve.set_defaults(func=_orchestrator_serve)
 
     up = commands.add_parser("up", help="start a pipeline file's stages and orchestrator locally")
@@ -342,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--sample-rate", type=int, default=24_000, help="of --wav's audio (default 24000)"
     )
+    cli_security.add_client_flags(generate)
     generate.set_defaults(func=_generate)
 
     profile = commands.add_parser("profile", help="profile pipeline stages")
@@ -363,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     preport.add_argument("dir", help="<output_dir>/<session_id>, as StopProfile wrote it")
     preport.set_defaults(func=_profile_report)
+    for sub in (pstart, pstop):
+        cli_security.add_client_flags(sub)
     for sub in (pstop, preport):
         sub.add_argument("--slim", action="store_true", help="drop vLLM's idle loops")
         sub.add_argument("--slim-min-us", type=float, default=0.0, help="and frames shorter")
@@ -370,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="every stage's health and profiling state")
     status.add_argument("--address", default=default_address)
+    cli_security.add_client_flags(status)
     status.set_defaults(func=_status)
 
     model = commands.add_parser("model", help="bundled models").add_subparsers(

@@ -22,12 +22,20 @@ from omnistage.convert import (
     report_from_pb,
     sampling_to_pb,
 )
-from omnistage.rpc import CHANNEL_OPTIONS, LoopThread, error_from_rpc
-from omnistage.stage_client import AsyncStageClient, StageClient, make_request
+from omnistage.rpc import LoopThread, error_from_rpc
+from omnistage.security import ClientSecurity, aio_channel
+from omnistage.stage_client import AsyncStageClient, StageClient, make_request, with_token
 from omnistage.types import ChatTurn, PipelineOutput, ProfileReport, SamplingOptions
 from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
-__all__ = ["AsyncClient", "AsyncStageClient", "Client", "StageClient", "make_request"]
+__all__ = [
+    "AsyncClient",
+    "AsyncStageClient",
+    "Client",
+    "ClientSecurity",
+    "StageClient",
+    "make_request",
+]
 
 STOP_TIMEOUT_S = 900.0  # stopping profiles waits for every stage's flush and the file pulls
 
@@ -44,11 +52,19 @@ def _sampling(options: Mapping[str, Any] | SamplingOptions | None) -> SamplingOp
 
 
 class AsyncClient:
-    """Talks to an orchestrator with grpc.aio."""
+    """Talks to an orchestrator with grpc.aio; `security` sets TLS, mTLS and the token
+    (`token=` alone is the shorthand for a token over plaintext)."""
 
-    def __init__(self, address: str = "localhost:50050") -> None:
+    def __init__(
+        self,
+        address: str = "localhost:50050",
+        *,
+        security: ClientSecurity | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = with_token(security, token)
+        self._channel = aio_channel(address, self.security)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
     async def close(self) -> None:
@@ -159,9 +175,16 @@ class AsyncClient:
 class Client:
     """The synchronous face of `AsyncClient`."""
 
-    def __init__(self, address: str = "localhost:50050") -> None:
+    def __init__(
+        self,
+        address: str = "localhost:50050",
+        *,
+        security: ClientSecurity | None = None,
+        token: str | None = None,
+    ) -> None:
+        security = with_token(security, token)  # checks the files before a thread starts
         self._loop = LoopThread()
-        self._async = self._loop.run(_make(address))
+        self._async = self._loop.run(_make(address, security))
         self.address = address
 
     def generate(self, prompt: str = "", **kwargs: Any) -> Iterator[PipelineOutput]:
@@ -187,5 +210,5 @@ class Client:
         self.close()
 
 
-async def _make(address: str) -> AsyncClient:
-    return AsyncClient(address)
+async def _make(address: str, security: ClientSecurity | None) -> AsyncClient:
+    return AsyncClient(address, security=security)

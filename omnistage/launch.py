@@ -20,15 +20,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from omnistage.errors import StageUnavailableError
+from omnistage.security import ClientSecurity, sync_channel
 
 logger = logging.getLogger(__name__)
 
 _BOUND = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
 
 
-def health_status(address: str, *, timeout: float = 2.0) -> str:
+def health_status(
+    address: str, *, timeout: float = 2.0, security: ClientSecurity | None = None
+) -> str:
     """The health service's status name at `address`, or the gRPC error code's name."""
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
@@ -38,7 +41,8 @@ def health_status(address: str, *, timeout: float = 2.0) -> str:
 
 
 class ServerProcess:
-    """One `omnistage ... serve` process in its own process group, with its log in a file."""
+    """One `omnistage ... serve` process in its own process group, with its log in a file.
+    `security` is how to reach its health service (a TLS server needs the CA)."""
 
     def __init__(
         self,
@@ -49,11 +53,13 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         prefix: Sequence[str] = (),
         connect_host: str = "127.0.0.1",
+        security: ClientSecurity | None = None,
     ) -> None:
         """`prefix` goes before the command (e.g. `ip netns exec NS`); `connect_host` is where
         this process reaches the server once it is bound."""
         self.name = name
         self.connect_host = connect_host
+        self.security = security
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("w")
@@ -107,7 +113,7 @@ class ServerProcess:
         started = time.monotonic()
         last_report = 0.0
         while True:
-            status = health_status(self.address)
+            status = health_status(self.address, security=self.security)
             elapsed = time.monotonic() - started
             if status == "SERVING":
                 return self.address

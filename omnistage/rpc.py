@@ -55,9 +55,21 @@ def error_from_rpc(exc: grpc.RpcError, *, address: str = "") -> errors.Omnistage
     details = exc.details() if hasattr(exc, "details") else str(exc)
     cls = _ERRORS_BY_CODE.get(code, errors.OmnistageError)
     where = f" ({address})" if address else ""
-    error = cls(f"{details}{where}")
+    error = cls(f"{details}{where}{_tls_hint(code, details)}")
     error.grpc_code = code.name  # type: ignore[attr-defined]
     return error
+
+
+def _tls_hint(code: grpc.StatusCode, details: str) -> str:
+    """What to check when a connection failed in a way a TLS mismatch causes."""
+    if code is not grpc.StatusCode.UNAVAILABLE:
+        return ""
+    if "handshake" in details.lower() or "Socket closed" in details:
+        return (
+            "; if the server uses TLS, pass the CA that signed its certificate (--tls-ca), and "
+            "for mutual TLS a client certificate it trusts (--tls-cert, --tls-key)"
+        )
+    return ""
 
 
 class LoopThread:

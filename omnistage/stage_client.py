@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,7 +15,8 @@ from omnistage.convert import (
     generate_input_to_pb,
     manifest_from_pb,
 )
-from omnistage.rpc import CHANNEL_OPTIONS, STOP_PROFILE_TIMEOUT_S, LoopThread, error_from_rpc
+from omnistage.rpc import STOP_PROFILE_TIMEOUT_S, LoopThread, error_from_rpc
+from omnistage.security import ClientSecurity, aio_channel
 from omnistage.types import (
     ChatTurn,
     GenerateInput,
@@ -47,12 +49,26 @@ def make_request(
     )
 
 
-class AsyncStageClient:
-    """Talks to one stage service with grpc.aio."""
+def with_token(security: ClientSecurity | None, token: str | None) -> ClientSecurity | None:
+    """`security` with `token` added: the clients' `token=` shorthand."""
+    if token is None:
+        return security
+    return replace(security or ClientSecurity(), token=token)
 
-    def __init__(self, address: str) -> None:
+
+class AsyncStageClient:
+    """Talks to one stage service with grpc.aio; `security` sets TLS, mTLS and the token."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        security: ClientSecurity | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = with_token(security, token)
+        self._channel = aio_channel(address, self.security)
         self._stub = stage_pb2_grpc.StageStub(self._channel)
 
     async def close(self) -> None:
@@ -130,9 +146,16 @@ class AsyncStageClient:
 class StageClient:
     """The synchronous face of `AsyncStageClient`, for scripts and notebooks."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        security: ClientSecurity | None = None,
+        token: str | None = None,
+    ) -> None:
+        security = with_token(security, token)  # checks the files before a thread starts
         self._loop = LoopThread()
-        self._async = self._loop.run(_make_async_client(address))
+        self._async = self._loop.run(_make_async_client(address, security))
         self.address = address
 
     def generate(
@@ -163,5 +186,5 @@ class StageClient:
         self.close()
 
 
-async def _make_async_client(address: str) -> AsyncStageClient:
-    return AsyncStageClient(address)
+async def _make_async_client(address: str, security: ClientSecurity | None) -> AsyncStageClient:
+    return AsyncStageClient(address, security=security)

@@ -34,6 +34,7 @@ def launch_pipeline(
 ) -> list[ServerProcess]:
     """Start the launch section's stages and the orchestrator; return them once all SERVING."""
     from orchestrator.config import load_pipeline
+    from orchestrator.security import stage_client_security
 
     pipeline = load_pipeline(pipeline_file)
     if pipeline.launch is None or not pipeline.launch.stages:
@@ -64,7 +65,12 @@ def launch_pipeline(
                 extra=spec.args,
             )
             _say(f"==> starting stage {name!r} ({spec.engine}, {spec.model}) on port {spec.port}")
-            processes.append(ServerProcess(f"stage {name!r}", args, log_path=logs / f"{name}.log"))
+            security = stage_client_security(pipeline, pipeline.stage_index(name))
+            processes.append(
+                ServerProcess(
+                    f"stage {name!r}", args, log_path=logs / f"{name}.log", security=security
+                )
+            )
         started = time.monotonic()
         for process in processes:
             process.wait_serving(progress=_progress_printer(process.name))

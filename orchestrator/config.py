@@ -28,6 +28,7 @@ from pydantic import (
 
 from omnistage.errors import InvalidRequestError
 from omnistage.types import SamplingOptions
+from orchestrator.security import StageSecurityConfig
 from services.config import STAGE_NAME_PATTERN, ProfilerSettings
 
 BUILTIN_PROCESSORS = ("text", "token_ids", "chat")
@@ -161,6 +162,9 @@ class StageSpec(BaseModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Its defaults.")
     input: InputConfig = Field(default_factory=InputConfig, description="Unused by stage 0.")
     timeout_s: float | None = Field(default=None, gt=0, description="Per-stage deadline.")
+    security: StageSecurityConfig | None = Field(
+        default=None, description="Replaces the top-level security block for this stage."
+    )
 
     @model_validator(mode="after")
     def _one_address_kind(self) -> StageSpec:
@@ -269,6 +273,9 @@ class PipelineConfig(BaseModel):
         description="How often every replica's health is checked and dns:/// names re-resolved.",
     )
     launch: LaunchConfig | None = Field(default=None, description="For `omnistage up`.")
+    security: StageSecurityConfig | None = Field(
+        default=None, description="TLS and token for connecting to every stage."
+    )
     _source: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")

@@ -13,11 +13,13 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from omnistage.errors import StageUnavailableError
+from omnistage.security import ClientSecurity
 from omnistage.stage_client import AsyncStageClient
 from orchestrator.config import DNS_SCHEME, PipelineConfig, StageSpec, split_host_port
+from orchestrator.security import stage_client_security
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class StageReplica:
     address: str
     client: AsyncStageClient
     health: str = UNKNOWN
+    security: ClientSecurity | None = None
 
 
 class StagePool:
@@ -45,9 +48,12 @@ class StagePool:
         self._turns: dict[str, int] = dict.fromkeys(self._replicas, 0)
         self._retired: list[StageReplica] = []
         self._watcher: asyncio.Task[None] | None = None
+        self._security = {
+            spec.name: stage_client_security(pipeline, i) for i, spec in enumerate(self._specs)
+        }
         for index, spec in enumerate(self._specs):
             if not _has_dns(spec):
-                self._set_members(spec, index, spec.all_addresses)
+                self._set_members(spec, index, [(a, "") for a in spec.all_addresses])
 
     @property
     def specs(self) -> list[StageSpec]:
@@ -137,13 +143,14 @@ class StagePool:
     async def _check(self, replica: StageReplica) -> str:
         return await replica.client.health(timeout=min(2.0, self._interval))
 
-    async def _resolve(self, spec: StageSpec) -> list[str]:
-        addresses: list[str] = []
+    async def _resolve(self, spec: StageSpec) -> list[tuple[str, str]]:
+        """Every (address, the name it came from) of the stage; the name is "" when fixed."""
+        addresses: list[tuple[str, str]] = []
         problems: list[str] = []
         loop = asyncio.get_running_loop()
         for source in spec.all_addresses:
             if not source.startswith(DNS_SCHEME):
-                addresses.append(source)
+                addresses.append((source, ""))
                 continue
             host, port = split_host_port(source[len(DNS_SCHEME) :])
             try:
@@ -151,7 +158,7 @@ class StagePool:
             except OSError as exc:
                 problems.append(f"{source} did not resolve ({exc})")
                 continue
-            found = [_join(str(info[4][0]), port) for info in infos]
+            found = [(_join(str(info[4][0]), port), host) for info in infos]
             if not found:
                 problems.append(f"{source} resolved to no address")
             addresses.extend(found)
@@ -162,14 +169,20 @@ class StagePool:
             self._resolve_errors.pop(spec.name, None)
         return list(dict.fromkeys(addresses))
 
-    def _set_members(self, spec: StageSpec, index: int, addresses: list[str]) -> None:
+    def _set_members(self, spec: StageSpec, index: int, members: list[tuple[str, str]]) -> None:
         current = self._replicas[spec.name]
-        for address in addresses:
+        for address, name in members:
             if address not in current:
+                security = self._security[spec.name]
+                if security is not None and security.tls and name and not security.tls_server_name:
+                    # A resolved IP is not what the certificate names: check the DNS name.
+                    security = replace(security, tls_server_name=name)
+                client = AsyncStageClient(address, security=security)
                 current[address] = StageReplica(
-                    spec.name, index, address, AsyncStageClient(address)
+                    spec.name, index, address, client, security=security
                 )
                 logger.info("stage %s: replica %s added", spec.name, address)
+        addresses = {address for address, _ in members}
         for address in [a for a in current if a not in addresses]:
             logger.info("stage %s: replica %s gone from DNS", spec.name, address)
             self._retired.append(current.pop(address))

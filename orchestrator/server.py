@@ -8,7 +8,9 @@ import signal
 from collections.abc import Callable
 
 from grpc_health.v1 import health_pb2
+from pydantic import BaseModel, ConfigDict, Field
 
+from omnistage.security import ServerSecurity
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool
@@ -22,16 +24,33 @@ logger = logging.getLogger(__name__)
 ORCHESTRATOR_SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
 
+class OrchestratorServerConfig(BaseModel):
+    """Where and how the orchestrator listens; the pipeline file says what it serves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=50050, ge=0, le=65535, description="0 picks a free port.")
+    health_port: int | None = Field(
+        default=None, ge=0, le=65535, description="An extra plaintext port for health only."
+    )
+    security: ServerSecurity = Field(
+        default_factory=ServerSecurity, description="TLS, mTLS and the bearer token."
+    )
+    grace_seconds: float = Field(default=30.0, ge=0, description="SIGTERM drain time.")
+
+
 class OrchestratorServer:
     """The orchestrator: a grpc.aio server, its health service and its stage clients."""
 
-    def __init__(self, pipeline: PipelineConfig, *, host: str, port: int) -> None:
+    def __init__(self, pipeline: PipelineConfig, config: OrchestratorServerConfig) -> None:
         self.pipeline = pipeline
+        self.config = config
         self.pool = StagePool(pipeline)
         self.profiler = PipelineProfiler(
             pipeline, self.pool, default_output_dir=pipeline.default_profile_dir()
         )
-        self._grpc = GrpcServer(ORCHESTRATOR_SERVICE)
+        self._grpc = GrpcServer(ORCHESTRATOR_SERVICE, security=config.security)
         self.server, self.health = self._grpc.server, self._grpc.health
         servicer = OrchestratorServicer(
             pipeline=pipeline,
@@ -40,11 +59,16 @@ class OrchestratorServer:
             profiler=self.profiler,
         )
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, self.server)
-        self.port = self._grpc.bind(host, port)
+        self.port = self._grpc.bind(config.host, config.port)
+        self.health_port = (
+            None
+            if config.health_port is None
+            else self._grpc.bind_health(config.host, config.health_port)
+        )
 
     async def start(self) -> None:
         await self.pool.start()
-        await self.server.start()
+        await self._grpc.start()
         await self._grpc.set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "orchestrator for %r SERVING on port %d: %s",
@@ -53,23 +77,23 @@ class OrchestratorServer:
             " → ".join(s.name for s in self.pipeline.stages),
         )
 
-    async def stop(self, grace: float = 30.0) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.grace_seconds if grace is None else grace
         try:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace)
+            await self._grpc.stop(grace)
         finally:
             await self.pool.close()
 
 
 async def serve(
     pipeline: PipelineConfig,
+    config: OrchestratorServerConfig,
     *,
-    host: str = "0.0.0.0",
-    port: int = 0,
     on_bound: Callable[[int], None] | None = None,
 ) -> None:
     """Run the orchestrator until SIGTERM or SIGINT."""
-    server = OrchestratorServer(pipeline, host=host, port=port)
+    server = OrchestratorServer(pipeline, config)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

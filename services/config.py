@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omnistage.errors import InvalidRequestError
+from omnistage.security import ServerSecurity
 
 STAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
@@ -80,6 +81,12 @@ class StageConfig(BaseModel):
     grace_seconds: float = Field(default=30.0, ge=0, description="SIGTERM drain time.")
     engine_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra engine arguments, passed through."
+    )
+    security: ServerSecurity = Field(
+        default_factory=ServerSecurity, description="TLS, mTLS and the bearer token."
+    )
+    health_port: int | None = Field(
+        default=None, ge=0, le=65535, description="An extra plaintext port for health only."
     )
 
 

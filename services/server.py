@@ -41,7 +41,7 @@ class StageServer:
     def __init__(self, config: StageConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
-        self._grpc = GrpcServer(STAGE_SERVICE)
+        self._grpc = GrpcServer(STAGE_SERVICE, security=config.security)
         self.server, self.health = self._grpc.server, self._grpc.health
         root = config.profiler.directory if config.profiler.enabled else None
         self.sessions = ProfileSessionStore(stage_name=config.name, engine=engine, root=root)
@@ -53,6 +53,11 @@ class StageServer:
         )
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
         self.port = self._grpc.bind(config.host, config.port)
+        self.health_port = (
+            None
+            if config.health_port is None
+            else self._grpc.bind_health(config.host, config.health_port)
+        )
 
     def _mark_not_serving(self) -> None:
         asyncio.get_running_loop().create_task(
@@ -62,7 +67,7 @@ class StageServer:
     async def start(self) -> None:
         """Serve with health NOT_SERVING, load the engine, then report SERVING."""
         await self._grpc.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.start()
+        await self._grpc.start()
         started = time.monotonic()
         await self.engine.start()
         await self._grpc.set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -79,7 +84,7 @@ class StageServer:
         try:
             await self.health.enter_graceful_shutdown()
             logger.info("draining stage %r for up to %.0f s", self.config.name, grace)
-            await self.server.stop(grace)
+            await self._grpc.stop(grace)
             await self.sessions.abandon()
         finally:
             await self.engine.close()
