@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -235,6 +236,7 @@ async def inprocess_system(
         for llm in llms:
             await asyncio.to_thread(llm.shutdown)
         llms.clear()  # the chain keeps the list: no engine is left to a finalizer at exit
+        gc.collect()
 
 
 # -- omnistage ------------------------------------------------------------------------------------
