@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+BENCH_STAMP := $(VENV)/.omnistage-bench
 
 .PHONY: setup model protos lint test demo bench clean
 
@@ -26,9 +27,17 @@ test: model lint
 demo: model
 	$(PY) scripts/demo.py
 
-bench: model
-	$(PY) bench/stage_overhead.py
-	$(PY) bench/pipeline_overhead.py
+# About 15 minutes on 2 cores; bench/README.md says what it measures. Not part of `make test`.
+bench: model $(BENCH_STAMP)
+	$(PY) bench/compare.py
+	$(PY) bench/render_docs.py
+
+# The benchmarks' extra (matplotlib for the plots, aiohttp for the OpenAI chain), installed
+# once, and again only when pyproject.toml changes.
+$(BENCH_STAMP): pyproject.toml | setup
+	@echo "==> benchmark extra (.[bench])"
+	$(PY) -m pip install --disable-pip-version-check --quiet -e ".[bench]"
+	@touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
