@@ -196,6 +196,11 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def join_host_port(host: str, port: int) -> str:
+    """(host, port) -> `host:port`, or `[v6]:port` for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _address_problems(address: str) -> list[str]:
     plain = address.removeprefix(DNS_SCHEME)
     if "://" in plain or plain.startswith("dns:"):
@@ -243,7 +248,7 @@ class LaunchStage(BaseModel):
     def connect_address(self) -> str:
         """Where a client on this machine reaches the stage."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return join_host_port(host, self.port)
 
 
 class LaunchConfig(BaseModel):

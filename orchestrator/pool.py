@@ -18,7 +18,13 @@ from dataclasses import dataclass, replace
 from omnistage.errors import StageUnavailableError
 from omnistage.security import ClientSecurity
 from omnistage.stage_client import AsyncStageClient
-from orchestrator.config import DNS_SCHEME, PipelineConfig, StageSpec, split_host_port
+from orchestrator.config import (
+    DNS_SCHEME,
+    PipelineConfig,
+    StageSpec,
+    join_host_port,
+    split_host_port,
+)
 from orchestrator.security import stage_client_security
 
 logger = logging.getLogger(__name__)
@@ -158,7 +164,7 @@ class StagePool:
             except OSError as exc:
                 problems.append(f"{source} did not resolve ({exc})")
                 continue
-            found = [(_join(str(info[4][0]), port), host) for info in infos]
+            found = [(join_host_port(str(info[4][0]), port), host) for info in infos]
             if not found:
                 problems.append(f"{source} resolved to no address")
             addresses.extend(found)
@@ -190,7 +196,3 @@ class StagePool:
 
 def _has_dns(spec: StageSpec) -> bool:
     return any(a.startswith(DNS_SCHEME) for a in spec.all_addresses)
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
