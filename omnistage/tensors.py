@@ -1,5 +1,8 @@
 """Tensors on the wire: `TensorData` to and from numpy and torch, validation, and chunking.
 
+`TensorSpec` says which tensors a torch stage's model accepts; the engine checks every
+request's tensor against it before the model's `preprocess` sees it.
+
 A `TensorData` is a dtype name, a shape and the raw little-endian C-order bytes. numpy is a
 dependency of omnistage; torch is imported only by the functions that take or return torch
 tensors, so a client without torch can still send and receive numpy arrays.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,6 +70,73 @@ def validate_tensor(tensor: TensorData) -> None:
             f"{tensor.dtype} needs {expected} bytes ({count} elements × {size}); send "
             "little-endian C-order bytes that match the shape"
         )
+
+
+Dim = int | str | None
+"""One dim of a `TensorSpec` shape: a fixed size, or a free one (None, or a name such as "T")."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The tensor input a model accepts: dtypes and shape patterns, checked before preprocess.
+
+    `shapes` lists the accepted patterns; a tensor must match one of them. In a pattern an int
+    is a fixed size, and None or a name (e.g. "T", shown in messages) is a free dim of any
+    size; names are labels only and do not tie dims together. Empty `dtypes` or `shapes`
+    accept any. With `required`, a request without a tensor is refused; without it, requests
+    with other inputs (token_ids, prompt) are left to the model's preprocess.
+    """
+
+    dtypes: tuple[str, ...] = ()
+    shapes: tuple[tuple[Dim, ...], ...] = ()
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        for dtype in self.dtypes:
+            itemsize(dtype)
+        for shape in self.shapes:
+            for dim in shape:
+                if isinstance(dim, bool) or not (
+                    dim is None or isinstance(dim, str) or (isinstance(dim, int) and dim >= 0)
+                ):
+                    raise InvalidRequestError(
+                        f"TensorSpec shape {list(shape)}: each dim is an int ≥ 0, None or a "
+                        f"name; got {dim!r}"
+                    )
+
+    def describe(self) -> str:
+        """What the spec accepts, e.g. `int64 or int32, shape [T] or [1, T]`."""
+        dtypes = " or ".join(self.dtypes) if self.dtypes else "any dtype"
+        shapes = " or ".join(_pattern(shape) for shape in self.shapes) or "any"
+        return f"{dtypes}, shape {shapes}"
+
+    def check(self, tensor: TensorData | None, *, other_inputs: Sequence[str] = ()) -> None:
+        """InvalidRequestError naming what was expected and what was given, unless it fits."""
+        if tensor is None:
+            if self.required:
+                given = ", ".join(other_inputs) or "no input"
+                raise InvalidRequestError(
+                    f"this stage takes a tensor input ({self.describe()}); got {given}"
+                )
+            return
+        dtype_ok = not self.dtypes or tensor.dtype in self.dtypes
+        shape_ok = not self.shapes or any(_matches(tensor.shape, s) for s in self.shapes)
+        if not (dtype_ok and shape_ok):
+            wrong = [what for what, ok in (("dtype", dtype_ok), ("shape", shape_ok)) if not ok]
+            raise InvalidRequestError(
+                f"tensor {' and '.join(wrong)} not accepted: expected {self.describe()}; "
+                f"got {tensor.dtype}, shape {list(tensor.shape)}"
+            )
+
+
+def _matches(shape: tuple[int, ...], pattern: tuple[Dim, ...]) -> bool:
+    return len(shape) == len(pattern) and all(
+        not isinstance(want, int) or want == got for got, want in zip(shape, pattern, strict=True)
+    )
+
+
+def _pattern(pattern: tuple[Dim, ...]) -> str:
+    return "[" + ", ".join("*" if d is None else str(d) for d in pattern) + "]"
 
 
 def tensor_to_numpy(tensor: TensorData) -> np.ndarray[Any, Any]:

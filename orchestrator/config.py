@@ -296,6 +296,14 @@ class PipelineConfig(BaseModel):
             if i == 0 and stage.input.stream_chunk is not None:
                 why = "stage 0 takes the client's request; set stream_chunk on a later stage"
                 problems.append((("stages", 0, "input", "stream_chunk"), why))
+            upstream = launched.get(self.stages[i - 1].name) if i else None
+            if stage.input.stream_chunk is not None and upstream and upstream.engine == "torch":
+                why = (
+                    f"stage {self.stages[i - 1].name!r} is a torch stage (launch.stages): its "
+                    "tensors cannot stream in chunks of tokens; remove stream_chunk to wait for "
+                    "its finished output"
+                )
+                problems.append((("stages", i, "input", "stream_chunk"), why))
             if stage.all_addresses:
                 continue
             launch = launched.get(stage.name)

@@ -9,6 +9,10 @@ ahead of the one streaming back. Stage K's outputs reach the client in chunk ord
 
 Stage K-1's events pass through as they arrive. When anything fails, or the caller goes away,
 every chunk call and the upstream stream are cancelled, so every stage aborts its piece.
+
+Only tokens and text are cut into chunks. A stage K-1 that sends tensors (a torch stage) fails
+the request with FAILED_PRECONDITION rather than hand stage K empty chunks; the pipeline file
+is refused at load already when its launch section says stage K-1 is a torch stage.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from omnistage.errors import OmnistageError
 from omnistage.types import GenerateInput, OutputDelta, RequestMetrics
 from orchestrator.config import StageSpec
 from orchestrator.pool import StagePool
@@ -30,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 STREAM_IN_FLIGHT = 2
 """Chunk calls of one request that may run at once on a streamed stage."""
+
+
+class StreamedTensorError(OmnistageError):
+    """A streamed hand-off got tensors from the previous stage; only tokens and text stream."""
+
+    code = "FAILED_PRECONDITION"
 
 
 class _Done:
@@ -124,6 +135,14 @@ class StreamedStage:
                 self._out.put_nowait(event)
                 if event.stage_index != self._index - 1:
                     continue
+                if event.delta.tensor is not None:
+                    raise StreamedTensorError(
+                        f"stage {self._spec.name!r} has input.stream_chunk, but stage "
+                        f"{self._upstream_stage!r} sends tensors, and a streamed hand-off cuts "
+                        f"only tokens into chunks; remove stream_chunk from stage "
+                        f"{self._spec.name!r} in the pipeline file so it waits for the "
+                        f"finished output"
+                    )
                 token_ids.extend(event.delta.token_ids)
                 text += event.delta.text
                 while len(token_ids) >= self._size:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from omnistage.errors import InvalidRequestError
-from omnistage.tensors import tensor_from_numpy, tensor_to_numpy
+from omnistage.tensors import TensorSpec, tensor_from_numpy, tensor_to_numpy
 from omnistage.types import GenerateInput, TensorData
 from orchestrator.config import InputConfig
 from orchestrator.processors import StageOutput
@@ -52,13 +52,14 @@ def build(options: dict[str, Any]) -> Any:
             return torch.tanh(self.project(frames))
 
     class Encoder:
+        input_spec = TensorSpec(dtypes=("float32",), shapes=(("N",),))
+
         def __init__(self) -> None:
             self.frames = Frames()
             self.module: nn.Module = self.frames
 
         def preprocess(self, request: GenerateInput) -> torch.Tensor:
-            if request.tensor is None or request.tensor.dtype != "float32":
-                raise InvalidRequestError("the encoder takes float32 audio of shape [N]")
+            assert request.tensor is not None  # input_spec requires it
             audio = tensor_to_torch(request.tensor).reshape(1, -1)
             if audio.shape[1] % HOP_LENGTH:
                 raise InvalidRequestError(f"audio length must be a multiple of {HOP_LENGTH}")

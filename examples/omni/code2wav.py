@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from omnistage.errors import InvalidRequestError
-from omnistage.tensors import tensor_from_torch, tensor_to_torch
+from omnistage.tensors import TensorSpec, tensor_from_torch, tensor_to_torch
 from omnistage.types import GenerateInput, TensorData
 
 SAMPLE_RATE = 24_000
@@ -70,13 +70,16 @@ class Code2WavDecoder(nn.Module):
 class Code2Wav:
     """The `TorchStageModel` of the decoder: validates codes, streams the waveform."""
 
+    input_spec = TensorSpec(dtypes=("int64", "int32"), shapes=(("T",), (1, "T")), required=False)
+    """A tensor of codes; the engine refuses any other. token_ids are codes too."""
+
     def __init__(self, *, max_codes: int = DEFAULT_MAX_CODES) -> None:
         self.module: nn.Module = Code2WavDecoder()
         self.max_codes = max_codes
 
     def preprocess(self, request: GenerateInput) -> torch.Tensor:
-        if request.tensor is not None:
-            codes = self._tensor_codes(request.tensor)
+        if request.tensor is not None:  # it fits input_spec
+            codes = tensor_to_torch(request.tensor).to(torch.int64).reshape(1, -1)
         elif request.token_ids:
             codes = torch.tensor(request.token_ids, dtype=torch.int64).unsqueeze(0)
         else:
@@ -97,20 +100,6 @@ class Code2Wav:
                 f"{low} to {high}"
             )
         return codes
-
-    def _tensor_codes(self, tensor: TensorData) -> torch.Tensor:
-        shape = list(tensor.shape)
-        if tensor.dtype not in ("int64", "int32"):
-            raise InvalidRequestError(
-                f"code2wav takes an int64 (or int32) tensor of codes with shape [T] or [1, T]; "
-                f"got {tensor.dtype} {shape}"
-            )
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != 1):
-            raise InvalidRequestError(
-                f"code2wav takes codes of shape [T] or [1, T] (one request, one sequence); "
-                f"got shape {shape}"
-            )
-        return tensor_to_torch(tensor).to(torch.int64).reshape(1, -1)
 
     def postprocess(self, output: torch.Tensor) -> list[TensorData]:
         samples = output.reshape(-1).to(torch.float32).contiguous()

@@ -3,8 +3,13 @@
 Requests are preprocessed on the event loop into one row each and put on an asyncio queue. A
 batcher task takes up to `max_batch_size` of them, waiting at most `max_wait_ms` after the
 first, concatenates rows that share shape[1:] and dtype, and runs each such group as one
-engine step. Every step, and every start and stop of torch.profiler, runs on one dedicated
-worker thread: torch.profiler records only the thread that started it.
+engine step. When a group's step fails, its requests run again one per step, so one bad
+request fails alone. Every step, and every start and stop of torch.profiler, runs on one
+dedicated worker thread: torch.profiler records only the thread that started it.
+
+A request's tensor is checked against the model's `input_spec` before `preprocess`. Each
+output chunk is split along dim 0 below `DEFAULT_MAX_CHUNK_BYTES`, so every response message
+stays under gRPC's default 4 MiB limit.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from torch.profiler import record_function
 
 from omnistage.errors import EngineDeadError, InvalidRequestError, OmnistageError
-from omnistage.tensors import validate_tensor
+from omnistage.tensors import DEFAULT_MAX_CHUNK_BYTES, split_tensor, validate_tensor
 from omnistage.types import (
     EngineInfo,
     GenerateInput,
@@ -34,6 +39,7 @@ from omnistage.types import (
 from services.config import StageConfig
 from services.engines.torch_model import (
     TorchStageModel,
+    input_spec,
     load_model,
     resolve_device,
     split_engine_options,
@@ -142,6 +148,9 @@ class TorchEngine:
             )
         if request.tensor is not None:
             validate_tensor(request.tensor)
+        spec = input_spec(model)
+        if spec is not None:
+            spec.check(request.tensor, other_inputs=request.input_kinds())
         row = model.preprocess(request)
         _check_row(row, self._config.model)
         item = _Request(
@@ -227,11 +236,18 @@ class TorchEngine:
             item.taken, item.started = True, started
         try:
             results = await self._on_worker(self._step, [item.row for item in live])
-        except Exception as exc:
-            logger.exception("a batch of %d failed in the model", len(live))
-            for item in live:
-                if not item.result.done():
-                    item.result.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - each request gets it; its RPC logs and maps it
+            if len(live) > 1:
+                logger.warning(
+                    "a batch of %d failed in the model (%r); running its requests one by one",
+                    len(live),
+                    exc,
+                )
+                for item in live:
+                    await self._run_group([item])
+                return
+            if not live[0].result.done():  # the servicer logs it and answers its status
+                live[0].result.set_exception(exc)
             return
         for item, result in zip(live, results, strict=True):
             if item.result.done():
@@ -263,7 +279,8 @@ class TorchEngine:
                     results: list[list[TensorData] | OmnistageError] = []
                     for index in range(len(rows)):
                         try:
-                            results.append(model.postprocess(host[index : index + 1]))
+                            chunks = model.postprocess(host[index : index + 1])
+                            results.append(_split_chunks(chunks, self._config.model))
                         except OmnistageError as exc:
                             results.append(exc)
             self.steps += 1
@@ -306,6 +323,25 @@ def _check_row(row: object, model: str) -> None:
             f"{model}: preprocess must return a torch.Tensor with a leading batch dim of 1; "
             f"got {_describe(row)}"
         )
+
+
+def _split_chunks(chunks: list[TensorData], model: str) -> list[TensorData]:
+    """Every chunk of `postprocess`, split along dim 0 below DEFAULT_MAX_CHUNK_BYTES."""
+    pieces: list[TensorData] = []
+    for number, chunk in enumerate(chunks):
+        if not isinstance(chunk, TensorData):
+            raise TypeError(
+                f"{model}: postprocess must return a list of TensorData (see "
+                f"omnistage.tensors.tensor_from_torch); chunk {number} is {_describe(chunk)}"
+            )
+        try:
+            pieces.extend(split_tensor(chunk, DEFAULT_MAX_CHUNK_BYTES))
+        except InvalidRequestError as exc:  # the model's output, not the caller's input
+            raise OmnistageError(
+                f"{model}: postprocess chunk {number} cannot be sent: {exc}. Return chunks "
+                f"whose rows along dim 0 are at most {DEFAULT_MAX_CHUNK_BYTES} bytes"
+            ) from exc
+    return pieces
 
 
 def _describe(value: object) -> str:

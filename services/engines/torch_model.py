@@ -2,8 +2,10 @@
 
 A torch stage's `--model` is an import path `package.module:factory`. The factory takes the
 stage's extra engine options and returns a `TorchStageModel`: a module plus the two functions
-that turn one request into one input row and one output row into response chunks. Batching,
-devices, threads and profiling belong to the engine, not to the model.
+that turn one request into one input row and one output row into response chunks, and
+optionally an `input_spec` (`omnistage.tensors.TensorSpec`) that the engine checks every
+request's tensor against before `preprocess`. Batching, devices, threads, chunking of large
+outputs and profiling belong to the engine, not to the model.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from omnistage.errors import InvalidRequestError
+from omnistage.tensors import TensorSpec
 from omnistage.types import GenerateInput, TensorData
 
 
 class TorchStageModel(Protocol):
-    """A model served by a torch stage. The engine batches rows of `preprocess` along dim 0."""
+    """A model served by a torch stage. The engine batches rows of `preprocess` along dim 0.
+
+    It may also have `input_spec: TensorSpec | None`: the dtypes and shapes of the request
+    tensor it accepts. The engine refuses any other tensor with INVALID_ARGUMENT naming what
+    was expected and what was given, so `preprocess` sees only tensors that fit.
+    """
 
     module: torch.nn.Module
 
@@ -130,4 +138,16 @@ def load_model(import_path: str, options: dict[str, Any]) -> TorchStageModel:
             f"a TorchStageModel (it needs module: torch.nn.Module, preprocess and postprocess; "
             f"missing: {', '.join(missing) or 'a torch.nn.Module as module'})"
         )
+    spec = getattr(model, "input_spec", None)
+    if spec is not None and not isinstance(spec, TensorSpec):
+        raise InvalidRequestError(
+            f"--model {import_path!r}: input_spec is {type(spec).__name__}; make it an "
+            "omnistage.tensors.TensorSpec, or None"
+        )
     return cast(TorchStageModel, model)
+
+
+def input_spec(model: TorchStageModel) -> TensorSpec | None:
+    """The model's `input_spec`, if it declares one."""
+    spec = getattr(model, "input_spec", None)
+    return spec if isinstance(spec, TensorSpec) else None

@@ -1,8 +1,10 @@
-"""A real torch stage: the code2wav vocoder in a subprocess, plus the engine in process.
+"""Real torch stages: the code2wav vocoder and the README's custom latent decoder in
+subprocesses, plus the engine in process.
 
-The subprocess stage batches up to 4 requests, waiting 100 ms after the first, so that
+The code2wav stage batches up to 4 requests, waiting 100 ms after the first, so that
 concurrent requests from test threads reliably share a batch. Engine steps are
 `omnistage.step batch=<n>` spans in the trace, which is how the tests see the batches.
+In process, test models record every forward's batch size, so tests see batches directly.
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ import numpy as np
 import pytest
 import torch
 
+from examples.custom_torch.decoder import SCALE
+from examples.custom_torch.decoder import build as build_decoder
 from examples.omni.code2wav import CHUNK_SAMPLES, HOP_LENGTH, SAMPLE_RATE
 from omnistage.convert import tensor_from_pb, tensor_to_pb
-from omnistage.errors import InvalidRequestError
+from omnistage.errors import InvalidRequestError, OmnistageError
 from omnistage.launch import ServerProcess, stage_args
-from omnistage.tensors import tensor_from_numpy, tensor_from_torch, tensor_to_numpy
+from omnistage.tensors import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    join_tensors,
+    tensor_from_numpy,
+    tensor_from_torch,
+    tensor_to_numpy,
+)
 from omnistage.types import GenerateInput, OutputDelta, ProfileOptions, TensorData
 from omnistage.v1 import common_pb2, stage_pb2
 from services.config import ProfilerSettings, StageConfig
@@ -37,6 +47,10 @@ from tests.conftest import ROOT, RunningStage
 
 CODE2WAV = "examples.omni.code2wav:build"
 GATED = "tests.integration.test_torch_stage:build_gated"
+RECORDING = "tests.integration.test_torch_stage:build_recording"
+DECODER = "examples.custom_torch.decoder:build"
+DECODER_OPTIONS = {"seed": 3, "num_threads": 1, "max_wait_ms": 0}
+GRPC_DEFAULT_LIMIT = 4 << 20
 STAGE_OPTIONS = {"max_batch_size": 4, "max_wait_ms": 100, "num_threads": 1}
 
 
@@ -104,6 +118,28 @@ def torch_stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSta
     )
     try:
         stage = RunningStage(process, process.wait_serving(timeout=300), profiler_dir)
+        yield stage
+        if stage.channel is not None:
+            stage.channel.close()
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def decoder_stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStage]:
+    """The README's own-stage example: a model with an input_spec and no checks of its own."""
+    process = ServerProcess(
+        "stage 'decoder'",
+        stage_args(
+            name="decoder",
+            engine="torch",
+            model=DECODER,
+            extra=["--engine-options", json.dumps(DECODER_OPTIONS), "--grace-seconds", "5"],
+        ),
+        log_path=tmp_path_factory.mktemp("decoder-logs") / "decoder.log",
+    )
+    try:
+        stage = RunningStage(process, process.wait_serving(timeout=300), None)
         yield stage
         if stage.channel is not None:
             stage.channel.close()
@@ -239,6 +275,65 @@ def test_bad_input_is_invalid_argument(
     assert torch_stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests == 0
 
 
+def latents(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray[Any, Any]:
+    return np.random.default_rng(0).standard_normal(shape).astype(dtype)
+
+
+def test_custom_stage_streams_a_large_output_in_chunks_below_the_limit(
+    decoder_stage: RunningStage,
+) -> None:
+    values = latents((4, 96, 96))
+    # The test's channel keeps gRPC's default 4 MiB receive limit: a larger message fails.
+    replies = list(decoder_stage.stub.Generate(code_request(values), timeout=120))
+    chunks = [tensor_from_pb(r.tensor) for r in replies if r.HasField("tensor")]
+    image = join_tensors(chunks)
+    assert image.shape == (96 * SCALE, 96 * SCALE, 3) and len(image.data) > GRPC_DEFAULT_LIMIT
+    assert len(chunks) == -(-len(image.data) // DEFAULT_MAX_CHUNK_BYTES)
+    assert all(len(c.data) <= DEFAULT_MAX_CHUNK_BYTES for c in chunks)
+    assert all(r.ByteSize() < GRPC_DEFAULT_LIMIT for r in replies)
+    with torch.inference_mode():
+        expected = build_decoder({"seed": 3}).module(torch.from_numpy(values)[None])
+    np.testing.assert_allclose(
+        tensor_to_numpy(image), expected[0].permute(1, 2, 0).numpy(), atol=1e-5
+    )
+    assert replies[-1].finished and replies[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("request_", "words"),
+    [
+        pytest.param(
+            code_request(latents((4, 8, 8), np.float64)),
+            ["dtype not accepted", "expected float32, shape [4, H, W]", "got float64"],
+            id="dtype",
+        ),
+        pytest.param(
+            code_request(latents((4, 8))),
+            ["shape not accepted", "[4, H, W]", "got float32, shape [4, 8]"],
+            id="rank",
+        ),
+        pytest.param(
+            code_request(latents((3, 8, 8))),
+            ["shape not accepted", "[4, H, W]", "shape [3, 8, 8]"],
+            id="channels",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(prompt="a cat"), ["tensor input", "got prompt"], id="prompt"
+        ),
+    ],
+)
+def test_custom_stage_input_spec_refuses_what_the_model_does_not_accept(
+    decoder_stage: RunningStage, request_: stage_pb2.GenerateRequest, words: list[str]
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(decoder_stage.stub.Generate(request_, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    for word in words:
+        assert word in info.value.details()
+    small = list(decoder_stage.stub.Generate(code_request(latents((4, 2, 3))), timeout=30))
+    assert list(small[0].tensor.shape) == [2 * SCALE, 3 * SCALE, 3] and small[-1].finished
+
+
 def test_cancelling_a_queued_request_leaves_the_others_intact(torch_stage: RunningStage) -> None:
     long_codes, short_codes = codes(1500, seed=5), codes(20, seed=6)
     expected_short, _ = synthesize(torch_stage, code_request(short_codes))
@@ -316,6 +411,42 @@ class GatedModel:
 
 def build_gated(options: dict[str, Any]) -> GatedModel:
     return GatedModel()
+
+
+FORWARDS: list[tuple[int, bool, bool]] = []
+"""Each forward of RecordingModel: (batch size, inference mode on, grad on)."""
+
+
+class _Recording(torch.nn.Module):
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        FORWARDS.append((rows.shape[0], torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        if (rows < 0).any():
+            raise RuntimeError("a negative row broke the forward")
+        if (rows == 13).any():
+            raise InvalidRequestError("13 is not a valid value")
+        return rows * 2
+
+
+class RecordingModel:
+    """Doubles token_ids and records every forward in FORWARDS. A row with a negative value
+    fails the forward (a bug), one with 13 fails it with InvalidRequestError. With `wide`,
+    postprocess returns one 4 MiB row, too large a chunk to send."""
+
+    def __init__(self, *, wide: bool) -> None:
+        self.module: torch.nn.Module = _Recording()
+        self.wide = wide
+
+    def preprocess(self, request: GenerateInput) -> torch.Tensor:
+        return torch.tensor([list(request.token_ids)], dtype=torch.float32)
+
+    def postprocess(self, output: torch.Tensor) -> list[TensorData]:
+        if self.wide:
+            return [tensor_from_torch(torch.zeros(1, 1 << 20))]
+        return [tensor_from_torch(output[0])]
+
+
+def build_recording(options: dict[str, Any]) -> RecordingModel:
+    return RecordingModel(wide=bool(options.get("wide", False)))
 
 
 def build_wrong(options: dict[str, Any]) -> torch.nn.Module:
@@ -459,3 +590,84 @@ def test_cuda_matches_cpu_and_traces_kernels(tmp_path: Path) -> None:
     events = json.loads(gzip.decompress(trace_path.read_bytes()))["traceEvents"]
     assert any(e.get("cat") == "kernel" for e in events), "no CUDA kernel in the trace"
     assert "Self CUDA" in (tmp_path / "profiler_out.txt").read_text()
+
+
+def test_forward_runs_in_inference_mode_without_grad() -> None:
+    async def scenario() -> list[OutputDelta]:
+        engine = make_engine(RECORDING, max_wait_ms=0)
+        await engine.start()
+        try:
+            FORWARDS.clear()
+            return await collect(engine, GenerateInput("r", token_ids=(1, 2)))
+        finally:
+            await engine.close()
+
+    deltas = asyncio.run(scenario())
+    assert joined(deltas).tolist() == [2.0, 4.0]
+    assert FORWARDS == [(1, True, False)]
+
+
+def test_max_wait_ms_bounds_a_lone_request_and_never_merges_later_ones() -> None:
+    max_wait_s = 0.2
+
+    async def scenario() -> tuple[float, list[int]]:
+        engine = make_engine(RECORDING, max_wait_ms=max_wait_s * 1000, max_batch_size=8)
+        await engine.start()
+        try:
+            started = time.monotonic()
+            await collect(engine, GenerateInput("lone", token_ids=(1,)))
+            lone_s = time.monotonic() - started
+            FORWARDS.clear()
+            early = asyncio.create_task(collect(engine, GenerateInput("a", token_ids=(1,))))
+            await asyncio.sleep(5 * max_wait_s)  # far past a's window
+            late = [collect(engine, GenerateInput(f"b{i}", token_ids=(i,))) for i in range(2)]
+            await asyncio.gather(early, *late)
+            return lone_s, [size for size, _, _ in FORWARDS]
+        finally:
+            await engine.close()
+
+    lone_s, batches = asyncio.run(scenario())
+    # Alone, a request waits out its window for company, then runs; generous upper margin.
+    assert max_wait_s * 0.95 <= lone_s < max_wait_s + 2.0, lone_s
+    assert batches == [1, 2], "a request that came after the window closed joined its batch"
+
+
+def test_a_failing_batch_runs_again_one_by_one_so_only_the_bad_requests_fail() -> None:
+    inputs = {"ok1": (1, 2), "buggy": (-1, 2), "invalid": (13, 1), "ok2": (3, 4)}
+
+    async def scenario() -> tuple[list[Any], int]:
+        engine = make_engine(RECORDING, max_wait_ms=300, max_batch_size=8)
+        await engine.start()
+        try:
+            FORWARDS.clear()
+            calls = [collect(engine, GenerateInput(k, token_ids=v)) for k, v in inputs.items()]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert engine.info().running_requests == 0
+            return results, engine.steps
+        finally:
+            await engine.close()
+
+    results, steps = asyncio.run(scenario())
+    ok1, buggy, invalid, ok2 = results
+    assert joined(ok1).tolist() == [2.0, 4.0] and joined(ok2).tolist() == [6.0, 8.0]
+    assert isinstance(buggy, RuntimeError) and "negative row" in str(buggy)
+    assert isinstance(invalid, InvalidRequestError) and "13" in str(invalid)
+    assert [size for size, _, _ in FORWARDS] == [4, 1, 1, 1, 1]
+    assert steps == 2, "only the two good requests' steps succeed"
+
+
+def test_an_output_row_too_large_to_send_fails_its_request_with_a_fix() -> None:
+    async def scenario() -> None:
+        engine = make_engine(RECORDING, max_wait_ms=0, wide=True)
+        await engine.start()
+        try:
+            await collect(engine, GenerateInput("w", token_ids=(1,)))
+        finally:
+            await engine.close()
+
+    with pytest.raises(OmnistageError) as info:
+        asyncio.run(scenario())
+    assert info.value.code == "INTERNAL"
+    assert "postprocess chunk 0" in str(info.value) and str(DEFAULT_MAX_CHUNK_BYTES) in str(
+        info.value
+    )

@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 
 from omnistage.errors import InvalidRequestError, OmnistageError
+from omnistage.tensors import tensor_from_numpy
 from omnistage.types import GenerateInput, OutputDelta, RequestMetrics
-from orchestrator.config import parse_pipeline
+from orchestrator.config import PipelineConfigError, parse_pipeline
 from orchestrator.runner import PipelineRunner, StageEvent
+from orchestrator.streaming import StreamedTensorError
 
 
 @dataclass
@@ -23,6 +26,7 @@ class FakeStage:
     tokens: int = 10
     delay: float = 0.002
     fail_on_call: int | None = None
+    tensors: bool = False  # talker: send each token as a tensor, as a torch stage would
     calls: list[GenerateInput] = field(default_factory=list)
     active: int = 0
     cancelled: int = 0
@@ -39,6 +43,10 @@ class FakeStage:
             for token in ids:
                 await asyncio.sleep(self.delay)
                 out = token if self.name == "talker" else token * 10
+                if self.tensors:
+                    tensor = tensor_from_numpy(np.array([out], dtype=np.int64))
+                    yield OutputDelta(request_id=request.request_id, tensor=tensor)
+                    continue
                 yield OutputDelta(request_id=request.request_id, token_ids=(out,), text=f"{out} ")
             metrics = RequestMetrics(prompt_tokens=1, generated_tokens=len(ids))
             yield OutputDelta(
@@ -143,3 +151,37 @@ def test_no_upstream_tokens_is_the_processors_error() -> None:
     pool = FakePool(talker=FakeStage("talker", tokens=0), code2wav=FakeStage("code2wav"))
     with pytest.raises(InvalidRequestError, match=r"stage 'code2wav'.*produced no token ids"):
         asyncio.run(collect(runner(4, pool, [])))
+
+
+def test_a_streamed_edge_after_a_tensor_stage_fails_rather_than_send_empty_chunks() -> None:
+    talker = FakeStage("talker", tokens=200, delay=0.005, tensors=True)
+    code2wav = FakeStage("code2wav")
+    pool = FakePool(talker=talker, code2wav=code2wav)
+    with pytest.raises(StreamedTensorError) as info:
+        asyncio.run(collect(runner(4, pool, [])))
+    assert info.value.code == "FAILED_PRECONDITION"
+    message = str(info.value)
+    assert "'talker' sends tensors" in message and "remove stream_chunk" in message
+    assert code2wav.calls == [] and talker.active == 0  # upstream closed, nothing sent on
+
+
+LAUNCHED = """\
+stages:
+  - {{name: vocoder, address: "127.0.0.1:5001"}}
+  - {{name: encoder, address: "127.0.0.1:5002", input: {{processor: token_ids, stream_chunk: 4}}}}
+launch:
+  stages:
+    vocoder: {{engine: {engine}, model: {model}, port: 5001}}
+"""
+
+
+def test_a_streamed_edge_after_a_launched_torch_stage_is_refused_at_load() -> None:
+    text = LAUNCHED.format(engine="torch", model="examples.omni.code2wav:build")
+    with pytest.raises(PipelineConfigError) as info:
+        parse_pipeline(text, source="p.yaml")
+    assert info.value.problems == [
+        "p.yaml:3: stages[1].input.stream_chunk: stage 'vocoder' is a torch stage "
+        "(launch.stages): its tensors cannot stream in chunks of tokens; remove stream_chunk "
+        "to wait for its finished output"
+    ]
+    parse_pipeline(LAUNCHED.format(engine="vllm", model="smollm2"))

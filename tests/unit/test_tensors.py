@@ -1,4 +1,5 @@
-"""Tensors on the wire: round trips for every dtype, validation messages, split and join."""
+"""Tensors on the wire: round trips for every dtype, validation messages, split and join,
+and the `TensorSpec` a torch model declares."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from omnistage.convert import tensor_from_pb, tensor_to_pb
 from omnistage.errors import InvalidRequestError
 from omnistage.tensors import (
     DTYPES,
+    TensorSpec,
     itemsize,
     join_tensors,
     split_tensor,
@@ -161,3 +163,77 @@ def test_join_refuses_mismatched_chunks() -> None:
         join_tensors([a, tensor_from_torch(torch.ones(2, 3, dtype=torch.float64))])
     with pytest.raises(InvalidRequestError, match="at least one"):
         join_tensors([])
+
+
+# -- TensorSpec ---------------------------------------------------------------------------------
+
+CODES = TensorSpec(dtypes=("int64", "int32"), shapes=(("T",), (1, "T")))
+
+
+def zeros(dtype: str, shape: tuple[int, ...]) -> TensorData:
+    return TensorData(dtype, shape, b"\0" * (itemsize(dtype) * int(np.prod(shape))))
+
+
+@pytest.mark.parametrize(
+    ("spec", "tensor"),
+    [
+        (CODES, zeros("int64", (7,))),
+        (CODES, zeros("int32", (1, 7))),
+        (CODES, zeros("int64", (0,))),
+        (TensorSpec(shapes=((4, None, None),)), zeros("float64", (4, 2, 9))),
+        (TensorSpec(dtypes=("float32",)), zeros("float32", (2, 3, 4, 5))),
+        (TensorSpec(), zeros("uint8", ())),
+    ],
+)
+def test_spec_accepts_matching_tensors(spec: TensorSpec, tensor: TensorData) -> None:
+    spec.check(tensor)
+
+
+@pytest.mark.parametrize(
+    ("spec", "tensor", "words"),
+    [
+        (CODES, zeros("float32", (7,)), ["dtype not", "int64 or int32", "got float32, shape [7]"]),
+        (CODES, zeros("int64", (2, 7)), ["shape not", "[T] or [1, T]", "got int64, shape [2, 7]"]),
+        (CODES, zeros("int64", (1, 2, 7)), ["shape not", "[1, T]", "[1, 2, 7]"]),
+        (CODES, zeros("int16", ()), ["dtype and shape not", "int16, shape []"]),
+        (
+            TensorSpec(shapes=((4, None, None),)),
+            zeros("float32", (3, 8, 8)),
+            ["any dtype, shape [4, *, *]", "got float32, shape [3, 8, 8]"],
+        ),
+    ],
+)
+def test_spec_names_expected_and_given(
+    spec: TensorSpec, tensor: TensorData, words: list[str]
+) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        spec.check(tensor)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_a_required_tensor_must_be_there_and_an_optional_one_need_not() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        CODES.check(None, other_inputs=["prompt"])
+    assert "takes a tensor input (int64 or int32, shape [T] or [1, T]); got prompt" in str(
+        info.value
+    )
+    with pytest.raises(InvalidRequestError, match="got no input"):
+        CODES.check(None)
+    TensorSpec(dtypes=("int64",), required=False).check(None, other_inputs=["token_ids"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"dtypes": ("complex64",)}, ["complex64"]),
+        ({"shapes": ((4, -1),)}, ["-1", "[4, -1]"]),
+        ({"shapes": ((True,),)}, ["True"]),
+        ({"shapes": ((2.5,),)}, ["2.5"]),
+    ],
+)
+def test_a_malformed_spec_is_refused(kwargs: dict[str, object], words: list[str]) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        TensorSpec(**kwargs)  # type: ignore[arg-type]
+    for word in words:
+        assert word in str(info.value)
