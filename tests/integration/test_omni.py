@@ -22,8 +22,10 @@ from omnistage.audio import mono_samples, write_wav
 from omnistage.launch import ServerProcess
 from omnistage.types import PipelineOutput
 from omnistage.v1 import stage_pb2
+from orchestrator.timeline import ORCHESTRATOR_PID
 from tests.conftest import RunningStage
 from tests.integration.test_orchestrator import serve_pipeline
+from tests.unit.trace_checks import flow_problems, nesting_problems, tef_problems
 
 THINKER_TOKENS = 16
 TALKER_TOKENS = 40
@@ -226,6 +228,11 @@ def test_report_on_a_three_stage_profile(streaming: omnistage.Client, tmp_path: 
     starts = {e["id"] for e in events if e.get("ph") == "s"}
     ends = {e["id"] for e in events if e.get("ph") == "f"}
     assert starts and starts == ends  # every flow arrow has both ends
+    assert tef_problems(events) == []
+    # code2wav streams from talker's chunks: their spans overlap, each on its own thread
+    orchestrator = [e for e in events if e["pid"] == ORCHESTRATOR_PID]
+    assert nesting_problems(orchestrator) == []
+    assert flow_problems(orchestrator) == []
     summary = Path(report.summary).read_text()
     assert all(name in summary for name in ("thinker", "talker", "code2wav"))
     assert "domin" in summary.lower()
