@@ -18,7 +18,13 @@ from orchestrator.timeline import (
     find_traces,
     orchestrator_events,
 )
-from tests.unit.trace_checks import flow_problems, nesting_problems, tef_problems
+from tests.unit.trace_checks import (
+    flow_problems,
+    misplaced_ops,
+    nesting_problems,
+    request_spans,
+    tef_problems,
+)
 from tests.unit.trace_factory import (
     FLOW_ID,
     REQUESTS,
@@ -61,39 +67,6 @@ def _process_names(events: list[dict[str, Any]]) -> dict[int, str]:
 
 def _pid_of(events: list[dict[str, Any]], name: str) -> int:
     return next(pid for pid, n in _process_names(events).items() if n == name)
-
-
-def _request_spans(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {
-        (e["args"]["stage"], e["args"]["request_id"]): e
-        for e in events
-        if e["pid"] == ORCHESTRATOR_PID and e["ph"] == "X" and e["name"].startswith("stage ")
-    }
-
-
-def _misplaced_ops(events: list[dict[str, Any]], slack_us: float) -> list[str]:
-    """Each request's annotated work (and the ops inside it) must lie inside its stage span."""
-    spans = _request_spans(events)
-    problems = []
-    annotations = [e for e in events if e.get("cat") == "user_annotation" and ":" in e["name"]]
-    assert len(annotations) == 2 * len(REQUESTS)
-    for ann in annotations:
-        stage, request_id = ann["name"].split(":")
-        span = spans[(stage, request_id)]
-        ops = [
-            e
-            for e in events
-            if e.get("cat") == "cpu_op"
-            and e["pid"] == ann["pid"]
-            and ann["ts"] <= e["ts"] <= ann["ts"] + ann["dur"]
-        ]
-        assert ops, ann["name"]
-        for ev in [ann, *ops]:
-            if ev["ts"] < span["ts"] - slack_us or (
-                ev["ts"] + ev["dur"] > span["ts"] + span["dur"] + slack_us
-            ):
-                problems.append(f"{ann['name']}: {ev['name']} at {ev['ts']} outside {span}")
-    return problems
 
 
 def test_merged_file_follows_the_trace_event_format(session: Session, tmp_path: Path) -> None:
@@ -149,7 +122,7 @@ def test_each_stage_and_front_end_is_its_own_sorted_process(session: Session) ->
 
 def test_ops_fall_inside_the_spans_of_their_requests(session: Session) -> None:
     events = _build(session, {"thinker": EXACT, "talker": EXACT})["traceEvents"]
-    assert _misplaced_ops(events, TOLERANCE_US) == []
+    assert misplaced_ops(events, TOLERANCE_US) == []
 
 
 def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
@@ -160,7 +133,7 @@ def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
         offset_ns=SHIFT_NS + 150_000, error_ns=200_000, rtt_ns=400_000, samples=5
     )
     data = _build(fresh, {"thinker": EXACT, "talker": estimate})
-    assert _misplaced_ops(data["traceEvents"], estimate.error_ns / 1000 + TOLERANCE_US) == []
+    assert misplaced_ops(data["traceEvents"], estimate.error_ns / 1000 + TOLERANCE_US) == []
     offsets = data["metadata"]["clock_offsets"]
     assert offsets["talker"] == {
         "offset_ns": SHIFT_NS + 150_000,
@@ -170,7 +143,7 @@ def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
 
     # without the estimate the talker's ops are 3.7 s away from their requests, and it is said
     data = _build(fresh, {"thinker": EXACT})
-    problems = _misplaced_ops(data["traceEvents"], 1000.0)
+    problems = misplaced_ops(data["traceEvents"], 1000.0)
     assert problems and all(p.startswith("talker:") for p in problems)
     assert any("'talker'" in w and "offset" in w for w in data["metadata"]["warnings"])
 
@@ -178,7 +151,7 @@ def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
 def test_requests_cross_the_stages_on_the_orchestrator_track(session: Session) -> None:
     events = _build(session, {"thinker": EXACT, "talker": EXACT})["traceEvents"]
     mine = [e for e in events if e["pid"] == ORCHESTRATOR_PID]
-    spans = _request_spans(events)
+    spans = request_spans(events)
     assert len(spans) == 2 * len(REQUESTS)
     # a thread per request and stage, named after both, sorted by request then stage
     threads = {

@@ -6,6 +6,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from orchestrator.timeline import ORCHESTRATOR_PID
+
 EPS_US = 0.0015  # the timeline rounds ts and dur to the ns (0.001 µs)
 
 
@@ -82,4 +84,37 @@ def flow_problems(events: list[dict[str, Any]]) -> list[str]:
             problems.append(f"flow {key} starts outside every slice of its thread: {start}")
         if not inside(finish, before_end=False):
             problems.append(f"flow {key} ends outside every slice of its thread: {finish}")
+    return problems
+
+
+def request_spans(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (e["args"]["stage"], e["args"]["request_id"]): e
+        for e in events
+        if e["pid"] == ORCHESTRATOR_PID and e["ph"] == "X" and e["name"].startswith("stage ")
+    }
+
+
+def misplaced_ops(events: list[dict[str, Any]], slack_us: float) -> list[str]:
+    """Each request's annotated work (and the ops inside it) must lie inside its stage span."""
+    spans = request_spans(events)
+    problems = []
+    annotations = [e for e in events if e.get("cat") == "user_annotation" and ":" in e["name"]]
+    assert len(annotations) == len(spans)
+    for ann in annotations:
+        stage, request_id = ann["name"].split(":")
+        span = spans[(stage, request_id)]
+        ops = [
+            e
+            for e in events
+            if e.get("cat") == "cpu_op"
+            and e["pid"] == ann["pid"]
+            and ann["ts"] <= e["ts"] <= ann["ts"] + ann["dur"]
+        ]
+        assert ops, ann["name"]
+        for ev in [ann, *ops]:
+            if ev["ts"] < span["ts"] - slack_us or (
+                ev["ts"] + ev["dur"] > span["ts"] + span["dur"] + slack_us
+            ):
+                problems.append(f"{ann['name']}: {ev['name']} at {ev['ts']} outside {span}")
     return problems

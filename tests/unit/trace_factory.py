@@ -121,7 +121,7 @@ def make_session(root: Path, name: str = "20260101T000000Z-test-abc123") -> Sess
         session.dir / "thinker", "thinker", 0, iterations=3, sleep_s=0.0, hidden=64
     )
     session.stages["talker"] = profile_stage(
-        session.dir / "talker", "talker", 1, iterations=6, sleep_s=0.03, hidden=128
+        session.dir / "talker", "talker", 1, iterations=6, sleep_s=0.1, hidden=128
     )
     return session
 
