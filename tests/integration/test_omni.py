@@ -163,6 +163,8 @@ def test_profiles_thinker_and_code2wav_only(
     report = streaming.stop_profile(str(tmp_path))
     assert sorted(s.stage for s in report.stages) == ["code2wav", "thinker"]
     assert all(s.ok for s in report.stages), [s.error for s in report.stages]
+    # vLLM profiles without Python stacks here: the saving comes from stripped bookkeeping args
+    assert report.slimming is not None and report.slimming.bytes_saved > 0, report.slimming
     for name in ("thinker", "code2wav"):
         traces = list((tmp_path / session / name).glob("*.pt.trace.json.gz"))
         assert traces, f"no trace for {name} in {tmp_path / session / name}"
@@ -236,4 +238,5 @@ def test_report_on_a_three_stage_profile(streaming: omnistage.Client, tmp_path: 
     summary = Path(report.summary).read_text()
     assert all(name in summary for name in ("thinker", "talker", "code2wav"))
     assert "domin" in summary.lower()
+    assert f"**{report.slimming.bytes_saved:,} bytes saved**" in summary
     assert (tmp_path / session / "report.json").is_file()
