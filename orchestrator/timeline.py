@@ -279,11 +279,9 @@ def _rewrite(
     real = [p for p in counts if type(p) is int]
     primary = max(real, key=lambda p: counts[p]) if real else None
     new_pid = {p: next(pids) for p in [primary, *(p for p in real if p != primary)]}
-    names = {
-        _pid_key(e.get("pid")): str(e["args"].get("name", ""))
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name" and type(e.get("args")) is dict
-    }
+    names = _process_meta(events, "process_name", "name")
+    # Kineto names a GPU's process like the host's (python3) and labels it "GPU 0"
+    labels = _process_meta(events, "process_labels", "labels")
     main = new_pid[primary]
     out: list[dict[str, Any]] = []
     seen_meta: set[tuple[Any, ...]] = set()
@@ -315,11 +313,22 @@ def _rewrite(
         logger.debug("%s: dropped %d events without ts, %d flow halves", rel, untimed, broken)
     for orig, pid in new_pid.items():
         own = names.get(orig, "") if orig is not None else ""
-        name = label if pid == main else f"{label} · {own or f'pid {orig}'}"
+        tag = labels.get(orig, "") if orig is not None else ""
+        name = label if pid == main else f"{label} · {tag or own or f'pid {orig}'}"
+        text = ", ".join(filter(None, [own, tag, rel]))
         out.append(_meta("process_name", pid, 0, {"name": name}))
-        out.append(_meta("process_labels", pid, 0, {"labels": ", ".join(filter(None, [own, rel]))}))
+        out.append(_meta("process_labels", pid, 0, {"labels": text}))
         out.append(_meta("process_sort_index", pid, 0, {"sort_index": sort_index}))
     return out, {"pids": sorted(new_pid.values()), "events": len(out), "warnings": warnings}
+
+
+def _process_meta(events: Iterable[dict[str, Any]], kind: str, key: str) -> dict[Any, str]:
+    """Original pid → the ``args[key]`` of its ``kind`` metadata event (the last one wins)."""
+    return {
+        _pid_key(e.get("pid")): str(e["args"].get(key, ""))
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == kind and type(e.get("args")) is dict
+    }
 
 
 def _scan_start(path: Path) -> tuple[int, float | None]:
