@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 from omnistage import cli_security
 from omnistage.errors import InvalidRequestError, OmnistageError
+from omnistage.types import ProfileSlimming
 
 logger = logging.getLogger("omnistage")
 
@@ -221,6 +223,7 @@ def _profile_stop(args: argparse.Namespace) -> int:
         print(f"  summary: {report.summary}")
     elif report.summary:
         print(f"  {report.summary}")
+    _print_slimming(report.slimming, indent="  ")
     for stage in report.stages:
         if stage.ok:
             size = sum(f.size_bytes for f in stage.files)
@@ -233,6 +236,17 @@ def _profile_stop(args: argparse.Namespace) -> int:
     return 0 if not report.failed else 1
 
 
+def _print_slimming(slimming: ProfileSlimming | None, *, indent: str = "") -> None:
+    if slimming is None:
+        return
+    print(f"{indent}slimming: {slimming.describe()}")
+    if slimming.bytes_saved <= 0:
+        print(
+            f"{indent}  nothing saved: idle loops are dropped by their Python frames, which "
+            "traces only hold when stages profile with torch_profiler_with_stack: true"
+        )
+
+
 def _profile_report(args: argparse.Namespace) -> int:
     from orchestrator.report import rebuild_report
     from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
@@ -240,23 +254,39 @@ def _profile_report(args: argparse.Namespace) -> int:
     slim = None
     if args.slim or args.slim_min_us or args.slim_pattern:
         patterns = tuple(args.slim_pattern) or VLLM_IDLE_PATTERNS
-        slim = SlimOptions(min_duration_us=args.slim_min_us, drop_patterns=patterns)
+        try:
+            slim = SlimOptions(min_duration_us=args.slim_min_us, drop_patterns=patterns)
+        except ValueError as exc:
+            raise InvalidRequestError(f"--slim-min-us: {exc}") from exc
     folder = Path(args.dir)
     if not (folder / "report.json").is_file():
         raise InvalidRequestError(
             f"{folder} has no report.json: pass a session folder that StopProfile wrote, "
             "<output_dir>/<session_id>"
         )
-    files = rebuild_report(folder, slim=slim, progress=lambda line: print(f"  {line}", flush=True))
-    if slim is not None:
-        total = files.slim_total
-        print(
-            f"slimmed: {total.events_dropped:,} of {total.events_before:,} events dropped, "
-            f"{total.bytes_saved:,} bytes saved (size ratio {total.size_ratio:.2f})"
+    try:
+        files = rebuild_report(
+            folder, slim=slim, progress=lambda line: print(f"  {line}", flush=True)
         )
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError(f"cannot rebuild the report of {folder}: {exc}") from exc
     print(f"timeline: {files.timeline}")
     print(f"summary:  {files.summary}")
+    _print_slimming(files.slimming())
     return 0
+
+
+def _microseconds(text: str) -> float:
+    """A duration in µs, ≥ 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of microseconds, got {text!r}"
+        ) from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0 (got {text})")
+    return value
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -387,9 +417,22 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (pstart, pstop):
         cli_security.add_client_flags(sub)
     for sub in (pstop, preport):
-        sub.add_argument("--slim", action="store_true", help="drop vLLM's idle loops")
-        sub.add_argument("--slim-min-us", type=float, default=0.0, help="and frames shorter")
-        sub.add_argument("--slim-pattern", action="append", default=[], help="fnmatch pattern")
+        sub.add_argument(
+            "--slim", action="store_true", help="slimmed copies: vLLM's idle loops dropped"
+        )
+        sub.add_argument(
+            "--slim-min-us",
+            type=_microseconds,
+            default=0.0,
+            help="slim, and drop Python frames shorter than this (µs)",
+        )
+        sub.add_argument(
+            "--slim-pattern",
+            action="append",
+            default=[],
+            help="slim, dropping Python frames that match this fnmatch pattern instead of the "
+            "idle-loop defaults (repeatable)",
+        )
 
     status = commands.add_parser("status", help="every stage's health and profiling state")
     status.add_argument("--address", default=default_address)

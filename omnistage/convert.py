@@ -14,6 +14,7 @@ from omnistage.types import (
     ProfileManifest,
     ProfileOptions,
     ProfileReport,
+    ProfileSlimming,
     RequestMetrics,
     SamplingOptions,
     StageDescription,
@@ -208,11 +209,22 @@ def files_from_pb(files: Any) -> tuple[ProfileFileInfo, ...]:
 
 
 def report_to_pb(report: ProfileReport) -> orchestrator_pb2.ProfileReport:
+    slim = report.slimming
     return orchestrator_pb2.ProfileReport(
         session_id=report.session_id,
         output_dir=report.output_dir,
         timeline=report.timeline,
         summary=report.summary,
+        slimming=None
+        if slim is None
+        else orchestrator_pb2.ProfileSlimming(
+            bytes_before=slim.bytes_before,
+            bytes_after=slim.bytes_after,
+            events_before=slim.events_before,
+            events_after=slim.events_after,
+            traces=slim.traces,
+            copies_written=slim.copies_written,
+        ),
         stages=[
             orchestrator_pb2.StageProfileResult(
                 stage=r.stage,
@@ -230,11 +242,22 @@ def report_to_pb(report: ProfileReport) -> orchestrator_pb2.ProfileReport:
 
 
 def report_from_pb(msg: orchestrator_pb2.ProfileReport) -> ProfileReport:
+    slim = msg.slimming
     return ProfileReport(
         session_id=msg.session_id,
         output_dir=msg.output_dir,
         timeline=msg.timeline,
         summary=msg.summary,
+        slimming=ProfileSlimming(
+            bytes_before=slim.bytes_before,
+            bytes_after=slim.bytes_after,
+            events_before=slim.events_before,
+            events_after=slim.events_after,
+            traces=slim.traces,
+            copies_written=slim.copies_written,
+        )
+        if msg.HasField("slimming")
+        else None,
         stages=tuple(
             StageProfileResult(
                 stage=r.stage,

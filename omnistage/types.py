@@ -159,6 +159,37 @@ class StageProfileResult:
 
 
 @dataclass(frozen=True)
+class ProfileSlimming:
+    """What slimming saved over a session's traces (file sizes; events in them)."""
+
+    bytes_before: int = 0
+    bytes_after: int = 0
+    """The originals' size where no smaller copy was written."""
+    events_before: int = 0
+    events_after: int = 0
+    traces: int = 0
+    copies_written: int = 0
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    @property
+    def size_ratio(self) -> float:
+        """Slimmed size over full size (1.0 when there were no bytes)."""
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    def describe(self) -> str:
+        """One line for people: bytes saved, size ratio, events dropped."""
+        return (
+            f"{self.bytes_saved:,} bytes saved ({self.bytes_before:,} → {self.bytes_after:,}, "
+            f"size ratio {self.size_ratio:.2f}); {self.events_before - self.events_after:,} of "
+            f"{self.events_before:,} events dropped; {self.copies_written} of {self.traces} "
+            "traces got a slimmed copy"
+        )
+
+
+@dataclass(frozen=True)
 class ProfileReport:
     """A pipeline profile session, collected on the orchestrator's side."""
 
@@ -167,6 +198,8 @@ class ProfileReport:
     stages: tuple[StageProfileResult, ...]
     timeline: str = ""
     summary: str = ""
+    slimming: ProfileSlimming | None = None
+    """Set when slimming was asked for (also when it saved nothing)."""
 
     @property
     def failed(self) -> list[StageProfileResult]:

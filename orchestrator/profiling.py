@@ -217,7 +217,12 @@ class PipelineProfiler:
             logger.exception("could not build the timeline of %s", session_dir)
             return replace(report, summary=f"timeline not built: {exc}")
         logger.info("timeline and summary built in %.1f s", time.monotonic() - started)
-        return replace(report, timeline=str(files.timeline), summary=str(files.summary))
+        return replace(
+            report,
+            timeline=str(files.timeline),
+            summary=str(files.summary),
+            slimming=files.slimming(),
+        )
 
     async def stop(
         self, keys: list[str], output_dir: str, *, slim: SlimOptions | None = None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omnistage.types import ProfileSlimming
 from orchestrator.clock import ClockEstimate
 from orchestrator.slimming import SlimOptions, SlimStats, slim_copy_path, slim_trace_file
 from orchestrator.summary import TraceStatsCollector, write_summary
@@ -41,9 +42,26 @@ class ReportFiles:
     """Per trace (path relative to the session folder): what slimming saved. Empty when the
     traces were not slimmed."""
 
+    slimmed: bool = False
+    """Whether slimming was asked for (``slim_stats`` may be empty all the same)."""
+
     @property
     def slim_total(self) -> SlimStats:
         return SlimStats.total(self.slim_stats.values())
+
+    def slimming(self) -> ProfileSlimming | None:
+        """What slimming saved over every trace, as the API reports it; None if not asked."""
+        if not self.slimmed:
+            return None
+        total = self.slim_total
+        return ProfileSlimming(
+            bytes_before=total.bytes_before,
+            bytes_after=total.bytes_after,
+            events_before=total.events_before,
+            events_after=total.events_after,
+            traces=len(self.slim_stats),
+            copies_written=sum(1 for s in self.slim_stats.values() if s.written),
+        )
 
 
 @dataclass(frozen=True)
@@ -154,9 +172,11 @@ def rebuild_report(
         spans=record.spans,
         clocks=record.clocks,
         collected=collector,
-        slim_stats=slimmed,
+        slim_stats=slimmed if slim is not None else None,
     )
-    return ReportFiles(timeline=timeline, summary=summary, slim_stats=slimmed)
+    return ReportFiles(
+        timeline=timeline, summary=summary, slim_stats=slimmed, slimmed=slim is not None
+    )
 
 
 def span_from_mapping(data: Mapping[str, Any]) -> RequestSpan:

@@ -22,6 +22,18 @@ either), so every op's calls, self time and total time are exactly those of the 
 Dropping short ``cpu_op`` events instead would move their time into their parent's self time
 and remove their rows: no threshold does that safely, so none is offered.
 
+Traces recorded without Python stacks (``torch_profiler_with_stack: false``, vLLM's default)
+have no frames to drop. What slimming can still remove from them is bookkeeping that neither
+the op table nor the viewers use (``strip_args``, on by default):
+
+* the per-event args ``Record function id`` and ``Ev Idx``, from every event;
+* ``External id``, only when the trace has no device or runtime events (kernels, memcpy,
+  memset, CUDA/HIP runtime and driver calls) and no ``ac2g`` flows: it links a kernel to its
+  op, and nothing else reads it.
+
+On a vLLM thinker trace without stacks this alone makes the copy 0.81 (with) and 0.61
+(without ``External id``) of the original's size, with an identical op table.
+
 This module also holds what the slimmed and the merged traces share: naming of slimmed copies,
 flow checks, and :class:`TraceWriter`, which streams a trace into a gzip file.
 """
@@ -63,8 +75,24 @@ VLLM_IDLE_PATTERNS: tuple[str, ...] = (
     "selectors.py(*): select",
     "<built-in method poll of *>",
     "<built-in function sleep>",
+    # tiny frames called by the ten thousand, in those loops and in every module call
+    "torch/nn/modules/module.py(*): __getattr__",
+    "<built-in method _get_tracing_state of *>",
+    "<built-in function isinstance>",
+    "<built-in function monotonic>",
+    "<built-in method __exit__ of _thread.lock *>",
+    "<built-in function getattr>",
 )
-"""Frames of vLLM's idle loops, as they appear in its traces (0.32, CPU and CUDA alike)."""
+"""Frames of vLLM's idle loops, and the tiny frames most frequent around them and in module
+calls, as they appear in its traces (0.32, CPU and CUDA alike). On a 17.5 MB CPU trace with
+stacks the idle loops alone give a copy of 0.76 of its size, the tiny frames bring it to 0.65;
+the op table is the same. They are Python frames: traces recorded without
+``torch_profiler_with_stack: true`` have none."""
+
+BOOKKEEPING_ARGS: tuple[str, ...] = ("Record function id", "Ev Idx")
+"""Per-event args removed by ``strip_args`` from every event."""
+LINK_ARG = "External id"
+"""Removed by ``strip_args`` only from traces with no device, runtime or ``ac2g`` events."""
 
 KEPT_CATEGORIES: frozenset[str] = frozenset(
     c.lower() for c in HOST_OP_CATEGORIES | DEVICE_CATEGORIES | RUNTIME_CATEGORIES
@@ -89,6 +117,8 @@ class SlimOptions:
     """Python frames (and other uncounted events) shorter than this are dropped."""
     drop_patterns: tuple[str, ...] = VLLM_IDLE_PATTERNS
     """Frames whose name matches one of these, and the frames nested in them, are dropped."""
+    strip_args: bool = True
+    """Remove bookkeeping args that nothing reads (see the module's docstring)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.min_duration_us) and self.min_duration_us >= 0):
@@ -106,6 +136,8 @@ class SlimStats:
     bytes_after: int = 0
     written: bool = True
     """False when no copy was written because it would not have been smaller."""
+    args_removed: int = 0
+    """How many per-event args ``strip_args`` removed."""
 
     @property
     def events_dropped(self) -> int:
@@ -129,13 +161,22 @@ class SlimStats:
             flow_events_dropped=sum(s.flow_events_dropped for s in items),
             bytes_before=sum(s.bytes_before for s in items),
             bytes_after=sum(s.bytes_after for s in items),
+            args_removed=sum(s.args_removed for s in items),
         )
+
+    @property
+    def changed(self) -> bool:
+        """Whether slimming removed anything: events or args."""
+        return bool(self.events_dropped or self.args_removed)
 
 
 def slim_events(
-    events: Sequence[Any], options: SlimOptions
+    events: Sequence[Any], options: SlimOptions, *, in_place: bool = False
 ) -> tuple[list[dict[str, Any]], SlimStats]:
-    """The events that survive ``options``, in their original order, and what was dropped."""
+    """The events that survive ``options``, in their original order, and what was dropped.
+
+    Args are stripped from copies of the events, unless ``in_place`` allows changing them.
+    """
     match = _matcher(options.drop_patterns)
     threads: dict[tuple[Any, Any], list[tuple[float, float, int]]] = {}
     for index, ev in enumerate(events):
@@ -170,8 +211,42 @@ def slim_events(
         kept = _unbind_flows(kept, [events[i] for i in dropped])
     kept, _ = drop_incomplete_flows(kept)
     flows_after = sum(1 for ev in kept if ev.get("ph") in FLOW_PHASES)
-    stats = SlimStats(len(events), len(kept), flow_events_dropped=flows_before - flows_after)
+    removed = 0
+    if options.strip_args:
+        kept, removed = strip_args(kept, in_place=in_place)
+    stats = SlimStats(
+        len(events),
+        len(kept),
+        flow_events_dropped=flows_before - flows_after,
+        args_removed=removed,
+    )
     return kept, stats
+
+
+def strip_args(
+    events: list[dict[str, Any]], *, in_place: bool = False
+) -> tuple[list[dict[str, Any]], int]:
+    """The events without bookkeeping args (see the module's docstring), and how many went.
+
+    ``External id`` goes too when no event links host ops to device work (device or runtime
+    categories, ``ac2g`` flows). Events are copied where they change, unless ``in_place``.
+    """
+    keys = set(BOOKKEEPING_ARGS)
+    if not any(_links_device(ev) for ev in events):
+        keys.add(LINK_ARG)
+    out = events if in_place else list(events)
+    removed = 0
+    for i, ev in enumerate(out):
+        args = ev.get("args")
+        if type(args) is not dict or keys.isdisjoint(args):
+            continue
+        slim = {k: v for k, v in args.items() if k not in keys}
+        removed += len(args) - len(slim)
+        if in_place:
+            ev["args"] = slim
+        else:
+            out[i] = {**ev, "args": slim}
+    return out, removed
 
 
 def slim_trace_file(
@@ -192,9 +267,9 @@ def slim_trace_file(
     if dst.resolve() == src.resolve():
         raise ValueError(f"the slimmed copy of {src} cannot replace it: give another dst")
     trace = load_trace(src)
-    kept, stats = slim_events(trace["traceEvents"], options)
+    kept, stats = slim_events(trace["traceEvents"], options, in_place=True)
     size = src.stat().st_size
-    if only_if_smaller and not stats.events_dropped:
+    if only_if_smaller and not stats.changed:
         dst.unlink(missing_ok=True)
         return replace(stats, bytes_before=size, bytes_after=size, written=False)
     with TraceWriter(dst) as writer:
@@ -203,7 +278,13 @@ def slim_trace_file(
     result = replace(stats, bytes_before=size, bytes_after=dst.stat().st_size)
     if only_if_smaller and result.bytes_after >= size:
         dst.unlink()
-        return replace(result, events_after=result.events_before, bytes_after=size, written=False)
+        return replace(
+            result,
+            events_after=result.events_before,
+            bytes_after=size,
+            args_removed=0,
+            written=False,
+        )
     logger.info(
         "slimmed %s: %d → %d events, %d → %d bytes",
         src.name,
@@ -315,6 +396,17 @@ def _unbind_flows(kept: list[dict[str, Any]], gone: list[dict[str, Any]]) -> lis
         if ev.get("ph") not in FLOW_PHASES
         or (_hashable(ev.get("pid")), _hashable(ev.get("tid")), ev.get("ts")) not in spots
     ]
+
+
+_LINK_CATEGORIES = frozenset(c.lower() for c in DEVICE_CATEGORIES | RUNTIME_CATEGORIES)
+
+
+def _links_device(ev: Mapping[str, Any]) -> bool:
+    cat = ev.get("cat")
+    if not isinstance(cat, str):
+        return False
+    low = cat.lower()
+    return low in _LINK_CATEGORIES or (low == "ac2g" and ev.get("ph") in FLOW_PHASES)
 
 
 def _matcher(patterns: Sequence[str]) -> Callable[[str], bool]:

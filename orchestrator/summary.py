@@ -126,7 +126,8 @@ def write_summary(
 
     ``collected`` is what a :class:`TraceStatsCollector` gathered while the timeline was
     built; without it the traces are loaded here. ``slim_stats`` (per trace, relative path)
-    lists the slimmed copies and what they saved.
+    lists the slimmed copies and what they saved; when given (even empty), the total saved is
+    stated too.
     """
     session_dir = Path(session_dir)
     stats = collected if collected is not None else collect_stats(session_dir, clocks, progress)
@@ -140,7 +141,7 @@ def write_summary(
     lines += _ops_sections(stages, window, top)
     lines += _request_section(spans, window)
     lines += _clock_section(clocks, stages)
-    lines += _files_section(session_dir, slim_stats or {})
+    lines += _files_section(session_dir, slim_stats)
     path = session_dir / SUMMARY_NAME
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     logger.info("summary %s written", path)
@@ -301,8 +302,11 @@ def _clock_section(
     return [*lines, ""]
 
 
-def _files_section(session_dir: Path, slim_stats: Mapping[str, SlimStats]) -> list[str]:
+def _files_section(session_dir: Path, slim_stats: Mapping[str, SlimStats] | None) -> list[str]:
     lines = ["## Files", ""]
+    if slim_stats is not None:
+        lines.append(_slim_line(slim_stats))
+    slim_stats = slim_stats or {}
     if (session_dir / TIMELINE_NAME).exists():
         lines.append(f"- [{TIMELINE_NAME}]({TIMELINE_NAME}): every stage and request on one clock")
     for table in sorted(session_dir.glob("*/**/*profiler_out*.txt")):
@@ -317,6 +321,23 @@ def _files_section(session_dir: Path, slim_stats: Mapping[str, SlimStats]) -> li
             f"({st.events_dropped:,} of {st.events_before:,} events dropped; same op table)"
         )
     return [*lines, ""]
+
+
+def _slim_line(slim_stats: Mapping[str, SlimStats]) -> str:
+    total = SlimStats.total(slim_stats.values())
+    copies = sum(1 for st in slim_stats.values() if st.written)
+    line = (
+        f"- slimming: **{total.bytes_saved:,} bytes saved** ({_mb(total.bytes_before)} → "
+        f"{_mb(total.bytes_after)}, size ratio {total.size_ratio:.2f}; "
+        f"{total.events_dropped:,} of {total.events_before:,} events dropped; "
+        f"{copies} of {len(slim_stats)} traces got a slimmed copy)"
+    )
+    if total.bytes_saved <= 0:
+        line += (
+            ". Nothing was saved: idle loops are dropped by their Python frames, which a "
+            "trace only holds when the stage profiles with `torch_profiler_with_stack: true`"
+        )
+    return line
 
 
 def _add(a: OpStat, b: OpStat) -> OpStat:

@@ -7,9 +7,10 @@ that Perfetto (ui.perfetto.dev) and ``chrome://tracing`` open:
   new, unique pids; tids are kept. A file's main process is named after the stage
   (``thinker``, ``thinker/<replica>``, ``thinker front end`` for vLLM's front-end trace) and
   sorted by the stage's index;
-* an ``orchestrator`` process (sorted first) holds one thread per request: a
-  ``stage <name>`` span per stage, the ``queued→first output`` part nested in it, and flow
-  arrows from each stage's span to the next stage's;
+* an ``orchestrator`` process (sorted first) holds one thread per request and stage: a
+  ``stage <name>`` span, the ``queued→first output`` part nested in it, and flow arrows from
+  each stage's span to the next stage's span of the same request (streaming hand-offs make
+  those spans overlap, hence a thread each);
 * every time is on the orchestrator's wall clock, in µs since ``metadata.origin_unix_ns``
   (the earliest event). A torch trace's ``ts`` are µs since its ``baseTimeNanoseconds``, on
   its host's clock; with that host's offset (server minus orchestrator, see
@@ -52,6 +53,7 @@ ORCHESTRATOR_PID = 1
 
 _PROCESS_META = frozenset({"process_name", "process_labels", "process_sort_index"})
 _SCAN_BYTES = 1 << 22
+_FLOW_EPS_US = 0.001
 _TS_RE = re.compile(rb'"ts":\s*(-?[0-9][0-9.eE+-]*)')  # an escaped \"ts\" cannot match
 _BASE_RE = re.compile(rb'"baseTimeNanoseconds"\s*:\s*(-?[0-9]+)')
 
@@ -202,7 +204,14 @@ def build_timeline(
 
 
 def orchestrator_events(spans: Iterable[RequestSpan], *, origin_ns: int) -> list[dict[str, Any]]:
-    """The orchestrator's track: per request a thread; per stage a span; flows between stages."""
+    """The orchestrator's track: a thread per request and stage; flows between stages.
+
+    Each (request, stage) pair has its own thread, named ``<request> · <stage>`` and sorted
+    by request, then stage: with a streaming hand-off the next stage starts before the
+    previous one ends, and spans on one thread would overlap without nesting. A flow arrow
+    leaves the previous stage's span at the next stage's start (or as late inside that span
+    as it can, when the next stage starts after it ended) and ends at the next span's start.
+    """
     pid = ORCHESTRATOR_PID
     events: list[dict[str, Any]] = [
         _meta("process_name", pid, 0, {"name": "orchestrator"}),
@@ -211,14 +220,18 @@ def orchestrator_events(spans: Iterable[RequestSpan], *, origin_ns: int) -> list
     by_request: dict[str, list[RequestSpan]] = {}
     for span in sorted(spans, key=lambda s: (s.start_unix_ns, s.stage_index)):
         by_request.setdefault(span.request_id, []).append(span)
+    tids = iter(range(1, 1 << 31))
     flow = 0
-    for tid, (request_id, chain) in enumerate(by_request.items(), start=1):
-        events.append(_meta("thread_name", pid, tid, {"name": f"request {request_id}"}))
-        events.append(_meta("thread_sort_index", pid, tid, {"sort_index": tid}))
+    for request_id, chain in by_request.items():
         chain.sort(key=lambda s: (s.stage_index, s.start_unix_ns))
-        for i, span in enumerate(chain):
+        before: tuple[int, float, float] | None = None  # the previous span's tid, start, end
+        for span in chain:
+            tid = next(tids)
+            name = f"{request_id} · {span.stage}" + (f" ({span.replica})" if span.replica else "")
+            events.append(_meta("thread_name", pid, tid, {"name": name}))
+            events.append(_meta("thread_sort_index", pid, tid, {"sort_index": tid}))
             ts = _us(span.start_unix_ns - origin_ns)
-            end = _us(span.end_unix_ns - origin_ns)
+            end = max(ts, _us(span.end_unix_ns - origin_ns))
             args = {
                 "request_id": request_id,
                 "stage": span.stage,
@@ -227,19 +240,19 @@ def orchestrator_events(spans: Iterable[RequestSpan], *, origin_ns: int) -> list
                 "queue_time_s": span.queue_time_s,
                 "handoff_s": span.handoff_s,
             }
-            events.append(_span(f"stage {span.stage}", pid, tid, ts, max(0.0, end - ts), args))
+            events.append(_span(f"stage {span.stage}", pid, tid, ts, end - ts, args))
             if span.first_output_unix_ns >= span.start_unix_ns:
                 first = min(_us(span.first_output_unix_ns - origin_ns), end)
                 events.append(_span("queued→first output", pid, tid, ts, first - ts, {}))
-            if i:
+            if before is not None:
                 flow += 1
-                before = chain[i - 1]
+                prev_tid, prev_start, prev_end = before
                 flow_id = (pid << 32) | flow
-                prev_start = _us(before.start_unix_ns - origin_ns)
-                prev_end = _us(before.end_unix_ns - origin_ns)
-                at = round(max(prev_start, prev_end - 0.001), 3)  # inside the span, not past it
-                events.append(_flow("s", flow_id, pid, tid, at))
+                # inside the previous span, and never after the arrow's end
+                at = max(prev_start, min(ts, round(prev_end - _FLOW_EPS_US, 3)))
+                events.append(_flow("s", flow_id, pid, prev_tid, min(at, ts)))
                 events.append(_flow("f", flow_id, pid, tid, ts) | {"bp": "e"})
+            before = (tid, ts, end)
     return events
 
 
@@ -266,11 +279,9 @@ def _rewrite(
     real = [p for p in counts if type(p) is int]
     primary = max(real, key=lambda p: counts[p]) if real else None
     new_pid = {p: next(pids) for p in [primary, *(p for p in real if p != primary)]}
-    names = {
-        _pid_key(e.get("pid")): str(e["args"].get("name", ""))
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name" and type(e.get("args")) is dict
-    }
+    names = _process_meta(events, "process_name", "name")
+    # Kineto names a GPU's process like the host's (python3) and labels it "GPU 0"
+    labels = _process_meta(events, "process_labels", "labels")
     main = new_pid[primary]
     out: list[dict[str, Any]] = []
     seen_meta: set[tuple[Any, ...]] = set()
@@ -284,7 +295,7 @@ def _rewrite(
             key = (ev.get("name"), pid, _pid_key(ev.get("tid")))
             if ev.get("name") not in _PROCESS_META and key not in seen_meta:
                 seen_meta.add(key)
-                ev.pop("ts", None)
+                ev["ts"] = 0
                 out.append(ev)
             continue
         ts = ev.get("ts")
@@ -302,11 +313,22 @@ def _rewrite(
         logger.debug("%s: dropped %d events without ts, %d flow halves", rel, untimed, broken)
     for orig, pid in new_pid.items():
         own = names.get(orig, "") if orig is not None else ""
-        name = label if pid == main else f"{label} · {own or f'pid {orig}'}"
+        tag = labels.get(orig, "") if orig is not None else ""
+        name = label if pid == main else f"{label} · {tag or own or f'pid {orig}'}"
+        text = ", ".join(filter(None, [own, tag, rel]))
         out.append(_meta("process_name", pid, 0, {"name": name}))
-        out.append(_meta("process_labels", pid, 0, {"labels": ", ".join(filter(None, [own, rel]))}))
+        out.append(_meta("process_labels", pid, 0, {"labels": text}))
         out.append(_meta("process_sort_index", pid, 0, {"sort_index": sort_index}))
     return out, {"pids": sorted(new_pid.values()), "events": len(out), "warnings": warnings}
+
+
+def _process_meta(events: Iterable[dict[str, Any]], kind: str, key: str) -> dict[Any, str]:
+    """Original pid → the ``args[key]`` of its ``kind`` metadata event (the last one wins)."""
+    return {
+        _pid_key(e.get("pid")): str(e["args"].get(key, ""))
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == kind and type(e.get("args")) is dict
+    }
 
 
 def _scan_start(path: Path) -> tuple[int, float | None]:
@@ -370,7 +392,7 @@ def _us(ns: int) -> float:
 
 
 def _meta(kind: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]:
-    return {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": args}
+    return {"ph": "M", "name": kind, "pid": pid, "tid": tid, "ts": 0, "args": args}
 
 
 def _span(

@@ -133,18 +133,36 @@ class StageProfileResult(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., stage_session_id: _Optional[str] = ..., replica: _Optional[str] = ..., local_dir: _Optional[str] = ..., stop_seconds: _Optional[float] = ...) -> None: ...
 
 class ProfileReport(_message.Message):
-    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary")
+    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary", "slimming")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SLIMMING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     output_dir: str
     stages: _containers.RepeatedCompositeFieldContainer[StageProfileResult]
     timeline: str
     summary: str
-    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
+    slimming: ProfileSlimming
+    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ..., slimming: _Optional[_Union[ProfileSlimming, _Mapping]] = ...) -> None: ...
+
+class ProfileSlimming(_message.Message):
+    __slots__ = ("bytes_before", "bytes_after", "events_before", "events_after", "traces", "copies_written")
+    BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    TRACES_FIELD_NUMBER: _ClassVar[int]
+    COPIES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    bytes_before: int
+    bytes_after: int
+    events_before: int
+    events_after: int
+    traces: int
+    copies_written: int
+    def __init__(self, bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., events_before: _Optional[int] = ..., events_after: _Optional[int] = ..., traces: _Optional[int] = ..., copies_written: _Optional[int] = ...) -> None: ...
 
 class GetPipelineRequest(_message.Message):
     __slots__ = ()

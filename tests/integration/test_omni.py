@@ -22,8 +22,10 @@ from omnistage.audio import mono_samples, write_wav
 from omnistage.launch import ServerProcess
 from omnistage.types import PipelineOutput
 from omnistage.v1 import stage_pb2
+from orchestrator.timeline import ORCHESTRATOR_PID
 from tests.conftest import RunningStage
 from tests.integration.test_orchestrator import serve_pipeline
+from tests.unit.trace_checks import flow_problems, nesting_problems, tef_problems
 
 THINKER_TOKENS = 16
 TALKER_TOKENS = 40
@@ -161,6 +163,8 @@ def test_profiles_thinker_and_code2wav_only(
     report = streaming.stop_profile(str(tmp_path))
     assert sorted(s.stage for s in report.stages) == ["code2wav", "thinker"]
     assert all(s.ok for s in report.stages), [s.error for s in report.stages]
+    # vLLM profiles without Python stacks here: the saving comes from stripped bookkeeping args
+    assert report.slimming is not None and report.slimming.bytes_saved > 0, report.slimming
     for name in ("thinker", "code2wav"):
         traces = list((tmp_path / session / name).glob("*.pt.trace.json.gz"))
         assert traces, f"no trace for {name} in {tmp_path / session / name}"
@@ -226,7 +230,13 @@ def test_report_on_a_three_stage_profile(streaming: omnistage.Client, tmp_path: 
     starts = {e["id"] for e in events if e.get("ph") == "s"}
     ends = {e["id"] for e in events if e.get("ph") == "f"}
     assert starts and starts == ends  # every flow arrow has both ends
+    assert tef_problems(events) == []
+    # code2wav streams from talker's chunks: their spans overlap, each on its own thread
+    orchestrator = [e for e in events if e["pid"] == ORCHESTRATOR_PID]
+    assert nesting_problems(orchestrator) == []
+    assert flow_problems(orchestrator) == []
     summary = Path(report.summary).read_text()
     assert all(name in summary for name in ("thinker", "talker", "code2wav"))
     assert "domin" in summary.lower()
+    assert f"**{report.slimming.bytes_saved:,} bytes saved**" in summary
     assert (tmp_path / session / "report.json").is_file()

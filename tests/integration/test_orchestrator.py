@@ -19,6 +19,7 @@ from omnistage import errors
 from omnistage.launch import ServerProcess
 from omnistage.v1 import stage_pb2
 from tests.conftest import RunningStage
+from tests.unit.trace_checks import tef_problems
 
 
 def free_port() -> int:
@@ -325,7 +326,7 @@ def test_report_has_aligned_timeline_and_summary(
     assert {"thinker", "rewriter", "orchestrator"} <= {
         n.split("/")[0].split(" ")[0] for n in names.values()
     }
-    assert all("ph" in e and "pid" in e and ("ts" in e or e["ph"] == "M") for e in events)
+    assert tef_problems(events) == []  # ph, ts and pid on every event; every pid named
     # The thinker's model ops lie inside the thinker's request span, once clocks are aligned.
     orchestrator_pid = next(p for p, n in names.items() if n == "orchestrator")
     span = next(
@@ -353,3 +354,4 @@ def test_report_has_aligned_timeline_and_summary(
     )
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "timeline:" in rebuilt.stdout and (root / "timeline.json.gz").exists()
+    assert "slimming: " in rebuilt.stdout and " bytes saved (" in rebuilt.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from orchestrator.slimming import (
     slim_trace_file,
 )
 from services.profiling.optable import OpStat, load_trace, op_stats
-from tests.unit.trace_factory import IDLE_PATTERN, Session, shared_session
+from tests.unit.trace_factory import IDLE_PATTERN, Session, shared_session, write_json
 
 TOP = 20
 AGGRESSIVE = SlimOptions(min_duration_us=5.0, drop_patterns=(*VLLM_IDLE_PATTERNS, IDLE_PATTERN))
@@ -136,7 +137,8 @@ def test_a_copy_that_saves_nothing_is_not_kept(session: Session, tmp_path: Path)
     src = session.stages["thinker"].frontend
     dst = tmp_path / "copy.slim.pt.trace.json.gz"
     dst.write_bytes(b"stale")
-    stats = slim_trace_file(src, dst, SlimOptions(drop_patterns=()), only_if_smaller=True)
+    options = SlimOptions(drop_patterns=(), strip_args=False)
+    stats = slim_trace_file(src, dst, options, only_if_smaller=True)
     assert not stats.written and not dst.exists()
     assert stats.bytes_after == stats.bytes_before == src.stat().st_size
     assert stats.events_after == stats.events_before
@@ -158,6 +160,75 @@ def test_bad_options_and_paths() -> None:
 
 
 def test_totals_add_up() -> None:
-    total = SlimStats.total([SlimStats(10, 4, 1, 100, 40), SlimStats(5, 5, 0, 50, 50)])
-    assert total == SlimStats(15, 9, 1, 150, 90)
+    total = SlimStats.total(
+        [SlimStats(10, 4, 1, 100, 40, args_removed=3), SlimStats(5, 5, 0, 50, 50)]
+    )
+    assert total == SlimStats(15, 9, 1, 150, 90, args_removed=3)
     assert (total.events_dropped, total.bytes_saved, total.size_ratio) == (6, 60, 0.6)
+
+
+def _without_stacks(trace: dict[str, Any], *, flows: bool = True) -> dict[str, Any]:
+    """The trace as recorded without Python stacks (the default): no Python frames."""
+    events = [
+        e
+        for e in trace["traceEvents"]
+        if e.get("cat") != "python_function" and (flows or e.get("cat") != "ac2g")
+    ]
+    return {**trace, "traceEvents": events}
+
+
+def _arg_names(events: list[dict[str, Any]]) -> set[str]:
+    return {k for e in events if isinstance(e.get("args"), dict) for k in e["args"]}
+
+
+def test_stripping_args_keeps_the_op_table_exactly(trace: dict[str, Any]) -> None:
+    plain = _without_stacks(trace, flows=False)
+    before = copy.deepcopy(plain["traceEvents"])
+    assert {"Record function id", "Ev Idx", "External id"} <= _arg_names(before)
+    kept, stats = slim_events(plain["traceEvents"], SlimOptions())
+    assert plain["traceEvents"] == before  # the input is left alone
+    assert stats.events_dropped == 0 and stats.args_removed > 0
+    assert not {"Record function id", "Ev Idx", "External id"} & _arg_names(kept)
+    assert op_stats({"traceEvents": kept}) == op_stats(plain)
+    # with ac2g flows (a kernel's link to its op), External id stays
+    linked = _without_stacks(trace)
+    kept, _ = slim_events(linked["traceEvents"], SlimOptions())
+    names = _arg_names(kept)
+    assert "External id" in names and not {"Record function id", "Ev Idx"} & names
+    assert op_stats({"traceEvents": kept}) == op_stats(linked)
+
+
+@pytest.mark.parametrize("device_cat", ["kernel", "gpu_memcpy", "cuda_runtime", "cuda_driver"])
+def test_external_id_stays_where_device_work_is_linked(device_cat: str) -> None:
+    def x(cat: str, name: str, ts: float, dur: float, pid: int, **args: Any) -> dict[str, Any]:
+        return dict(ph="X", cat=cat, name=name, pid=pid, tid=1, ts=ts, dur=dur, args=args)
+
+    events = [
+        x("cpu_op", "aten::mm", 0.0, 50.0, 1, **{"External id": 4, "Ev Idx": 0}),
+        x("cpu_op", "aten::add", 60.0, 10.0, 1, **{"External id": 5, "Record function id": 0}),
+        x(device_cat, "work", 20.0, 40.0, 0, correlation=9, **{"External id": 4}),
+    ]
+    kept, stats = slim_events(events, SlimOptions())
+    assert [e["args"].get("External id") for e in kept] == [4, 5, 4]
+    assert stats.args_removed == 2
+    assert op_stats({"traceEvents": kept}) == op_stats({"traceEvents": events})
+    kept, stats = slim_events(events, SlimOptions(strip_args=False))
+    assert kept == events and stats.args_removed == 0
+
+
+def test_a_trace_without_stacks_gets_smaller(trace: dict[str, Any], tmp_path: Path) -> None:
+    src = tmp_path / "rank0.1.pt.trace.json.gz"
+    write_json(src, _without_stacks(trace, flows=False))
+    stats = slim_trace_file(src, slim_copy_path(src), SlimOptions(), only_if_smaller=True)
+    assert stats.written and stats.events_dropped == 0
+    assert 0 < stats.bytes_after < stats.bytes_before
+    assert op_stats(load_trace(slim_copy_path(src))) == op_stats(load_trace(src))
+
+
+def test_the_default_patterns_drop_tiny_frames_not_ops(trace: dict[str, Any]) -> None:
+    kept, _ = slim_events(trace["traceEvents"], SlimOptions())
+    full = _python_names(trace["traceEvents"])
+    slim = _python_names(kept)
+    for name in ("__getattr__", "_get_tracing_state", "<built-in function isinstance>"):
+        assert any(name in n for n in full) and not any(name in n for n in slim), name
+    assert op_stats({"traceEvents": kept}) == op_stats(trace)

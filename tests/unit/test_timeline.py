@@ -16,6 +16,14 @@ from orchestrator.timeline import (
     RequestSpan,
     build_timeline,
     find_traces,
+    orchestrator_events,
+)
+from tests.unit.trace_checks import (
+    flow_problems,
+    misplaced_ops,
+    nesting_problems,
+    request_spans,
+    tef_problems,
 )
 from tests.unit.trace_factory import (
     FLOW_ID,
@@ -61,57 +69,18 @@ def _pid_of(events: list[dict[str, Any]], name: str) -> int:
     return next(pid for pid, n in _process_names(events).items() if n == name)
 
 
-def _request_spans(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {
-        (e["args"]["stage"], e["args"]["request_id"]): e
-        for e in events
-        if e["pid"] == ORCHESTRATOR_PID and e["ph"] == "X" and e["name"].startswith("stage ")
-    }
-
-
-def _misplaced_ops(events: list[dict[str, Any]], slack_us: float) -> list[str]:
-    """Each request's annotated work (and the ops inside it) must lie inside its stage span."""
-    spans = _request_spans(events)
-    problems = []
-    annotations = [e for e in events if e.get("cat") == "user_annotation" and ":" in e["name"]]
-    assert len(annotations) == 2 * len(REQUESTS)
-    for ann in annotations:
-        stage, request_id = ann["name"].split(":")
-        span = spans[(stage, request_id)]
-        ops = [
-            e
-            for e in events
-            if e.get("cat") == "cpu_op"
-            and e["pid"] == ann["pid"]
-            and ann["ts"] <= e["ts"] <= ann["ts"] + ann["dur"]
-        ]
-        assert ops, ann["name"]
-        for ev in [ann, *ops]:
-            if ev["ts"] < span["ts"] - slack_us or (
-                ev["ts"] + ev["dur"] > span["ts"] + span["dur"] + slack_us
-            ):
-                problems.append(f"{ann['name']}: {ev['name']} at {ev['ts']} outside {span}")
-    return problems
-
-
 def test_merged_file_follows_the_trace_event_format(session: Session, tmp_path: Path) -> None:
     fresh = copy_session(session, tmp_path / "s")
     data = _build(fresh, {"thinker": EXACT, "talker": EXACT})
     events = data["traceEvents"]
     assert data["displayTimeUnit"] == "ms"
-    names = _process_names(events)
-    flows: dict[tuple[str, Any], set[str]] = defaultdict(set)
-    for ev in events:
-        assert "ph" in ev and isinstance(ev.get("pid"), int), ev
-        if ev["ph"] != "M":
-            assert isinstance(ev.get("ts"), (int, float)) and ev["ts"] >= 0, ev
-            assert ev["pid"] in names, f"process {ev['pid']} has no name"
-        if ev["ph"] == "X":
-            assert ev["dur"] >= 0
-        if ev["ph"] in ("s", "t", "f"):
-            flows[(ev["cat"], ev["id"])].add(ev["ph"])
-    assert flows
-    assert all({"s", "f"} <= phases for phases in flows.values()), flows
+    assert tef_problems(events) == []
+    assert any(e["ph"] in ("s", "f") for e in events)
+    assert all(e["ts"] == 0 for e in events if e["ph"] == "M")
+    assert all(e["ts"] >= 0 for e in events)
+    orchestrator = [e for e in events if e["pid"] == ORCHESTRATOR_PID]
+    assert nesting_problems(orchestrator) == []
+    assert flow_problems(events) == []
     # shifted so that the earliest event is at (nearly) 0
     assert min(e["ts"] for e in events if e["ph"] != "M") < 1.0
     meta = data["metadata"]
@@ -153,7 +122,7 @@ def test_each_stage_and_front_end_is_its_own_sorted_process(session: Session) ->
 
 def test_ops_fall_inside_the_spans_of_their_requests(session: Session) -> None:
     events = _build(session, {"thinker": EXACT, "talker": EXACT})["traceEvents"]
-    assert _misplaced_ops(events, TOLERANCE_US) == []
+    assert misplaced_ops(events, TOLERANCE_US) == []
 
 
 def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
@@ -164,7 +133,7 @@ def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
         offset_ns=SHIFT_NS + 150_000, error_ns=200_000, rtt_ns=400_000, samples=5
     )
     data = _build(fresh, {"thinker": EXACT, "talker": estimate})
-    assert _misplaced_ops(data["traceEvents"], estimate.error_ns / 1000 + TOLERANCE_US) == []
+    assert misplaced_ops(data["traceEvents"], estimate.error_ns / 1000 + TOLERANCE_US) == []
     offsets = data["metadata"]["clock_offsets"]
     assert offsets["talker"] == {
         "offset_ns": SHIFT_NS + 150_000,
@@ -174,7 +143,7 @@ def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
 
     # without the estimate the talker's ops are 3.7 s away from their requests, and it is said
     data = _build(fresh, {"thinker": EXACT})
-    problems = _misplaced_ops(data["traceEvents"], 1000.0)
+    problems = misplaced_ops(data["traceEvents"], 1000.0)
     assert problems and all(p.startswith("talker:") for p in problems)
     assert any("'talker'" in w and "offset" in w for w in data["metadata"]["warnings"])
 
@@ -182,37 +151,95 @@ def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
 def test_requests_cross_the_stages_on_the_orchestrator_track(session: Session) -> None:
     events = _build(session, {"thinker": EXACT, "talker": EXACT})["traceEvents"]
     mine = [e for e in events if e["pid"] == ORCHESTRATOR_PID]
-    spans = _request_spans(events)
+    spans = request_spans(events)
     assert len(spans) == 2 * len(REQUESTS)
-    tids = {request_id: spans[("thinker", request_id)]["tid"] for request_id in REQUESTS}
-    assert sorted(tids.values()) == [1, 2, 3]
+    # a thread per request and stage, named after both, sorted by request then stage
+    threads = {
+        e["tid"]: e["args"]["name"] for e in mine if e["ph"] == "M" and e["name"] == "thread_name"
+    }
+    assert sorted(threads) == list(range(1, 2 * len(REQUESTS) + 1))
+    for (stage, request_id), span in spans.items():
+        assert threads[span["tid"]] == f"{request_id} · {stage}"
+    order = [
+        threads[e["tid"]]
+        for e in sorted(
+            (e for e in mine if e["name"] == "thread_sort_index"),
+            key=lambda e: e["args"]["sort_index"],
+        )
+    ]
+    assert order == [f"{r} · {stage}" for r in REQUESTS for stage in ("thinker", "talker")]
     by_id = {s.request_id + s.stage: s for s in session.spans}
     flows: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
     for ev in mine:
         if ev["ph"] in ("s", "f"):
             flows[ev["id"]][ev["ph"]] = ev
     assert len(flows) == len(REQUESTS)
-    for request_id, tid in tids.items():
+    for request_id in REQUESTS:
         thinker, talker = spans[("thinker", request_id)], spans[("talker", request_id)]
-        assert talker["tid"] == tid
         assert thinker["args"]["queue_time_s"] == pytest.approx(0.0001)
         assert talker["args"]["handoff_s"] == pytest.approx(0.0005)
-        nested = [
-            e
-            for e in mine
-            if e["ph"] == "X" and e["tid"] == tid and e["name"] == "queued→first output"
-        ]
-        assert len(nested) == 2
-        for part in nested:
-            outer = thinker if part["ts"] == thinker["ts"] else talker
+        for outer in (thinker, talker):
+            (part,) = [
+                e
+                for e in mine
+                if e["ph"] == "X"
+                and e["tid"] == outer["tid"]
+                and e["name"] == "queued→first output"
+            ]
+            assert part["ts"] == outer["ts"]
             assert part["ts"] + part["dur"] <= outer["ts"] + outer["dur"] + 0.002
         span = by_id[request_id + "talker"]
         assert talker["dur"] == pytest.approx((span.end_unix_ns - span.start_unix_ns) / 1000)
         # one flow per hop: from inside the thinker's span to the start of the talker's
-        (flow,) = [f for f in flows.values() if f["s"]["tid"] == tid]
+        (flow,) = [f for f in flows.values() if f["s"]["tid"] == thinker["tid"]]
+        assert flow["f"]["tid"] == talker["tid"]
         assert flow["f"]["bp"] == "e" and flow["s"]["cat"] == flow["f"]["cat"]
-        assert thinker["ts"] <= flow["s"]["ts"] <= thinker["ts"] + thinker["dur"]
+        assert thinker["ts"] <= flow["s"]["ts"] < thinker["ts"] + thinker["dur"]
         assert flow["f"]["ts"] == talker["ts"]
+    assert nesting_problems(mine) == []
+    assert flow_problems(mine) == []
+
+
+def _span_at(
+    request_id: str, stage: str, index: int, start_ms: float, end_ms: float
+) -> RequestSpan:
+    ns = 1_000_000
+    start, end = int(start_ms * ns), int(end_ms * ns)
+    return RequestSpan(request_id, stage, index, "", start, start + (end - start) // 4, end, 0, 0)
+
+
+def test_streaming_hand_offs_overlap_on_their_own_threads() -> None:
+    """code2wav starts on talker's first chunk, long before talker ends (stream_chunk)."""
+    spans = [
+        _span_at("a", "thinker", 0, 0, 10),
+        _span_at("a", "talker", 1, 10.5, 40),
+        _span_at("a", "code2wav", 2, 15, 45),  # starts inside talker's span
+        _span_at("b", "thinker", 0, 5, 12),
+        _span_at("b", "talker", 1, 20, 30),  # starts after thinker ended
+        _span_at("b", "code2wav", 2, 20, 20),  # zero length, at talker's start
+    ]
+    events = orchestrator_events(spans, origin_ns=0)
+    assert tef_problems(events) == []
+    assert nesting_problems(events) == []
+    assert flow_problems(events) == []
+    stage_spans = {
+        (e["args"]["request_id"], e["args"]["stage"]): e
+        for e in events
+        if e["ph"] == "X" and e["name"].startswith("stage ")
+    }
+    assert len({e["tid"] for e in stage_spans.values()}) == len(spans)
+    flows: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for ev in events:
+        if ev["ph"] in ("s", "f"):
+            flows[ev["id"]][ev["ph"]] = ev
+    at = {(pair["s"]["tid"], pair["f"]["tid"]): pair["s"]["ts"] for pair in flows.values()}
+    tid = {key: e["tid"] for key, e in stage_spans.items()}
+    # streaming: the arrow leaves talker where code2wav starts, not at talker's end
+    assert at[(tid[("a", "talker")], tid[("a", "code2wav")])] == 15_000.0
+    # a hand-off after the end: the arrow leaves just inside the previous span
+    assert at[(tid[("b", "thinker")], tid[("b", "talker")])] == pytest.approx(12_000.0, abs=0.002)
+    assert at[(tid[("b", "thinker")], tid[("b", "talker")])] < 12_000.0
+    assert at[(tid[("b", "talker")], tid[("b", "code2wav")])] == 20_000.0
 
 
 def test_flow_ids_of_different_stages_cannot_collide(session: Session) -> None:

@@ -121,7 +121,7 @@ def make_session(root: Path, name: str = "20260101T000000Z-test-abc123") -> Sess
         session.dir / "thinker", "thinker", 0, iterations=3, sleep_s=0.0, hidden=64
     )
     session.stages["talker"] = profile_stage(
-        session.dir / "talker", "talker", 1, iterations=6, sleep_s=0.03, hidden=128
+        session.dir / "talker", "talker", 1, iterations=6, sleep_s=0.1, hidden=128
     )
     return session
 
@@ -225,3 +225,73 @@ def _frontend_trace(folder: Path) -> Path:
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         idle_wait(20)
     return _export(prof, folder / f"host_{os.getpid()}.async_llm.{time.time_ns()}.pt.trace.json")
+
+
+CUDA_HOST_PID = 4242
+CUDA_GPU_PID = 0  # Kineto puts device 0's streams in pid 0
+CUDA_STREAM = 7
+CUDA_IDLE = "vllm/worker.py(12): busy_loop"
+
+
+def make_cuda_stage(
+    folder: Path, name: str, index: int, *, start_ns: int
+) -> tuple[Path, tuple[RequestSpan, ...]]:
+    """A synthetic Kineto trace of a CUDA run, in the shape torch writes one.
+
+    Per request: a ``user_annotation`` ``<stage>:<request>`` around ``aten::mm`` (which
+    launches a ``kernel`` through ``cudaLaunchKernel``) and ``aten::copy_`` (a ``gpu_memcpy``
+    through ``cudaMemcpyAsync``); the device work sits on the GPU's own pid, linked to the
+    runtime calls by ``ac2g`` flows and to the ops by ``External id``. Between requests the
+    host spins in Python frames (``CUDA_IDLE``), as vLLM's worker does, for slimming.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    host = {"pid": CUDA_HOST_PID, "tid": CUDA_HOST_PID}
+    gpu = {"pid": CUDA_GPU_PID, "tid": CUDA_STREAM}
+    events: list[dict[str, Any]] = [
+        {"ph": "M", "name": "process_name", "ts": 0, "args": {"name": "python3"}, **host},
+        {"ph": "M", "name": "process_name", "ts": 0, "args": {"name": "python3"}} | gpu,
+        {"ph": "M", "name": "process_labels", "ts": 0, "args": {"labels": "GPU 0"}} | gpu,
+        {"ph": "M", "name": "thread_name", "ts": 0, "args": {"name": "stream 7"}} | gpu,
+    ]
+    ext = corr = 0
+
+    def x(where: dict[str, int], cat: str, op: str, ts: float, dur: float, **args: Any) -> None:
+        events.append(
+            {"ph": "X", "cat": cat, "name": op, "ts": ts, "dur": dur, **where} | {"args": args}
+        )
+
+    def launch(op: str, runtime: str, device_cat: str, device_op: str, ts: float) -> None:
+        nonlocal ext, corr
+        ext, corr = ext + 1, corr + 1
+        x(host, "cpu_op", op, ts, 40.0, **{"External id": ext, "Record function id": 0})
+        x(host, "cuda_runtime", runtime, ts + 10.0, 8.0, correlation=corr, **{"External id": ext})
+        device_ts = ts + 30.0
+        x(gpu, device_cat, device_op, device_ts, 120.0, correlation=corr, **{"External id": ext})
+        flow = {"cat": "ac2g", "name": "ac2g", "id": corr}
+        events.append({"ph": "s", "ts": ts + 10.0, **host, **flow})
+        events.append({"ph": "f", "bp": "e", "ts": device_ts, **gpu, **flow})
+
+    spans = []
+    t = 0.0
+    for request_id in REQUESTS:
+        for turn in range(50):  # idle polling: many tiny Python frames
+            x(host, "python_function", CUDA_IDLE, t + 4.0 * turn, 3.0, **{"Ev Idx": turn})
+        t += 250.0
+        span_start = start_ns + int(t * 1000)
+        x(host, "user_annotation", f"{name}:{request_id}", t, 400.0, **{"External id": 0})
+        launch("aten::mm", "cudaLaunchKernel", "kernel", "sm90_gemm", t + 20.0)
+        launch("aten::copy_", "cudaMemcpyAsync", "gpu_memcpy", "Memcpy HtoD", t + 200.0)
+        t += 600.0
+        end = start_ns + int(t * 1000)
+        spans.append(
+            RequestSpan(request_id, name, index, "", span_start, span_start + 100_000, end, 0, 0)
+        )
+    trace = {
+        "schemaVersion": 1,
+        "deviceProperties": [{"id": 0, "name": "NVIDIA H100 80GB HBM3"}],
+        "traceEvents": events,
+        "baseTimeNanoseconds": start_ns,
+    }
+    path = folder / f"rank0.{start_ns}.pt.trace.json.gz"
+    write_json(path, trace)
+    return path, tuple(spans)
