@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 SERVING = "SERVING"
 UNKNOWN = "UNKNOWN"
+SLOW = "DEADLINE_EXCEEDED"  # a check that got no answer in time: the stage may just be busy
+SLOW_CHECKS_TOLERATED = 3  # in a row, before a SERVING replica counts as down
 
 
 @dataclass
@@ -41,6 +43,7 @@ class StageReplica:
     client: AsyncStageClient
     health: str = UNKNOWN
     security: ClientSecurity | None = None
+    slow_checks: int = 0  # health checks in a row that got no answer in time
 
 
 class StagePool:
@@ -89,9 +92,7 @@ class StagePool:
         replicas = [r for name in names for r in self._replicas[name].values()]
         healths = await asyncio.gather(*(self._check(r) for r in replicas))
         for replica, health in zip(replicas, healths, strict=True):
-            if health != replica.health:
-                logger.info("stage %s replica %s: %s", replica.stage, replica.address, health)
-            replica.health = health
+            self._record(replica, health)
 
     async def pick(self, stage: str, *, exclude: Iterable[str] = ()) -> StageReplica:
         """The next replica of a stage that is SERVING (or not yet checked), in turn.
@@ -109,6 +110,28 @@ class StagePool:
         turn = self._turns[stage]
         self._turns[stage] = turn + 1
         return ready[turn % len(ready)]
+
+    def _record(self, replica: StageReplica, health: str) -> None:
+        """Take a check's answer. A SERVING replica whose check merely timed out stays
+        SERVING for up to SLOW_CHECKS_TOLERATED checks in a row: a stage whose CPU is busy
+        with its engine can be slow to answer while it serves fine, and calling it down
+        would refuse or re-route requests it would have served. Any other answer (NOT_SERVING,
+        a refused connection) counts at once."""
+        if health == SLOW and replica.health == SERVING:
+            replica.slow_checks += 1
+            if replica.slow_checks < SLOW_CHECKS_TOLERATED:
+                logger.debug(
+                    "stage %s replica %s: health check %d in a row timed out; still SERVING",
+                    replica.stage,
+                    replica.address,
+                    replica.slow_checks,
+                )
+                return
+        else:
+            replica.slow_checks = 0
+        if health != replica.health:
+            logger.info("stage %s replica %s: %s", replica.stage, replica.address, health)
+        replica.health = health
 
     def mark(self, replica: StageReplica, health: str) -> None:
         """What a failed call taught about a replica, until the next check."""

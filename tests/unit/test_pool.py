@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from omnistage.errors import StageUnavailableError
 from orchestrator.config import PipelineConfigError, parse_pipeline
-from orchestrator.pool import StagePool
+from orchestrator.pool import SLOW_CHECKS_TOLERATED, StagePool
 
 T = TypeVar("T")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -109,6 +109,42 @@ def test_the_watcher_notices_a_replica_going_down() -> None:
             await a_health.set("", NOT_SERVING)
             await asyncio.sleep(0.5)
             assert pool.replicas("s")[0].health == "NOT_SERVING"
+            await pool.close()
+
+    run(main)
+
+
+def test_a_slow_health_check_does_not_take_a_serving_replica_out() -> None:
+    """A busy stage can miss a health check's deadline while it serves fine; only
+    SLOW_CHECKS_TOLERATED timeouts in a row, or a definite answer, take it out."""
+
+    async def main() -> None:
+        async with health_server(SERVING) as (a, _):
+            pool = StagePool(pipeline(f"address: 127.0.0.1:{a}"))
+            await pool.start()
+            replica = pool.replicas("s")[0]
+            answers = iter(["DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED", "SERVING"])
+
+            async def check(_: object) -> str:
+                return next(answers)
+
+            pool._check = check  # type: ignore[method-assign, assignment]
+            for _ in range(3):
+                await pool.refresh()
+                assert replica.health == "SERVING"
+                assert await pool.pick("s") is replica
+            answers = iter(["DEADLINE_EXCEEDED"] * SLOW_CHECKS_TOLERATED + ["NOT_SERVING"])
+            for _ in range(SLOW_CHECKS_TOLERATED - 1):
+                await pool.refresh()
+            assert replica.health == "SERVING"
+            await pool.refresh()
+            assert replica.health == "DEADLINE_EXCEEDED"
+            await pool.refresh()
+            assert replica.health == "NOT_SERVING"
+            answers = iter(["SERVING", "NOT_SERVING"])
+            await pool.refresh()
+            await pool.refresh()
+            assert replica.health == "NOT_SERVING"  # a definite answer counts at once
             await pool.close()
 
     run(main)
