@@ -29,6 +29,7 @@ REFERENCE_PROMPTS = [
     "Write one sentence about the sea.",
 ]
 REFERENCE_MAX_TOKENS = 24
+PLAIN_GRACE_S = 15.0  # the plain stage's SIGTERM drain time; its SIGTERM test waits it out
 
 
 @dataclass
@@ -115,7 +116,10 @@ def _stages(
     processes = {
         "profiled": (_start_stage("thinker", logs, profiler_dir), profiler_dir),
         "rewriter": (_start_stage("rewriter", logs, rewriter_dir), rewriter_dir),
-        "plain": (_start_stage("plain", logs, None), None),
+        "plain": (
+            _start_stage("plain", logs, None, extra=("--grace-seconds", str(PLAIN_GRACE_S))),
+            None,
+        ),
         "talker": (
             _start_stage("talker", logs, talker_dir, model=str(TALKER_MODEL), extra=talker_args),
             talker_dir,

@@ -87,18 +87,7 @@ class VllmEngine:
         settings = self._config.profiler
         staging = settings.directory / STAGING_DIRNAME
         staging.mkdir(parents=True, exist_ok=True)
-        return ProfilerConfig(
-            profiler="torch",
-            torch_profiler_dir=str(staging),
-            torch_profiler_with_stack=settings.torch_profiler_with_stack,
-            torch_profiler_record_shapes=settings.torch_profiler_record_shapes,
-            torch_profiler_with_memory=settings.torch_profiler_with_memory,
-            torch_profiler_with_flops=settings.torch_profiler_with_flops,
-            torch_profiler_use_gzip=settings.torch_profiler_use_gzip,
-            delay_iterations=settings.delay_iterations,
-            max_iterations=settings.max_iterations,
-            ignore_frontend=settings.ignore_frontend,
-        )
+        return ProfilerConfig(**settings.vllm_options(torch_profiler_dir=staging))
 
     async def close(self) -> None:
         if self._llm is not None:

@@ -6,15 +6,16 @@ import json
 import subprocess
 import threading
 import time
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from omnistage.launch import health_status
 from omnistage.v1 import common_pb2, stage_pb2
-from tests.conftest import REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS, RunningStage
+from tests.conftest import PLAIN_GRACE_S, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS, RunningStage
 
 
 def chat(content: str, **sampling: object) -> stage_pb2.GenerateRequest:
@@ -50,6 +51,40 @@ def test_reflection_lists_the_stage_service(stage: RunningStage) -> None:
         (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
     names = {s.name for s in reply.list_services_response.service}
     assert {"omnistage.v1.Stage", "grpc.health.v1.Health"} <= names
+
+
+def test_reflection_serves_the_stage_descriptors(stage: RunningStage) -> None:
+    """What grpcurl asks for: the file that defines omnistage.v1.Stage and every file it
+    imports, enough to build each RPC's request and response types with no .proto at hand."""
+    with grpc.insecure_channel(stage.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="omnistage.v1.Stage"
+        )
+        (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    assert reply.WhichOneof("message_response") == "file_descriptor_response"
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in reply.file_descriptor_response.file_descriptor_proto
+    ]
+    pool = descriptor_pool.DescriptorPool()
+    pending = list(files)
+    while pending:  # add each file after the files it imports
+        added = {f.name for f in files} - {f.name for f in pending}
+        ready = [f for f in pending if set(f.dependency) <= added]
+        assert ready, f"reflection left out imports of {[f.name for f in pending]}"
+        for f in ready:
+            pool.Add(f)
+            pending.remove(f)
+    service = pool.FindServiceByName("omnistage.v1.Stage")
+    methods = {m.name: m for m in service.methods}
+    assert {"Generate", "StartProfile", "StopProfile", "FetchProfileFile", "GetInfo"} <= set(
+        methods
+    )
+    assert methods["Generate"].server_streaming and methods["FetchProfileFile"].server_streaming
+    generate_fields = set(methods["Generate"].input_type.fields_by_name)
+    assert {"prompt", "messages", "token_ids", "sampling"} <= generate_fields
+    assert "data" in methods["FetchProfileFile"].output_type.fields_by_name
 
 
 def test_streams_deltas_then_finished_with_metrics(stage: RunningStage) -> None:
@@ -187,15 +222,66 @@ def test_get_info_describes_the_stage(stage: RunningStage, plain_stage: RunningS
 
 @pytest.mark.stops_shared_stage
 def test_sigterm_drains_in_flight_streams(plain_stage: RunningStage) -> None:
-    """SIGTERM: health NOT_SERVING, an in-flight stream still finishes, then the process exits."""
-    call = plain_stage.stub.Generate(
-        chat("Write a story.", max_tokens=48, ignore_eos=True), timeout=120
+    """SIGTERM: a health Watch opened before it receives NOT_SERVING while streams are still
+    in flight; a stream that ends within the grace period finishes whole, one that outlasts it
+    is cut when the grace period ends, and the process exits soon after, with code 0."""
+    short_tokens, long_tokens = 32, 1900  # the long one needs far more than PLAIN_GRACE_S
+    channel = grpc.insecure_channel(plain_stage.address)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service="omnistage.v1.Stage"), timeout=120
     )
-    first = next(call)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    short = plain_stage.stub.Generate(
+        chat("Write a story.", max_tokens=short_tokens, ignore_eos=True), timeout=120
+    )
+    long = plain_stage.stub.Generate(
+        chat("Write a very long essay.", max_tokens=long_tokens, ignore_eos=True), timeout=120
+    )
+    replies: dict[str, list[stage_pb2.GenerateResponse]] = {"short": [next(short)], "long": []}
+    replies["long"].append(next(long))
+    at: dict[str, float] = {}
+    errors: dict[str, grpc.RpcError] = {}
+
+    def follow_health() -> None:
+        for reply in watch:
+            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                at["not_serving"] = time.monotonic()
+                break
+        watch.cancel()
+
+    def drain(name: str, call: Any) -> None:
+        try:
+            replies[name].extend(call)
+        except grpc.RpcError as exc:
+            errors[name] = exc
+        at[name] = time.monotonic()
+
+    threads = [
+        threading.Thread(target=follow_health),
+        threading.Thread(target=drain, args=("short", short)),
+        threading.Thread(target=drain, args=("long", long)),
+    ]
+    for thread in threads:
+        thread.start()
+    sigterm_at = time.monotonic()
     plain_stage.process.process.terminate()
-    time.sleep(0.5)
-    assert health_status(plain_stage.address) != "SERVING"
-    rest = list(call)
-    assert rest[-1].finished and rest[-1].finish_reason == "length"
-    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 48
-    assert plain_stage.process.process.wait(timeout=60) == 0
+    code = plain_stage.process.process.wait(timeout=PLAIN_GRACE_S + 120)
+    exited = time.monotonic() - sigterm_at
+    for thread in threads:
+        thread.join(timeout=30)
+    channel.close()
+
+    assert "not_serving" in at, "the health Watch never reported NOT_SERVING"
+    assert at["not_serving"] - sigterm_at < 2.0
+    assert at["not_serving"] < at["short"], "NOT_SERVING came only after the streams ended"
+    assert "short" not in errors, f"cut {at['short'] - sigterm_at:.1f} s after SIGTERM: {errors}"
+    assert replies["short"][-1].finished and replies["short"][-1].finish_reason == "length"
+    assert sum(len(r.token_ids) for r in replies["short"]) == short_tokens
+
+    assert errors["long"].code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+    assert not any(r.finished for r in replies["long"])
+    assert 0 < sum(len(r.token_ids) for r in replies["long"]) < long_tokens
+    cut_after = at["long"] - sigterm_at
+    assert PLAIN_GRACE_S - 0.5 <= cut_after <= PLAIN_GRACE_S + 5, cut_after
+    assert code == 0
+    assert exited <= PLAIN_GRACE_S + 20, f"exited {exited:.1f} s after SIGTERM"

@@ -43,10 +43,11 @@ def fetch(
     return b"".join(c.data for c in chunks), chunks
 
 
-@pytest.fixture(scope="module")
-def session(stage: RunningStage) -> Session:
-    """One profile session around two concurrent requests, fetched back over gRPC."""
-    start = stage.stub.StartProfile(stage_pb2.StartProfileRequest(label="test run"), timeout=60)
+def profile_two_requests(
+    stage: RunningStage, start_request: stage_pb2.StartProfileRequest
+) -> Session:
+    """A profile session around two concurrent 16-token requests, fetched back over gRPC."""
+    start = stage.stub.StartProfile(start_request, timeout=60)
     info = stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5)
 
     def run() -> None:
@@ -66,10 +67,26 @@ def session(stage: RunningStage) -> Session:
     return Session(start, stop, fetched, info)
 
 
+@pytest.fixture(scope="module")
+def session(stage: RunningStage) -> Session:
+    """One unbounded profile session around two concurrent requests."""
+    return profile_two_requests(stage, stage_pb2.StartProfileRequest(label="test run"))
+
+
 def trace_name(session: Session) -> str:
     names = [n for n in session.fetched if n.endswith(".pt.trace.json.gz") and "async_llm" not in n]
     assert len(names) == 1, f"expected one engine trace, got {list(session.fetched)}"
     return names[0]
+
+
+def engine_steps(session: Session) -> int:
+    """vLLM's worker wraps each engine step it records in `execute_context_<n>(...)...`."""
+    trace = json.loads(gzip.decompress(session.fetched[trace_name(session)]))
+    return sum(
+        1
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X" and e.get("name", "").startswith("execute_context_")
+    )
 
 
 def test_session_folder_and_id(stage: RunningStage, session: Session) -> None:
@@ -128,6 +145,18 @@ def test_op_table_is_built_from_the_trace_when_the_engine_wrote_none(
     table = table_path.read_text()
     top = op_stats(load_trace(tmp_path / name))[0]
     assert top.name[:30] in table and "Self CPU" in table
+
+
+def test_max_iterations_bounds_the_engines_trace(stage: RunningStage, session: Session) -> None:
+    """The same workload, with StartProfile's max_iterations=1: vLLM's CPU worker records one
+    engine step and stops its profiler by itself; StopProfile still returns the session."""
+    bounded = profile_two_requests(
+        stage, stage_pb2.StartProfileRequest(label="one step", max_iterations=1)
+    )
+    unbounded_steps = engine_steps(session)
+    assert unbounded_steps >= 16, "two 16-token requests take at least 16 engine steps"
+    assert engine_steps(bounded) == 1
+    assert "profiler_out_thinker.txt" in bounded.fetched
 
 
 def test_stop_profile_with_none_active(stage: RunningStage) -> None:
