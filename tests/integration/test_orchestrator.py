@@ -248,6 +248,46 @@ def test_unreachable_stage_is_unavailable(
     wait_idle(stage)
 
 
+def test_stage_rejecting_midway_ends_the_stream_with_its_status(
+    pipeline: omnistage.Client, stage: RunningStage, rewriter_stage: RunningStage
+) -> None:
+    outputs: list[omnistage.types.PipelineOutput] = []
+    with pytest.raises(errors.InvalidRequestError) as info:
+        for out in pipeline.generate(
+            "Name a fruit.", stage_sampling={"rewriter": {"max_tokens": 100000}}
+        ):
+            outputs.append(out)
+    # The thinker finished and streamed; the rewriter refused what it was handed.
+    assert {o.stage for o in outputs} == {"thinker"} and outputs[-1].finished
+    message = str(info.value)
+    assert message.startswith("stage 'rewriter': max_tokens 100000 does not fit")
+    assert rewriter_stage.address in message
+    wait_idle(stage, rewriter_stage, timeout=5)
+
+
+def test_stage_status_without_an_error_class_passes_through(
+    pipeline: omnistage.Client, stage: RunningStage, tmp_path: Path
+) -> None:
+    """A 'stage' that answers health but not the Stage API (here another orchestrator) ends
+    the stream with its own UNIMPLEMENTED, not INTERNAL, once the thinker has streamed."""
+    process = start_orchestrator(
+        tmp_path, "impostor", [("thinker", stage.address), ("impostor", pipeline.address)]
+    )
+    outputs: list[omnistage.types.PipelineOutput] = []
+    try:
+        with omnistage.Client(process.address) as client:
+            with pytest.raises(errors.OmnistageError) as info:
+                for out in client.generate("Name a fruit.", timeout=60):
+                    outputs.append(out)
+    finally:
+        process.stop()
+    assert getattr(info.value, "grpc_code", "") == "UNIMPLEMENTED"
+    assert str(info.value).startswith("stage 'impostor': ")
+    assert pipeline.address in str(info.value) and "omnistage service" in str(info.value)
+    assert {o.stage for o in outputs} == {"thinker"} and outputs[-1].finished
+    wait_idle(stage, timeout=5)
+
+
 def test_client_cancel_reaches_the_stage(pipeline: omnistage.Client, stage: RunningStage) -> None:
     outputs = pipeline.generate(
         "Write a long essay.", stage_sampling={"thinker": {"max_tokens": 1500, "ignore_eos": True}}
