@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import socket
@@ -17,6 +18,7 @@ import pytest
 import omnistage
 from omnistage import errors
 from omnistage.launch import ServerProcess
+from omnistage.types import ProfileReport
 from omnistage.v1 import stage_pb2
 from tests.conftest import RunningStage
 
@@ -163,14 +165,22 @@ def traces_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.pt.trace.json.gz") if "async_llm" not in p.name)
 
 
-def test_profile_one_stage_only(
+def test_async_client_profiles_one_stage_only(
     pipeline: omnistage.Client, stage: RunningStage, rewriter_stage: RunningStage, tmp_path: Path
 ) -> None:
-    session = pipeline.start_profile(stages=[1], label="only-rewriter")
-    assert profiling(rewriter_stage) and not profiling(stage)
-    assert pipeline.pipeline().stages[1].profiling_active
-    list(pipeline.generate("Say hello."))
-    report = pipeline.stop_profile(str(tmp_path))
+    """The asyncio client end to end: generate, and a profile of stage 1 alone."""
+
+    async def scenario() -> tuple[str, list[omnistage.types.PipelineOutput], ProfileReport]:
+        async with omnistage.AsyncClient(pipeline.address) as client:
+            session = await client.start_profile(stages=[1], label="only-rewriter")
+            assert profiling(rewriter_stage) and not profiling(stage)
+            assert (await client.pipeline()).stages[1].profiling_active
+            outputs = [out async for out in client.generate("Say hello.", max_tokens=6)]
+            return session, outputs, await client.stop_profile(str(tmp_path))
+
+    session, outputs, report = asyncio.run(scenario())
+    assert [o.stage_index for o in outputs if o.finished] == [0, 1]
+    assert sum(len(o.token_ids) for o in outputs if o.stage == "thinker") <= 6
     assert report.session_id == session and not report.failed
     assert [s.stage for s in report.stages] == ["rewriter"]
     root = tmp_path / session
@@ -275,10 +285,12 @@ def test_stage_status_without_an_error_class_passes_through(
     )
     outputs: list[omnistage.types.PipelineOutput] = []
     try:
-        with omnistage.Client(process.address) as client:
-            with pytest.raises(errors.OmnistageError) as info:
-                for out in client.generate("Name a fruit.", timeout=60):
-                    outputs.append(out)
+        with (
+            omnistage.Client(process.address) as client,
+            pytest.raises(errors.OmnistageError) as info,
+        ):
+            for out in client.generate("Name a fruit.", timeout=60):
+                outputs.append(out)
     finally:
         process.stop()
     assert getattr(info.value, "grpc_code", "") == "UNIMPLEMENTED"
