@@ -131,6 +131,11 @@ def test_unknown_stage_sampling_key(pipeline: omnistage.Client) -> None:
     with pytest.raises(errors.InvalidRequestError) as info:
         list(pipeline.generate("hi", stage_sampling={"talker": {"max_tokens": 3}}))
     assert "talker" in str(info.value) and "thinker" in str(info.value)
+    # A bad value for stage 1 is refused before stage 0 runs, not after it finished.
+    with pytest.raises(errors.InvalidRequestError) as info:
+        outputs = pipeline.generate("hi", stage_sampling={"rewriter": {"top_p": 1.5}})
+        assert next(outputs, None) is None
+    assert str(info.value).startswith("stage_sampling['rewriter']: top_p must lie in (0, 1]")
 
 
 def test_final_only_outputs(
