@@ -4,6 +4,7 @@ the demo, the benchmarks and the tests alike."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -40,9 +41,32 @@ def health_status(
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` after which the child gets SIGTERM when this process dies, even by
+    SIGKILL (Linux's PR_SET_PDEATHSIG); None elsewhere. The signal comes when the thread that
+    started the child ends, so start such children from a thread that lives as long as this
+    process (the main thread)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call above took effect
+            os._exit(1)
+
+    return preexec
+
+
 class ServerProcess:
     """One `omnistage ... serve` process in its own process group, with its log in a file.
-    `security` is how to reach its health service (a TLS server needs the CA)."""
+    `security` is how to reach its health service (a TLS server needs the CA); with
+    `die_with_parent`, the server gets SIGTERM (and drains and stops) when this process dies,
+    however it dies."""
 
     def __init__(
         self,
@@ -54,6 +78,7 @@ class ServerProcess:
         prefix: Sequence[str] = (),
         connect_host: str = "127.0.0.1",
         security: ClientSecurity | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         """`prefix` goes before the command (e.g. `ip netns exec NS`); `connect_host` is where
         this process reaches the server once it is bound."""
@@ -73,6 +98,7 @@ class ServerProcess:
             text=True,
             start_new_session=True,  # its own process group: stopping it stops vLLM's children too
             env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent() if die_with_parent else None,
         )
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()

@@ -55,9 +55,16 @@ def error_from_rpc(exc: grpc.RpcError, *, address: str = "") -> errors.Omnistage
     details = exc.details() if hasattr(exc, "details") else str(exc)
     cls = _ERRORS_BY_CODE.get(code, errors.OmnistageError)
     where = f" ({address})" if address else ""
-    error = cls(f"{details}{where}{_tls_hint(code, details)}")
+    error = cls(f"{details}{where}{_tls_hint(code, details)}{_api_hint(code)}")
     error.grpc_code = code.name  # type: ignore[attr-defined]
     return error
+
+
+def _api_hint(code: grpc.StatusCode) -> str:
+    """What to check when the peer does not serve the method called."""
+    if code is not grpc.StatusCode.UNIMPLEMENTED:
+        return ""
+    return "; check that the address serves this omnistage service, at a matching version"
 
 
 def _tls_hint(code: grpc.StatusCode, details: str) -> str:

@@ -68,7 +68,11 @@ def launch_pipeline(
             security = stage_client_security(pipeline, pipeline.stage_index(name))
             processes.append(
                 ServerProcess(
-                    f"stage {name!r}", args, log_path=logs / f"{name}.log", security=security
+                    f"stage {name!r}",
+                    args,
+                    log_path=logs / f"{name}.log",
+                    security=security,
+                    die_with_parent=True,
                 )
             )
         started = time.monotonic()
@@ -81,7 +85,9 @@ def launch_pipeline(
         orchestrator_port = pipeline.launch.orchestrator_port if port is None else port
         args = ["orchestrator", "serve", "--pipeline", str(pipeline_file.resolve())]
         args += ["--port", str(orchestrator_port), "--host", "127.0.0.1"]
-        orchestrator = ServerProcess("orchestrator", args, log_path=logs / "orchestrator.log")
+        orchestrator = ServerProcess(
+            "orchestrator", args, log_path=logs / "orchestrator.log", die_with_parent=True
+        )
         processes.append(orchestrator)
         orchestrator.wait_serving(timeout=60)
         _say(f"==> pipeline {pipeline.name!r} SERVING: orchestrator at {orchestrator.address}")
@@ -100,15 +106,27 @@ def stop_all(processes: list[ServerProcess]) -> None:
         thread.join()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal
+
+
 def run_up(pipeline_file: Path, *, port: int | None = None) -> int:
-    processes = launch_pipeline(pipeline_file, port=port)
+    """Launch, then wait for a stop signal or a process that exits, and stop them all.
+
+    A stop signal while the pipeline still starts stops what has started. Should `up` itself
+    die without stopping them (SIGKILL), every server gets SIGTERM from the kernel.
+    """
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not launched:
+            raise KeyboardInterrupt  # launch_pipeline stops what it started
         stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    launched = False
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+    processes = launch_pipeline(pipeline_file, port=port)
+    launched = True
     _say("    press Ctrl-C to stop every process")
     try:
         while not stopping.wait(1.0):

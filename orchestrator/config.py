@@ -396,9 +396,30 @@ def parse_pipeline(text: str, *, source: str = "<string>") -> PipelineConfig:
                 path: KeyPath = (*error["loc"], *rel)
                 line = _line_of(path, lines)
                 problems.append((line, f"{source}:{line}: {format_key_path(path)}: {message}"))
+    else:
+        problems += _processor_problems(config, lines, source)
     if problems:
         raise PipelineConfigError([p for _, p in sorted(problems, key=lambda p: p[0])])
     return config
+
+
+def _processor_problems(
+    config: PipelineConfig, lines: LineMap, source: str
+) -> list[tuple[int, str]]:
+    """Each custom processor imported now, so a bad one fails at load, not on a request."""
+    from orchestrator.processors import resolve_processor  # it imports this module
+
+    problems = []
+    for index, stage in enumerate(config.stages):
+        if stage.input.processor in BUILTIN_PROCESSORS:
+            continue
+        try:
+            resolve_processor(stage.input)
+        except InvalidRequestError as exc:
+            path: KeyPath = ("stages", index, "input", "processor")
+            line = _line_of(path, lines)
+            problems.append((line, f"{source}:{line}: {format_key_path(path)}: {exc}"))
+    return problems
 
 
 def _map_lines(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -119,11 +121,16 @@ def resolve_processor(config: InputConfig) -> EdgeProcessor:
             " nor a 'package.module:function' path"
         )
     where = f"custom processor {path!r}"
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # as the torch engine's models: the working folder imports
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and f"{module_name}.".startswith(f"{exc.name}."):
-            raise InvalidRequestError(f"{where}: module {module_name!r} not found") from exc
+            raise InvalidRequestError(
+                f"{where}: module {module_name!r} not found; run from the folder that holds "
+                "the package, or install it"
+            ) from exc
         raise InvalidRequestError(f"{where}: importing {module_name!r} failed: {exc}") from exc
     except (ImportError, SyntaxError) as exc:
         raise InvalidRequestError(f"{where}: importing {module_name!r} failed: {exc}") from exc

@@ -90,20 +90,37 @@ class PipelineProfiler:
                 )
             session = _ActiveSession(new_session_id(options.label), options.label, time.time_ns())
             targets = await self._serving_replicas(names)
-            results = await asyncio.gather(
-                *(self._start_one(r, session.session_id, options) for r in targets),
-                return_exceptions=True,
-            )
-            failures = [
-                (r, e)
-                for r, e in zip(targets, results, strict=True)
-                if isinstance(e, BaseException)
-            ]
-            started = [
-                (r, sid) for r, sid in zip(targets, results, strict=True) if isinstance(sid, str)
-            ]
+            asked: list[StageReplica] = []
+
+            async def start_one(replica: StageReplica) -> str:
+                asked.append(replica)
+                return await self._start_one(replica, session.session_id, options)
+
+            try:
+                results = await asyncio.gather(
+                    *(start_one(r) for r in targets), return_exceptions=True
+                )
+                failures = [
+                    (r, e)
+                    for r, e in zip(targets, results, strict=True)
+                    if isinstance(e, BaseException)
+                ]
+                started = [
+                    (r, sid)
+                    for r, sid in zip(targets, results, strict=True)
+                    if isinstance(sid, str)
+                ]
+                if not failures:
+                    session.clock_start = await self._clocks([r for r, _ in started])
+            except BaseException:
+                # Cancelled (the caller went away) mid-way: a start still in flight may have
+                # reached its stage, so every stage that was asked is stopped again, and the
+                # rollback runs to its end even if this task is cancelled once more.
+                logger.warning("StartProfile interrupted; stopping %d stages", len(asked))
+                await asyncio.shield(self._rollback(asked))
+                raise
             if failures:
-                await self._rollback(started)
+                await self._rollback([r for r, _ in started])
                 replica, error = failures[0]
                 if isinstance(error, OmnistageError):
                     raise type(error)(
@@ -113,7 +130,6 @@ class PipelineProfiler:
                 raise error
             for replica, stage_session in started:
                 session.stages.setdefault(replica.stage, []).append((replica, stage_session))
-            session.clock_start = await self._clocks([r for r, _ in started])
             self._active = session
             logger.info("profile session %s started on %s", session.session_id, names)
             return session.session_id, {n: [sid for _, sid in session.stages[n]] for n in names}
@@ -195,7 +211,9 @@ class PipelineProfiler:
             max_iterations=options.max_iterations or 0,
         )
 
-    async def _rollback(self, started: list[tuple[StageReplica, str]]) -> None:
+    async def _rollback(self, started: list[StageReplica]) -> None:
+        """Stop profiling on each replica; one that cannot stop is logged, not raised."""
+
         async def stop(replica: StageReplica) -> None:
             try:
                 await replica.client.stop_profile()
@@ -204,7 +222,7 @@ class PipelineProfiler:
                     "rollback: could not stop %s (%s): %s", replica.stage, replica.address, exc
                 )
 
-        await asyncio.gather(*(stop(r) for r, _ in started))
+        await asyncio.gather(*(stop(r) for r in started))
 
     async def _with_timeline(
         self, report: ProfileReport, session_dir: Path, slim: SlimOptions | None
@@ -274,14 +292,21 @@ class PipelineProfiler:
         started = time.monotonic()
         try:
             manifest = await replica.client.stop_profile()
+            unsafe = [item.name for item in manifest.files if not _is_plain_file_name(item.name)]
+            if unsafe:
+                raise OmnistageError(
+                    f"the stage's manifest names files outside its folder {unsafe}: a profile "
+                    "file must be a plain file name, without folders or '..'; no file of this "
+                    "stage was pulled"
+                )
             for item in manifest.files:
                 target = local_dir / item.name
                 await replica.client.fetch_file(manifest.session_id, item.name, target)
                 digest = await asyncio.to_thread(sha256_file, target)
                 if digest != item.sha256:
                     raise OmnistageError(
-                        f"{item.name} arrived corrupted (sha256 {digest[:12]}…, expected "
-                        f"{item.sha256[:12]}…)"
+                        f"{item.name} arrived corrupted: its sha256 is {digest}, the stage's "
+                        f"manifest says {item.sha256}"
                     )
         except OmnistageError as exc:
             logger.warning("stage %s (%s) failed to stop: %s", replica.stage, replica.address, exc)
@@ -303,6 +328,17 @@ class PipelineProfiler:
             local_dir=str(local_dir),
             stop_seconds=time.monotonic() - started,
         )
+
+
+def _is_plain_file_name(name: str) -> bool:
+    """Whether `name` stays inside the folder it is joined to: no folders, no '..', no root."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
 
 
 def _replica_dir(session_dir: Path, replica: StageReplica, per_replica: bool) -> Path:

@@ -19,6 +19,7 @@ from orchestrator.pool import StagePool
 from orchestrator.processors import EdgeProcessor, StageOutput, resolve_processor
 from orchestrator.stage_call import StageEvent, StageTiming, call_stage, closing, name_stage
 from orchestrator.streaming import StreamedStage
+from services.validation import validate_sampling
 
 __all__ = ["PipelineRunner", "StageEvent", "StageTiming", "name_stage"]
 
@@ -44,11 +45,17 @@ class PipelineRunner:
         self._names = [spec.name for spec in pipeline.stages]
 
     def check_stage_sampling(self, stage_sampling: dict[str, SamplingOptions]) -> None:
+        """Every override names a stage and holds valid values, checked before any stage runs."""
         unknown = sorted(set(stage_sampling) - set(self._names))
         if unknown:
             raise InvalidRequestError(
                 f"stage_sampling names unknown stages {unknown}; the stages are {self._names}"
             )
+        for name, options in stage_sampling.items():
+            try:
+                validate_sampling(options)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(f"stage_sampling[{name!r}]: {exc}") from exc
 
     async def run(
         self,

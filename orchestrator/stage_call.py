@@ -46,8 +46,15 @@ class StageEvent:
 
 
 def name_stage(error: OmnistageError, stage: str) -> OmnistageError:
-    """The same kind of error (so the same status code), its message prefixed with the stage."""
+    """The same kind of error, its message prefixed with the stage.
+
+    It keeps the status code the stage answered with (`grpc_code`, set by the client for any
+    code, even one no error class stands for), so the orchestrator passes it on unchanged.
+    """
     renamed = type(error)(f"stage {stage!r}: {error}")
+    code = getattr(error, "grpc_code", None)
+    if code is not None:
+        renamed.grpc_code = code  # type: ignore[attr-defined]
     renamed.__cause__ = error
     return renamed
 

@@ -15,6 +15,10 @@ logger = logging.getLogger(__name__)
 
 
 def status_code(error: OmnistageError) -> grpc.StatusCode:
+    """The error's class's code, or the code a remote peer answered with (`grpc_code`)."""
+    remote = getattr(error, "grpc_code", None)
+    if isinstance(remote, str) and remote in grpc.StatusCode.__members__:
+        return grpc.StatusCode[remote]
     return grpc.StatusCode[error.code]
 
 

@@ -123,3 +123,61 @@ def test_up_serves_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
             up.wait()
         if up.stdout is not None:
             up.stdout.close()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+def test_up_dying_or_hung_up_leaves_no_process(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGKILL gives `up` no chance to stop its servers: the kernel sends them SIGTERM. SIGHUP
+    (a closed terminal) stops them as Ctrl-C does. A torch stage keeps this cheap."""
+    stage_port, orchestrator_port = free_port(), free_port()
+    pipeline = tmp_path / "torch-solo.yaml"
+    pipeline.write_text(
+        "name: torch-solo\n"
+        "stages:\n"
+        "  - name: code2wav\n"
+        "launch:\n"
+        f"  orchestrator_port: {orchestrator_port}\n"
+        "  stages:\n"
+        "    code2wav:\n"
+        "      engine: torch\n"
+        "      model: 'examples.omni.code2wav:build'\n"
+        f"      port: {stage_port}\n"
+    )
+    up = subprocess.Popen(
+        [sys.executable, "-m", "omnistage.cli", "up", str(pipeline)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=ROOT,
+    )
+    lines: list[str] = []
+    children: set[int] = set()
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line)
+            if "SERVING: orchestrator at" in line:
+                break
+        assert any("SERVING: orchestrator" in line for line in lines), "".join(lines)
+        children = descendants(up.pid)
+        assert len(children) >= 2  # the stage and the orchestrator
+        up.send_signal(sig)
+        code = up.wait(timeout=60)
+        assert code == (-signal.SIGKILL if sig is signal.SIGKILL else 0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(pid) for pid in children):
+            time.sleep(0.2)
+        assert not [pid for pid in children if alive(pid)], "orphan processes left behind"
+    finally:
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import socket
@@ -17,6 +18,7 @@ import pytest
 import omnistage
 from omnistage import errors
 from omnistage.launch import ServerProcess
+from omnistage.types import ProfileReport
 from omnistage.v1 import stage_pb2
 from tests.conftest import RunningStage
 from tests.unit.trace_checks import tef_problems
@@ -130,6 +132,11 @@ def test_unknown_stage_sampling_key(pipeline: omnistage.Client) -> None:
     with pytest.raises(errors.InvalidRequestError) as info:
         list(pipeline.generate("hi", stage_sampling={"talker": {"max_tokens": 3}}))
     assert "talker" in str(info.value) and "thinker" in str(info.value)
+    # A bad value for stage 1 is refused before stage 0 runs, not after it finished.
+    with pytest.raises(errors.InvalidRequestError) as info:
+        outputs = pipeline.generate("hi", stage_sampling={"rewriter": {"top_p": 1.5}})
+        assert next(outputs, None) is None
+    assert str(info.value).startswith("stage_sampling['rewriter']: top_p must lie in (0, 1]")
 
 
 def test_final_only_outputs(
@@ -164,14 +171,22 @@ def traces_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.pt.trace.json.gz") if "async_llm" not in p.name)
 
 
-def test_profile_one_stage_only(
+def test_async_client_profiles_one_stage_only(
     pipeline: omnistage.Client, stage: RunningStage, rewriter_stage: RunningStage, tmp_path: Path
 ) -> None:
-    session = pipeline.start_profile(stages=[1], label="only-rewriter")
-    assert profiling(rewriter_stage) and not profiling(stage)
-    assert pipeline.pipeline().stages[1].profiling_active
-    list(pipeline.generate("Say hello."))
-    report = pipeline.stop_profile(str(tmp_path))
+    """The asyncio client end to end: generate, and a profile of stage 1 alone."""
+
+    async def scenario() -> tuple[str, list[omnistage.types.PipelineOutput], ProfileReport]:
+        async with omnistage.AsyncClient(pipeline.address) as client:
+            session = await client.start_profile(stages=[1], label="only-rewriter")
+            assert profiling(rewriter_stage) and not profiling(stage)
+            assert (await client.pipeline()).stages[1].profiling_active
+            outputs = [out async for out in client.generate("Say hello.", max_tokens=6)]
+            return session, outputs, await client.stop_profile(str(tmp_path))
+
+    session, outputs, report = asyncio.run(scenario())
+    assert [o.stage_index for o in outputs if o.finished] == [0, 1]
+    assert sum(len(o.token_ids) for o in outputs if o.stage == "thinker") <= 6
     assert report.session_id == session and not report.failed
     assert [s.stage for s in report.stages] == ["rewriter"]
     root = tmp_path / session
@@ -247,6 +262,48 @@ def test_unreachable_stage_is_unavailable(
     status = client.pipeline()
     assert status.stages[2].health == "UNAVAILABLE" and status.stages[0].health == "SERVING"
     wait_idle(stage)
+
+
+def test_stage_rejecting_midway_ends_the_stream_with_its_status(
+    pipeline: omnistage.Client, stage: RunningStage, rewriter_stage: RunningStage
+) -> None:
+    outputs: list[omnistage.types.PipelineOutput] = []
+    with pytest.raises(errors.InvalidRequestError) as info:
+        for out in pipeline.generate(
+            "Name a fruit.", stage_sampling={"rewriter": {"max_tokens": 100000}}
+        ):
+            outputs.append(out)
+    # The thinker finished and streamed; the rewriter refused what it was handed.
+    assert {o.stage for o in outputs} == {"thinker"} and outputs[-1].finished
+    message = str(info.value)
+    assert message.startswith("stage 'rewriter': max_tokens 100000 does not fit")
+    assert rewriter_stage.address in message
+    wait_idle(stage, rewriter_stage, timeout=5)
+
+
+def test_stage_status_without_an_error_class_passes_through(
+    pipeline: omnistage.Client, stage: RunningStage, tmp_path: Path
+) -> None:
+    """A 'stage' that answers health but not the Stage API (here another orchestrator) ends
+    the stream with its own UNIMPLEMENTED, not INTERNAL, once the thinker has streamed."""
+    process = start_orchestrator(
+        tmp_path, "impostor", [("thinker", stage.address), ("impostor", pipeline.address)]
+    )
+    outputs: list[omnistage.types.PipelineOutput] = []
+    try:
+        with (
+            omnistage.Client(process.address) as client,
+            pytest.raises(errors.OmnistageError) as info,
+        ):
+            for out in client.generate("Name a fruit.", timeout=60):
+                outputs.append(out)
+    finally:
+        process.stop()
+    assert getattr(info.value, "grpc_code", "") == "UNIMPLEMENTED"
+    assert str(info.value).startswith("stage 'impostor': ")
+    assert pipeline.address in str(info.value) and "omnistage service" in str(info.value)
+    assert {o.stage for o in outputs} == {"thinker"} and outputs[-1].finished
+    wait_idle(stage, timeout=5)
 
 
 def test_client_cancel_reaches_the_stage(pipeline: omnistage.Client, stage: RunningStage) -> None:

@@ -263,6 +263,44 @@ def test_a_custom_processor_path_is_accepted_as_written() -> None:
 
 
 @pytest.mark.parametrize(
+    ("processor", "words"),
+    [
+        ("no_such_package.mod:fn", "module 'no_such_package.mod' not found"),
+        ("tests.unit.test_processors:whisper", "has no attribute 'whisper'"),
+        ("tests.unit.test_processors:takes_one", "must take (output, original, config)"),
+        ("{module}:fn", "importing '{module}' failed: No module named"),
+    ],
+)
+def test_a_custom_processor_that_does_not_resolve_fails_at_load(
+    processor: str, words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = f"broken_processor_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text("import no_such_dependency_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    processor, words = processor.format(module=module), words.format(module=module)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            stages:
+              - name: a
+                address: localhost:1
+              - name: b
+                address: localhost:2
+                input:
+                  template: "{{text}}"
+                  processor: {processor}
+            """
+        )
+    )
+    with pytest.raises(PipelineConfigError) as caught:
+        load_pipeline(path)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{path}:8: stages[1].input.processor: custom processor ")
+    assert words in problem
+
+
+@pytest.mark.parametrize(
     ("input_yaml", "line", "words"),
     [
         ("{processor: texts}", 5, ["input.processor", "unknown processor 'texts'", "chat"]),

@@ -1,0 +1,202 @@
+"""The pipeline profiler's fan-out on fake stages: rollback when cancelled, concurrent stop,
+and the files it pulls checked (names that would escape the session folder, corrupt bytes)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from omnistage.errors import ProfilerStateError, StageUnavailableError
+from omnistage.types import ProfileFileInfo, ProfileManifest, ProfileOptions, ProfileReport
+from orchestrator.config import parse_pipeline
+from orchestrator.pool import SERVING, StageReplica
+from orchestrator.profiling import PipelineProfiler
+
+TRACE = b'{"traceEvents": []}'
+
+
+@dataclass
+class FakeStageClient:
+    """A stage's profiler: start and stop take their delays; stop serves `files`."""
+
+    name: str
+    start_delay: float = 0.0
+    stop_delay: float = 0.0
+    files: dict[str, bytes] = field(default_factory=lambda: {"profiler_out_0.txt": TRACE})
+    served: dict[str, bytes] = field(default_factory=dict)  # bytes served instead, by name
+    profiling: bool = False
+    starts: int = 0
+    stops: int = 0
+    fetched: list[str] = field(default_factory=list)
+
+    async def start_profile(
+        self, *, label: str = "", delay_iterations: int = 0, max_iterations: int = 0
+    ) -> str:
+        self.starts += 1
+        await asyncio.sleep(self.start_delay)
+        self.profiling = True
+        return f"{self.name}-{label}"
+
+    async def stop_profile(self, *, timeout: float = 0.0) -> ProfileManifest:
+        self.stops += 1
+        await asyncio.sleep(self.stop_delay)
+        if not self.profiling:
+            raise ProfilerStateError("no profile session is active")
+        self.profiling = False
+        infos = tuple(
+            ProfileFileInfo(name, len(data), hashlib.sha256(data).hexdigest())
+            for name, data in self.files.items()
+        )
+        return ProfileManifest(session_id=f"{self.name}-s", profile_dir="", files=infos)
+
+    async def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
+        self.fetched.append(name)
+        data = self.served.get(name, self.files[name])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        return len(data)
+
+    async def info(self, *, timeout: float = 10.0) -> object:
+        raise StageUnavailableError("no clock samples in these tests")
+
+
+class FakePool:
+    def __init__(self, clients: list[FakeStageClient]) -> None:
+        self._replicas = {
+            c.name: StageReplica(c.name, i, f"fake:{i}", c, health=SERVING)  # type: ignore[arg-type]
+            for i, c in enumerate(clients)
+        }
+
+    async def refresh(self, stages: object = None) -> None:
+        pass
+
+    def replicas(self, stage: str) -> list[StageReplica]:
+        return [self._replicas[stage]]
+
+    def has_replicas(self, stage: str) -> bool:
+        return False
+
+    def describe_unready(self, stage: str) -> str:
+        return "down"
+
+
+def profiler(clients: list[FakeStageClient], out: Path) -> PipelineProfiler:
+    pipeline = parse_pipeline(
+        "stages:\n"
+        + "".join(
+            f"  - {{name: {c.name}, address: 'fake:{i + 1}'}}\n" for i, c in enumerate(clients)
+        )
+    )
+    return PipelineProfiler(pipeline, FakePool(clients), default_output_dir=out)  # type: ignore[arg-type]
+
+
+def three(**delays: float) -> list[FakeStageClient]:
+    return [
+        FakeStageClient(name, **{k: v[i] for k, v in delays.items()})  # type: ignore[arg-type]
+        for i, name in enumerate(("thinker", "talker", "code2wav"))
+    ]
+
+
+def test_cancelled_start_stops_every_stage_it_reached(tmp_path: Path) -> None:
+    clients = three(start_delay=(0.0, 0.0, 30.0))
+    prof = profiler(clients, tmp_path)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(prof.start([], ProfileOptions()))
+        while not (clients[0].profiling and clients[1].profiling):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert [c.starts for c in clients] == [1, 1, 1]
+    assert [c.stops for c in clients] == [1, 1, 1]
+    assert not any(c.profiling for c in clients)
+    assert prof.active_session_id == "" and prof.profiling_stages() == []
+
+
+def test_rollback_finishes_when_cancelled_again(tmp_path: Path) -> None:
+    clients = three(start_delay=(0.0, 0.0, 30.0), stop_delay=(0.2, 0.2, 0.2))
+    prof = profiler(clients, tmp_path)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(prof.start([], ProfileOptions()))
+        while not (clients[0].profiling and clients[1].profiling):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.05)  # the rollback's stops are under way
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.4)  # the shielded rollback goes on to its end
+        # and the profiler can start a new session afterwards
+        for client in clients:
+            client.start_delay = 0.0
+        await prof.start(["thinker"], ProfileOptions())
+
+    asyncio.run(scenario())
+    assert not clients[1].profiling and not clients[2].profiling
+    assert clients[0].profiling and prof.profiling_stages() == ["thinker"]
+
+
+def stop(prof: PipelineProfiler, out: Path) -> ProfileReport:
+    async def scenario() -> ProfileReport:
+        await prof.start([], ProfileOptions())
+        return await prof.stop([], str(out))
+
+    return asyncio.run(scenario())
+
+
+def test_stop_runs_the_stages_concurrently(tmp_path: Path) -> None:
+    delays = (0.3, 0.6, 0.9)
+    clients = three(stop_delay=delays)
+    prof = profiler(clients, tmp_path)
+
+    async def scenario() -> tuple[float, ProfileReport]:
+        await prof.start([], ProfileOptions())
+        started = time.monotonic()
+        report = await prof.stop([], str(tmp_path))
+        return time.monotonic() - started, report
+
+    elapsed, report = asyncio.run(scenario())
+    assert all(s.ok for s in report.stages)
+    assert max(delays) <= elapsed < sum(delays) - 0.5
+    stop_seconds = [s.stop_seconds for s in report.stages]
+    assert all(d <= s < d + 0.3 for d, s in zip(delays, stop_seconds, strict=True))
+
+
+@pytest.mark.parametrize("bad", ["../escaped.txt", "<tmp>/escaped.txt", "sub/x.txt", "..", ""])
+def test_unsafe_manifest_name_fails_that_stage_only(tmp_path: Path, bad: str) -> None:
+    bad = bad.replace("<tmp>", str(tmp_path))  # an absolute name
+    clients = three()
+    clients[1].files = {"ok.txt": TRACE, bad: b"evil"}
+    out = tmp_path / "out"
+    report = stop(profiler(clients, out), out)
+    by_stage = {s.stage: s for s in report.stages}
+    talker = by_stage["talker"]
+    assert not talker.ok and repr(bad) in talker.error and "plain file name" in talker.error
+    assert clients[1].fetched == []  # rejected before any file was opened
+    assert not list(tmp_path.rglob("escaped.txt"))
+    for name in ("thinker", "code2wav"):
+        assert by_stage[name].ok
+        assert (Path(report.output_dir) / name / "profiler_out_0.txt").read_bytes() == TRACE
+
+
+def test_corrupt_file_fails_that_stage_with_both_hashes(tmp_path: Path) -> None:
+    clients = three()
+    clients[2].served = {"profiler_out_0.txt": b"corrupted bytes"}
+    report = stop(profiler(clients, tmp_path), tmp_path)
+    by_stage = {s.stage: s for s in report.stages}
+    error = by_stage["code2wav"].error
+    assert not by_stage["code2wav"].ok and "profiler_out_0.txt" in error
+    assert hashlib.sha256(b"corrupted bytes").hexdigest() in error
+    assert hashlib.sha256(TRACE).hexdigest() in error
+    for name in ("thinker", "talker"):
+        assert by_stage[name].ok
+        assert (Path(report.output_dir) / name / "profiler_out_0.txt").read_bytes() == TRACE

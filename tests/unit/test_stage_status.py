@@ -1,0 +1,122 @@
+"""A stage's status code reaches the orchestrator's client unchanged, the stage named."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from omnistage.rpc import error_from_rpc
+from omnistage.types import GenerateInput, OutputDelta
+from orchestrator.config import parse_pipeline
+from orchestrator.runner import PipelineRunner
+from services.status import grpc_errors, status_code
+
+from .test_errors import _FakeRpcError
+
+
+@dataclass
+class FailingStage:
+    """Yields `tokens` deltas, then fails as a stage answering `code` would."""
+
+    code: grpc.StatusCode | None = None
+    tokens: int = 3
+    closed: list[bool] = field(default_factory=list)
+
+    async def generate(
+        self, request: GenerateInput, *, timeout: float | None = None
+    ) -> AsyncIterator[OutputDelta]:
+        try:
+            for token in range(self.tokens):
+                await asyncio.sleep(0)
+                yield OutputDelta(request.request_id, token_ids=(token,), text=f"{token} ")
+            if self.code is not None:
+                raise error_from_rpc(_FakeRpcError(self.code, "the stage said no"), address="h:2")
+            yield OutputDelta(request.request_id, finished=True, finish_reason="stop")
+        finally:
+            self.closed.append(True)
+
+
+@dataclass
+class FakeReplica:
+    client: FailingStage
+    address: str
+
+
+class FakePool:
+    def __init__(self, **stages: FailingStage) -> None:
+        self.stages = stages
+
+    async def pick(self, stage: str, *, exclude: object = ()) -> FakeReplica:
+        return FakeReplica(self.stages[stage], f"fake/{stage}")
+
+    def mark(self, replica: FakeReplica, health: str) -> None:
+        pass
+
+    def replicas(self, stage: str) -> list[FakeReplica]:
+        return [FakeReplica(self.stages[stage], f"fake/{stage}")]
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.status: tuple[grpc.StatusCode, str] | None = None
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        self.status = (code, message)
+        raise Aborted
+
+
+UNMAPPED_AND_MAPPED = [
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAVAILABLE,
+]
+
+
+@pytest.mark.parametrize("code", UNMAPPED_AND_MAPPED)
+def test_stage_failing_mid_stream_keeps_its_status(code: grpc.StatusCode) -> None:
+    pipeline = parse_pipeline(
+        "stages:\n"
+        "  - {name: thinker, address: fake:1}\n"
+        "  - {name: talker, address: fake:2}\n"
+        "  - {name: code2wav, address: fake:3}\n"
+    )
+    pool = FakePool(thinker=FailingStage(), talker=FailingStage(code), code2wav=FailingStage())
+    runner = PipelineRunner(pipeline, pool)  # type: ignore[arg-type]
+    context = FakeContext()
+    seen: list[str] = []
+
+    async def serve() -> None:
+        async with grpc_errors(context, "Generate"):  # type: ignore[arg-type]
+            async for event in runner.run(GenerateInput(request_id="r1", prompt="hi")):
+                seen.append(event.stage)
+
+    with pytest.raises(Aborted):
+        asyncio.run(serve())
+    assert context.status is not None
+    status, message = context.status
+    assert status is code
+    assert message.startswith("stage 'talker': ") and "the stage said no" in message
+    assert "h:2" in message
+    # The talker had streamed before it failed; the code2wav stage was never called.
+    assert seen.count("talker") == 3 and "code2wav" not in seen
+    assert pool.stages["talker"].closed == [True] and not pool.stages["code2wav"].closed
+
+
+def test_status_code_prefers_the_remote_code() -> None:
+    error = error_from_rpc(_FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "no"))
+    assert status_code(error) is grpc.StatusCode.PERMISSION_DENIED
+    assert error.code == "INTERNAL"  # no error class stands for it
