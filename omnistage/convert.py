@@ -182,6 +182,7 @@ def pipeline_output_from_pb(msg: orchestrator_pb2.PipelineResponse) -> PipelineO
             time_to_first_output_s=msg.metrics.time_to_first_output_s,
             duration_s=msg.metrics.duration_s,
             handoff_s=msg.metrics.handoff_s,
+            stage_time_s=msg.metrics.stage_time_s,
         )
     return PipelineOutput(
         stage=msg.stage,

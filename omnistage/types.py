@@ -214,6 +214,7 @@ class StageMetrics:
     time_to_first_output_s: float = 0.0
     duration_s: float = 0.0
     handoff_s: float = 0.0
+    stage_time_s: float = 0.0  # the stage server's own time: duration_s minus it is the hop
 
 
 @dataclass(frozen=True)

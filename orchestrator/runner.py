@@ -181,6 +181,7 @@ class PipelineRunner:
                         start_unix_ns=start_ns,
                         first_output_unix_ns=first_ns,
                         end_unix_ns=time.time_ns(),
+                        stage_time_s=delta.metrics.duration_s if delta.metrics else 0.0,
                     )
                 event = StageEvent(
                     stage=spec.name,

@@ -141,6 +141,7 @@ def _event_to_pb(event: StageEvent) -> orchestrator_pb2.PipelineResponse:
                 time_to_first_output_s=event.timing.time_to_first_output_s,
                 duration_s=event.timing.duration_s,
                 handoff_s=event.timing.handoff_s,
+                stage_time_s=event.timing.stage_time_s,
             )
         )
     return msg

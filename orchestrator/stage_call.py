@@ -30,6 +30,7 @@ class StageTiming:
     start_unix_ns: int
     first_output_unix_ns: int
     end_unix_ns: int
+    stage_time_s: float = 0.0  # as the stage reported it; duration_s minus it is the hop
 
 
 @dataclass(frozen=True)

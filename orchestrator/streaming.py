@@ -210,6 +210,7 @@ class StreamedStage:
             start_unix_ns=self._start_ns,
             first_output_unix_ns=first_ns,
             end_unix_ns=time.time_ns(),
+            stage_time_s=sum(m.duration_s for m in metrics),
         )
         finished = OutputDelta(
             request_id=self._request_id,

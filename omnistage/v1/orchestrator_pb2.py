@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from omnistage.v1 import common_pb2 as omnistage_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fomnistage/v1/orchestrator.proto\x12\x0comnistage.v1\x1a\x19omnistage/v1/common.proto\"\xe9\x02\n\x0fPipelineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.omnistage.v1.ChatMessage\x12$\n\x06tensor\x18\x05 \x01(\x0b\x32\x14.omnistage.v1.Tensor\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.omnistage.v1.SamplingParams\x12H\n\x0estage_sampling\x18\x07 \x03(\x0b\x32\x30.omnistage.v1.PipelineRequest.StageSamplingEntry\x1aR\n\x12StageSamplingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.omnistage.v1.SamplingParams:\x02\x38\x01\"k\n\x0cStageMetrics\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_output_s\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x11\n\thandoff_s\x18\x04 \x01(\x01\"\x87\x02\n\x10PipelineResponse\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x13\n\x0bstage_index\x18\x02 \x01(\x05\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12$\n\x06tensor\x18\x06 \x01(\x0b\x32\x14.omnistage.v1.Tensor\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\r\n\x05\x66inal\x18\x08 \x01(\x08\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12+\n\x07metrics\x18\n \x01(\x0b\x32\x1a.omnistage.v1.StageMetrics\x12\x0f\n\x07replica\x18\x0b \x01(\t\"n\n\x1bPipelineStartProfileRequest\x12\x0e\n\x06stages\x18\x01 \x03(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65lay_iterations\x18\x03 \x01(\x05\x12\x16\n\x0emax_iterations\x18\x04 \x01(\x05\"6\n\x11StageProfileStart\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"c\n\x1cPipelineStartProfileResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x06stages\x18\x02 \x03(\x0b\x32\x1f.omnistage.v1.StageProfileStart\"\x83\x01\n\x1aPipelineStopProfileRequest\x12\x0e\n\x06stages\x18\x01 \x03(\t\x12\x12\n\noutput_dir\x18\x02 \x01(\t\x12\x1c\n\x14slim_min_duration_us\x18\x03 \x01(\x01\x12\x15\n\rslim_patterns\x18\x04 \x03(\t\x12\x0c\n\x04slim\x18\x05 \x01(\x08\"\xbc\x01\n\x12StageProfileResult\x12\r\n\x05stage\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12(\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x19.omnistage.v1.ProfileFile\x12\x18\n\x10stage_session_id\x18\x05 \x01(\t\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\x11\n\tlocal_dir\x18\x07 \x01(\t\x12\x14\n\x0cstop_seconds\x18\x08 \x01(\x01\"\xbd\x01\n\rProfileReport\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\noutput_dir\x18\x02 \x01(\t\x12\x30\n\x06stages\x18\x03 \x03(\x0b\x32 .omnistage.v1.StageProfileResult\x12\x10\n\x08timeline\x18\x04 \x01(\t\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12/\n\x08slimming\x18\x06 \x01(\x0b\x32\x1d.omnistage.v1.ProfileSlimming\"\x91\x01\n\x0fProfileSlimming\x12\x14\n\x0c\x62ytes_before\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_after\x18\x02 \x01(\x03\x12\x15\n\revents_before\x18\x03 \x01(\x03\x12\x14\n\x0c\x65vents_after\x18\x04 \x01(\x03\x12\x0e\n\x06traces\x18\x05 \x01(\x05\x12\x16\n\x0e\x63opies_written\x18\x06 \x01(\x05\"\x14\n\x12GetPipelineRequest\"\x95\x01\n\x0bStageStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x18\n\x10profiling_active\x18\x05 \x01(\x08\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"}\n\x0cPipelineInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06stages\x18\x02 \x03(\x0b\x32\x19.omnistage.v1.StageStatus\x12\x18\n\x10profiling_active\x18\x03 \x01(\x08\x12\x1a\n\x12profile_session_id\x18\x04 \x01(\t2\xe5\x02\n\x0cOrchestrator\x12K\n\x08Generate\x12\x1d.omnistage.v1.PipelineRequest\x1a\x1e.omnistage.v1.PipelineResponse0\x01\x12\x65\n\x0cStartProfile\x12).omnistage.v1.PipelineStartProfileRequest\x1a*.omnistage.v1.PipelineStartProfileResponse\x12T\n\x0bStopProfile\x12(.omnistage.v1.PipelineStopProfileRequest\x1a\x1b.omnistage.v1.ProfileReport\x12K\n\x0bGetPipeline\x12 .omnistage.v1.GetPipelineRequest\x1a\x1a.omnistage.v1.PipelineInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fomnistage/v1/orchestrator.proto\x12\x0comnistage.v1\x1a\x19omnistage/v1/common.proto\"\xe9\x02\n\x0fPipelineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.omnistage.v1.ChatMessage\x12$\n\x06tensor\x18\x05 \x01(\x0b\x32\x14.omnistage.v1.Tensor\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.omnistage.v1.SamplingParams\x12H\n\x0estage_sampling\x18\x07 \x03(\x0b\x32\x30.omnistage.v1.PipelineRequest.StageSamplingEntry\x1aR\n\x12StageSamplingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.omnistage.v1.SamplingParams:\x02\x38\x01\"\x81\x01\n\x0cStageMetrics\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_output_s\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x11\n\thandoff_s\x18\x04 \x01(\x01\x12\x14\n\x0cstage_time_s\x18\x05 \x01(\x01\"\x87\x02\n\x10PipelineResponse\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x13\n\x0bstage_index\x18\x02 \x01(\x05\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12$\n\x06tensor\x18\x06 \x01(\x0b\x32\x14.omnistage.v1.Tensor\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\r\n\x05\x66inal\x18\x08 \x01(\x08\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12+\n\x07metrics\x18\n \x01(\x0b\x32\x1a.omnistage.v1.StageMetrics\x12\x0f\n\x07replica\x18\x0b \x01(\t\"n\n\x1bPipelineStartProfileRequest\x12\x0e\n\x06stages\x18\x01 \x03(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65lay_iterations\x18\x03 \x01(\x05\x12\x16\n\x0emax_iterations\x18\x04 \x01(\x05\"6\n\x11StageProfileStart\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"c\n\x1cPipelineStartProfileResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x06stages\x18\x02 \x03(\x0b\x32\x1f.omnistage.v1.StageProfileStart\"\x83\x01\n\x1aPipelineStopProfileRequest\x12\x0e\n\x06stages\x18\x01 \x03(\t\x12\x12\n\noutput_dir\x18\x02 \x01(\t\x12\x1c\n\x14slim_min_duration_us\x18\x03 \x01(\x01\x12\x15\n\rslim_patterns\x18\x04 \x03(\t\x12\x0c\n\x04slim\x18\x05 \x01(\x08\"\xbc\x01\n\x12StageProfileResult\x12\r\n\x05stage\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12(\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x19.omnistage.v1.ProfileFile\x12\x18\n\x10stage_session_id\x18\x05 \x01(\t\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\x11\n\tlocal_dir\x18\x07 \x01(\t\x12\x14\n\x0cstop_seconds\x18\x08 \x01(\x01\"\xbd\x01\n\rProfileReport\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\noutput_dir\x18\x02 \x01(\t\x12\x30\n\x06stages\x18\x03 \x03(\x0b\x32 .omnistage.v1.StageProfileResult\x12\x10\n\x08timeline\x18\x04 \x01(\t\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12/\n\x08slimming\x18\x06 \x01(\x0b\x32\x1d.omnistage.v1.ProfileSlimming\"\x91\x01\n\x0fProfileSlimming\x12\x14\n\x0c\x62ytes_before\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_after\x18\x02 \x01(\x03\x12\x15\n\revents_before\x18\x03 \x01(\x03\x12\x14\n\x0c\x65vents_after\x18\x04 \x01(\x03\x12\x0e\n\x06traces\x18\x05 \x01(\x05\x12\x16\n\x0e\x63opies_written\x18\x06 \x01(\x05\"\x14\n\x12GetPipelineRequest\"\x95\x01\n\x0bStageStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x18\n\x10profiling_active\x18\x05 \x01(\x08\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"}\n\x0cPipelineInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06stages\x18\x02 \x03(\x0b\x32\x19.omnistage.v1.StageStatus\x12\x18\n\x10profiling_active\x18\x03 \x01(\x08\x12\x1a\n\x12profile_session_id\x18\x04 \x01(\t2\xe5\x02\n\x0cOrchestrator\x12K\n\x08Generate\x12\x1d.omnistage.v1.PipelineRequest\x1a\x1e.omnistage.v1.PipelineResponse0\x01\x12\x65\n\x0cStartProfile\x12).omnistage.v1.PipelineStartProfileRequest\x1a*.omnistage.v1.PipelineStartProfileResponse\x12T\n\x0bStopProfile\x12(.omnistage.v1.PipelineStopProfileRequest\x1a\x1b.omnistage.v1.ProfileReport\x12K\n\x0bGetPipeline\x12 .omnistage.v1.GetPipelineRequest\x1a\x1a.omnistage.v1.PipelineInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +38,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PIPELINEREQUEST']._serialized_end=438
   _globals['_PIPELINEREQUEST_STAGESAMPLINGENTRY']._serialized_start=356
   _globals['_PIPELINEREQUEST_STAGESAMPLINGENTRY']._serialized_end=438
-  _globals['_STAGEMETRICS']._serialized_start=440
-  _globals['_STAGEMETRICS']._serialized_end=547
-  _globals['_PIPELINERESPONSE']._serialized_start=550
-  _globals['_PIPELINERESPONSE']._serialized_end=813
-  _globals['_PIPELINESTARTPROFILEREQUEST']._serialized_start=815
-  _globals['_PIPELINESTARTPROFILEREQUEST']._serialized_end=925
-  _globals['_STAGEPROFILESTART']._serialized_start=927
-  _globals['_STAGEPROFILESTART']._serialized_end=981
-  _globals['_PIPELINESTARTPROFILERESPONSE']._serialized_start=983
-  _globals['_PIPELINESTARTPROFILERESPONSE']._serialized_end=1082
-  _globals['_PIPELINESTOPPROFILEREQUEST']._serialized_start=1085
-  _globals['_PIPELINESTOPPROFILEREQUEST']._serialized_end=1216
-  _globals['_STAGEPROFILERESULT']._serialized_start=1219
-  _globals['_STAGEPROFILERESULT']._serialized_end=1407
-  _globals['_PROFILEREPORT']._serialized_start=1410
-  _globals['_PROFILEREPORT']._serialized_end=1599
-  _globals['_PROFILESLIMMING']._serialized_start=1602
-  _globals['_PROFILESLIMMING']._serialized_end=1747
-  _globals['_GETPIPELINEREQUEST']._serialized_start=1749
-  _globals['_GETPIPELINEREQUEST']._serialized_end=1769
-  _globals['_STAGESTATUS']._serialized_start=1772
-  _globals['_STAGESTATUS']._serialized_end=1921
-  _globals['_PIPELINEINFO']._serialized_start=1923
-  _globals['_PIPELINEINFO']._serialized_end=2048
-  _globals['_ORCHESTRATOR']._serialized_start=2051
-  _globals['_ORCHESTRATOR']._serialized_end=2408
+  _globals['_STAGEMETRICS']._serialized_start=441
+  _globals['_STAGEMETRICS']._serialized_end=570
+  _globals['_PIPELINERESPONSE']._serialized_start=573
+  _globals['_PIPELINERESPONSE']._serialized_end=836
+  _globals['_PIPELINESTARTPROFILEREQUEST']._serialized_start=838
+  _globals['_PIPELINESTARTPROFILEREQUEST']._serialized_end=948
+  _globals['_STAGEPROFILESTART']._serialized_start=950
+  _globals['_STAGEPROFILESTART']._serialized_end=1004
+  _globals['_PIPELINESTARTPROFILERESPONSE']._serialized_start=1006
+  _globals['_PIPELINESTARTPROFILERESPONSE']._serialized_end=1105
+  _globals['_PIPELINESTOPPROFILEREQUEST']._serialized_start=1108
+  _globals['_PIPELINESTOPPROFILEREQUEST']._serialized_end=1239
+  _globals['_STAGEPROFILERESULT']._serialized_start=1242
+  _globals['_STAGEPROFILERESULT']._serialized_end=1430
+  _globals['_PROFILEREPORT']._serialized_start=1433
+  _globals['_PROFILEREPORT']._serialized_end=1622
+  _globals['_PROFILESLIMMING']._serialized_start=1625
+  _globals['_PROFILESLIMMING']._serialized_end=1770
+  _globals['_GETPIPELINEREQUEST']._serialized_start=1772
+  _globals['_GETPIPELINEREQUEST']._serialized_end=1792
+  _globals['_STAGESTATUS']._serialized_start=1795
+  _globals['_STAGESTATUS']._serialized_end=1944
+  _globals['_PIPELINEINFO']._serialized_start=1946
+  _globals['_PIPELINEINFO']._serialized_end=2071
+  _globals['_ORCHESTRATOR']._serialized_start=2074
+  _globals['_ORCHESTRATOR']._serialized_end=2431
 # @@protoc_insertion_point(module_scope)

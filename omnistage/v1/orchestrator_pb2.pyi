@@ -33,16 +33,18 @@ class PipelineRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stage_sampling: _Optional[_Mapping[str, _common_pb2.SamplingParams]] = ...) -> None: ...
 
 class StageMetrics(_message.Message):
-    __slots__ = ("queue_time_s", "time_to_first_output_s", "duration_s", "handoff_s")
+    __slots__ = ("queue_time_s", "time_to_first_output_s", "duration_s", "handoff_s", "stage_time_s")
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_OUTPUT_S_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_S_FIELD_NUMBER: _ClassVar[int]
+    STAGE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     queue_time_s: float
     time_to_first_output_s: float
     duration_s: float
     handoff_s: float
-    def __init__(self, queue_time_s: _Optional[float] = ..., time_to_first_output_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., handoff_s: _Optional[float] = ...) -> None: ...
+    stage_time_s: float
+    def __init__(self, queue_time_s: _Optional[float] = ..., time_to_first_output_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., handoff_s: _Optional[float] = ..., stage_time_s: _Optional[float] = ...) -> None: ...
 
 class PipelineResponse(_message.Message):
     __slots__ = ("stage", "stage_index", "request_id", "text", "token_ids", "tensor", "finished", "final", "finish_reason", "metrics", "replica")

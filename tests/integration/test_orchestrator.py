@@ -109,6 +109,8 @@ def test_two_stages_stream_in_order(pipeline: omnistage.Client) -> None:
     for out in finished:
         assert out.metrics is not None
         assert 0 < out.metrics.time_to_first_output_s <= out.metrics.duration_s
+        # The stage's own time, as it reported it, fits inside the orchestrator's view.
+        assert 0 < out.metrics.stage_time_s <= out.metrics.duration_s
     assert finished[1].metrics is not None and finished[1].metrics.handoff_s >= 0
     assert "".join(o.text for o in outputs if o.stage == "rewriter").strip()
 
