@@ -67,3 +67,18 @@ class UnauthenticatedError(OmnistageError):
     """A call that needs a token came without a valid one."""
 
     code = "UNAUTHENTICATED"
+
+
+def reworded(error: OmnistageError, message: str) -> OmnistageError:
+    """The same kind of error with a new message, `error` as its cause.
+
+    It keeps the status code the far side answered with (`grpc_code`, which the client sets
+    for any code, even one no error class stands for), so a caller that rewords a stage's
+    error still passes that code on unchanged.
+    """
+    renamed = type(error)(message)
+    code = getattr(error, "grpc_code", None)
+    if code is not None:
+        renamed.grpc_code = code  # type: ignore[attr-defined]
+    renamed.__cause__ = error
+    return renamed

@@ -12,10 +12,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from omnistage.errors import (
+    CancelledError,
+    DeadlineError,
+    EngineDeadError,
     InvalidRequestError,
     OmnistageError,
     ProfilerStateError,
     StageUnavailableError,
+    reworded,
 )
 from omnistage.profile_files import new_session_id, sha256_file
 from omnistage.types import ProfileOptions, ProfileReport, StageProfileResult
@@ -32,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 
 CLOCK_SAMPLES = 5
+
+# Errors after which a StartProfile may still have reached its stage (the answer was lost, not
+# refused), so the rollback stops that stage too. A refusal (already profiling, profiling off,
+# bad options) leaves the stage as it was: its own session, if any, is not ours to stop.
+MAYBE_STARTED = (DeadlineError, StageUnavailableError, EngineDeadError, CancelledError)
 
 
 @dataclass
@@ -120,13 +129,15 @@ class PipelineProfiler:
                 await asyncio.shield(self._rollback(asked))
                 raise
             if failures:
-                await self._rollback([r for r, _ in started])
+                unsure = [r for r, e in failures if isinstance(e, MAYBE_STARTED)]
+                await self._rollback([r for r, _ in started] + unsure)
                 replica, error = failures[0]
                 if isinstance(error, OmnistageError):
-                    raise type(error)(
+                    raise reworded(
+                        error,
                         f"stage {replica.stage!r} ({replica.address}) could not start profiling: "
-                        f"{error}; no stage is left profiling"
-                    ) from error
+                        f"{error}; no stage is left profiling",
+                    )
                 raise error
             for replica, stage_session in started:
                 session.stages.setdefault(replica.stage, []).append((replica, stage_session))
@@ -259,7 +270,13 @@ class PipelineProfiler:
                 )
             root = Path(output_dir).expanduser() if output_dir else self._default_output_dir
             session_dir = (root / session.session_id).resolve()
-            session_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                session_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InvalidRequestError(
+                    f"output_dir {str(root)!r} cannot hold the session's files ({exc}); pass a "
+                    f"writable output_dir: session {session.session_id} is still profiling"
+                ) from exc
             targets = [(r, sid) for n in names for r, sid in session.stages[n]]
             multi = {n for n in names if self._pool.has_replicas(n)}
             clock_stop = await self._clocks([r for r, _ in targets])
@@ -301,12 +318,20 @@ class PipelineProfiler:
                 )
             for item in manifest.files:
                 target = local_dir / item.name
-                await replica.client.fetch_file(manifest.session_id, item.name, target)
+                try:
+                    await replica.client.fetch_file(manifest.session_id, item.name, target)
+                except OSError as exc:
+                    raise OmnistageError(
+                        f"could not write {target}: {exc}; free space there, or pass another "
+                        f"output_dir (the stage keeps its copy in session {manifest.session_id})"
+                    ) from exc
                 digest = await asyncio.to_thread(sha256_file, target)
                 if digest != item.sha256:
+                    target.unlink()
                     raise OmnistageError(
-                        f"{item.name} arrived corrupted: its sha256 is {digest}, the stage's "
-                        f"manifest says {item.sha256}"
+                        f"{item.name} arrived corrupted and was deleted: its sha256 is "
+                        f"{digest}, the stage's manifest says {item.sha256}; the stage keeps "
+                        f"its copy in session {manifest.session_id}"
                     )
         except OmnistageError as exc:
             logger.warning("stage %s (%s) failed to stop: %s", replica.stage, replica.address, exc)

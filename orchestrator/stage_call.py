@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from omnistage.errors import OmnistageError, StageUnavailableError
+from omnistage.errors import OmnistageError, StageUnavailableError, reworded
 from omnistage.types import GenerateInput, OutputDelta
 from orchestrator.config import StageSpec
 from orchestrator.pool import StagePool
@@ -52,12 +52,7 @@ def name_stage(error: OmnistageError, stage: str) -> OmnistageError:
     It keeps the status code the stage answered with (`grpc_code`, set by the client for any
     code, even one no error class stands for), so the orchestrator passes it on unchanged.
     """
-    renamed = type(error)(f"stage {stage!r}: {error}")
-    code = getattr(error, "grpc_code", None)
-    if code is not None:
-        renamed.grpc_code = code  # type: ignore[attr-defined]
-    renamed.__cause__ = error
-    return renamed
+    return reworded(error, f"stage {stage!r}: {error}")
 
 
 @asynccontextmanager

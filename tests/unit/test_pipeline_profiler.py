@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from omnistage.errors import ProfilerStateError, StageUnavailableError
+from omnistage.errors import (
+    DeadlineError,
+    InvalidRequestError,
+    OmnistageError,
+    ProfilerStateError,
+    StageUnavailableError,
+)
 from omnistage.types import ProfileFileInfo, ProfileManifest, ProfileOptions, ProfileReport
 from orchestrator.config import parse_pipeline
 from orchestrator.pool import SERVING, StageReplica
@@ -33,12 +39,21 @@ class FakeStageClient:
     starts: int = 0
     stops: int = 0
     fetched: list[str] = field(default_factory=list)
+    # StartProfile fails with this; `start_reaches` says whether the stage started all the same
+    # (an answer lost on the way back, such as a deadline), or refused (already profiling).
+    start_error: OmnistageError | None = None
+    start_reaches: bool = False
+    fetch_error: OSError | None = None
 
     async def start_profile(
         self, *, label: str = "", delay_iterations: int = 0, max_iterations: int = 0
     ) -> str:
         self.starts += 1
         await asyncio.sleep(self.start_delay)
+        if self.start_error is not None:
+            if self.start_reaches:
+                self.profiling = True
+            raise self.start_error
         self.profiling = True
         return f"{self.name}-{label}"
 
@@ -56,6 +71,8 @@ class FakeStageClient:
 
     async def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
         self.fetched.append(name)
+        if self.fetch_error is not None:
+            raise self.fetch_error
         data = self.served.get(name, self.files[name])
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
@@ -197,6 +214,78 @@ def test_corrupt_file_fails_that_stage_with_both_hashes(tmp_path: Path) -> None:
     assert not by_stage["code2wav"].ok and "profiler_out_0.txt" in error
     assert hashlib.sha256(b"corrupted bytes").hexdigest() in error
     assert hashlib.sha256(TRACE).hexdigest() in error
+    assert "deleted" in error  # corrupt bytes are not left where a trace is expected
+    assert not (Path(report.output_dir) / "code2wav" / "profiler_out_0.txt").exists()
     for name in ("thinker", "talker"):
         assert by_stage[name].ok
         assert (Path(report.output_dir) / name / "profiler_out_0.txt").read_bytes() == TRACE
+
+
+def test_a_start_whose_answer_was_lost_is_rolled_back_too(tmp_path: Path) -> None:
+    """A deadline after the stage started: the stage is profiling, so it is stopped again."""
+    clients = three()
+    clients[2].start_error = DeadlineError("StartProfile ran past its deadline")
+    clients[2].start_reaches = True
+    prof = profiler(clients, tmp_path)
+    with pytest.raises(DeadlineError) as info:
+        asyncio.run(prof.start([], ProfileOptions()))
+    assert "'code2wav'" in str(info.value) and "no stage is left profiling" in str(info.value)
+    assert not any(c.profiling for c in clients)
+    assert [c.stops for c in clients] == [1, 1, 1]
+    assert prof.active_session_id == ""
+
+
+def test_a_stage_that_refused_keeps_its_own_session(tmp_path: Path) -> None:
+    """A stage already profiling (someone started it directly) refuses; the rollback stops
+    only the stages this call started, never the session the stage already had."""
+    clients = three()
+    clients[1].profiling = True
+    clients[1].start_error = ProfilerStateError("profile session s-1 is already active")
+    prof = profiler(clients, tmp_path)
+    with pytest.raises(ProfilerStateError) as info:
+        asyncio.run(prof.start([], ProfileOptions()))
+    assert "'talker'" in str(info.value) and "already active" in str(info.value)
+    assert clients[1].profiling and clients[1].stops == 0
+    assert not clients[0].profiling and not clients[2].profiling
+
+
+def test_a_refusal_keeps_the_stages_own_status_code(tmp_path: Path) -> None:
+    clients = three()
+    refusal = OmnistageError("method not implemented")
+    refusal.grpc_code = "UNIMPLEMENTED"  # type: ignore[attr-defined]
+    clients[0].start_error = refusal
+    with pytest.raises(OmnistageError) as info:
+        asyncio.run(profiler(clients, tmp_path).start([], ProfileOptions()))
+    assert info.value.grpc_code == "UNIMPLEMENTED"  # type: ignore[attr-defined]
+    assert "'thinker'" in str(info.value) and "method not implemented" in str(info.value)
+
+
+def test_a_file_that_cannot_be_written_fails_that_stage_only(tmp_path: Path) -> None:
+    clients = three()
+    clients[0].fetch_error = OSError(28, "No space left on device")
+    prof = profiler(clients, tmp_path)
+    report = stop(prof, tmp_path)
+    by_stage = {s.stage: s for s in report.stages}
+    error = by_stage["thinker"].error
+    assert not by_stage["thinker"].ok and "No space left on device" in error
+    assert "output_dir" in error and "thinker-s" in error
+    assert by_stage["talker"].ok and by_stage["code2wav"].ok
+    assert prof.active_session_id == ""  # the session ended; the others' files are kept
+
+
+def test_an_unwritable_output_dir_stops_nothing(tmp_path: Path) -> None:
+    clients = three()
+    prof = profiler(clients, tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    async def scenario() -> None:
+        await prof.start([], ProfileOptions())
+        with pytest.raises(InvalidRequestError) as info:
+            await prof.stop([], str(blocker / "out"))
+        assert "writable output_dir" in str(info.value) and "still profiling" in str(info.value)
+        assert all(c.profiling for c in clients) and prof.active_session_id
+        report = await prof.stop([], str(tmp_path / "out"))
+        assert all(s.ok for s in report.stages)
+
+    asyncio.run(scenario())
