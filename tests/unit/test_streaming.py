@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ class FakeStage:
     fail_on_call: int | None = None
     tensors: bool = False  # talker: send each token as a tensor, as a torch stage would
     calls: list[GenerateInput] = field(default_factory=list)
+    timeouts: list[float | None] = field(default_factory=list)  # each call's gRPC deadline
     active: int = 0
     cancelled: int = 0
 
@@ -35,6 +37,7 @@ class FakeStage:
         self, request: GenerateInput, *, timeout: float | None = None
     ) -> AsyncIterator[OutputDelta]:
         self.calls.append(request)
+        self.timeouts.append(timeout)
         self.active += 1
         try:
             if self.fail_on_call == len(self.calls) - 1:
@@ -118,6 +121,24 @@ def test_streaming_starts_before_upstream_finishes() -> None:
     first_audio = next(i for i, e in enumerate(events) if e.stage == "code2wav")
     talker_done = next(i for i, e in enumerate(events) if e.stage == "talker" and e.delta.finished)
     assert first_audio < talker_done
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_the_clients_deadline_reaches_every_stage_call(chunk: int | None) -> None:
+    """Each stage call carries what is left of the client's deadline, so a stage stops
+    working on a request the client has given up on, whether the edge waits or streams."""
+    talker, code2wav = FakeStage("talker"), FakeStage("code2wav")
+    pool = FakePool(talker=talker, code2wav=code2wav)
+    started = time.monotonic()
+    asyncio.run(collect(runner(chunk, pool, []), deadline=started + 30.0))
+    elapsed = time.monotonic() - started
+    timeouts = talker.timeouts + code2wav.timeouts
+    assert len(code2wav.timeouts) == (3 if chunk else 1)
+    assert all(t is not None and 30.0 - elapsed - 0.5 <= t <= 30.0 for t in timeouts), timeouts
+    # no deadline from the client: no deadline on the stage calls either
+    talker.timeouts.clear()
+    asyncio.run(collect(runner(chunk, pool, [])))
+    assert talker.timeouts == [None]
 
 
 def test_cancelling_mid_stream_cancels_every_call() -> None:
