@@ -89,6 +89,9 @@ def measure(client: omnistage.Client, mode: str, prompt: str) -> Run:
             samples += out.tensor.shape[-1]
         if out.stage == "code2wav" and out.finished and out.metrics is not None:
             server_first = out.metrics.time_to_first_output_s
+    if not codes or not first_audio:
+        # a zero here would pass for the fastest run in the medians
+        raise SystemExit(f"{mode}: {prompt!r} gave {codes} codes and no audio; see the logs")
     return Run(
         mode=mode,
         prompt=prompt,
