@@ -109,27 +109,42 @@ def stop_all(processes: list[ServerProcess]) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal
 
 
+class StopSignals:
+    """What `up` does on Ctrl-C, SIGTERM or SIGHUP.
+
+    While the pipeline starts, the first signal raises KeyboardInterrupt, so launch_pipeline
+    stops what it started; once it runs, the signal asks the wait loop to stop everything.
+    Any later signal only says the stop is under way: a second, impatient Ctrl-C must not cut
+    the stop short and leave servers behind.
+    """
+
+    def __init__(self) -> None:
+        self.launched = False
+        self.requested = threading.Event()
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested.is_set():
+            print("omnistage up: already stopping every process", file=sys.stderr, flush=True)
+            return
+        self.requested.set()
+        if not self.launched:
+            raise KeyboardInterrupt
+
+
 def run_up(pipeline_file: Path, *, port: int | None = None) -> int:
     """Launch, then wait for a stop signal or a process that exits, and stop them all.
 
     A stop signal while the pipeline still starts stops what has started. Should `up` itself
     die without stopping them (SIGKILL), every server gets SIGTERM from the kernel.
     """
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if not launched:
-            raise KeyboardInterrupt  # launch_pipeline stops what it started
-        stopping.set()
-
-    launched = False
+    stop = StopSignals()
     for sig in STOP_SIGNALS:
-        signal.signal(sig, on_signal)
+        signal.signal(sig, stop.handle)
     processes = launch_pipeline(pipeline_file, port=port)
-    launched = True
+    stop.launched = True
     _say("    press Ctrl-C to stop every process")
     try:
-        while not stopping.wait(1.0):
+        while not stop.requested.wait(1.0):
             dead = [p for p in processes if p.process.poll() is not None]
             if dead:
                 names = ", ".join(p.name for p in dead)
