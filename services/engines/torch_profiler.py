@@ -27,6 +27,19 @@ from services.config import ProfilerSettings
 logger = logging.getLogger(__name__)
 
 OP_TABLE_ROWS = 100
+# vLLM profiler keys a torch stage accepts (one --profiler-config fits every stage) but has no
+# use for: it picks its activities from its device, and counts steps itself.
+TORCH_ENGINE_IGNORES = frozenset(
+    {
+        "torch_profiler_activities",
+        "torch_profiler_dump_cuda_time_total",
+        "warmup_iterations",
+        "active_iterations",
+        "wait_iterations",
+        "ignore_frontend",
+        "detailed_trace_annotation",
+    }
+)
 _OP_CATEGORIES = frozenset({"cpu_op", "user_annotation"})
 
 
@@ -50,6 +63,15 @@ class StepProfiler:
     """
 
     def __init__(self, settings: ProfilerSettings, *, stage: str, cuda: bool) -> None:
+        ignored = sorted(settings.model_fields_set & TORCH_ENGINE_IGNORES)
+        if ignored:
+            logger.warning(
+                "stage %s: the torch engine ignores %s (vLLM's keys); it records the CPU, and "
+                "CUDA where it runs on a GPU, over the steps between delay_iterations and "
+                "max_iterations",
+                stage,
+                ", ".join(ignored),
+            )
         self._settings = settings
         self._stage = stage
         self._cuda = cuda
