@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -232,3 +234,70 @@ def test_the_default_patterns_drop_tiny_frames_not_ops(trace: dict[str, Any]) ->
     for name in ("__getattr__", "_get_tracing_state", "<built-in function isinstance>"):
         assert any(name in n for n in full) and not any(name in n for n in slim), name
     assert op_stats({"traceEvents": kept}) == op_stats(trace)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """Enough of a grpc.aio servicer context for StopProfile: abort records and raises."""
+
+    def __init__(self) -> None:
+        self.status: tuple[Any, str] | None = None
+
+    async def abort(self, code: Any, message: str) -> None:
+        self.status = (code, message)
+        raise _Aborted
+
+
+class _Profiler:
+    def __init__(self) -> None:
+        self.slim: list[SlimOptions | None] = []
+
+    async def stop(
+        self, keys: list[str], output_dir: str, *, slim: SlimOptions | None = None
+    ) -> Any:
+        from omnistage.types import ProfileReport
+
+        self.slim.append(slim)
+        return ProfileReport(session_id="s", output_dir=output_dir, stages=())
+
+
+def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, _Context]:
+    """StopProfile through the orchestrator's servicer, with these request fields."""
+
+    from omnistage.v1 import orchestrator_pb2
+    from orchestrator.servicer import OrchestratorServicer
+
+    profiler, context = _Profiler(), _Context()
+    servicer = OrchestratorServicer(
+        pipeline=None,  # type: ignore[arg-type]
+        pool=None,  # type: ignore[arg-type]
+        runner=None,  # type: ignore[arg-type]
+        profiler=profiler,  # type: ignore[arg-type]
+    )
+    request = orchestrator_pb2.PipelineStopProfileRequest(output_dir="out", **fields)
+    with contextlib.suppress(_Aborted):
+        asyncio.run(servicer.StopProfile(request, context))  # type: ignore[arg-type]
+    return profiler, context
+
+
+def test_stop_profile_hands_the_requests_slimming_to_the_profiler() -> None:
+    profiler, context = _stop_over_grpc()
+    assert context.status is None and profiler.slim == [None]  # not asked: no slimming
+    profiler, _ = _stop_over_grpc(slim=True)
+    assert profiler.slim == [SlimOptions()]  # the defaults: vLLM's idle loops
+    profiler, _ = _stop_over_grpc(slim_min_duration_us=2.5, slim_patterns=[IDLE_PATTERN])
+    assert profiler.slim == [SlimOptions(min_duration_us=2.5, drop_patterns=(IDLE_PATTERN,))]
+
+
+def test_a_negative_slimming_threshold_is_invalid_argument() -> None:
+    import grpc
+
+    profiler, context = _stop_over_grpc(slim_min_duration_us=-1.0)
+    assert profiler.slim == []  # refused before the profiler was asked to stop anything
+    assert context.status is not None
+    code, message = context.status
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "min_duration_us must be ≥ 0 (got -1.0)" in message
