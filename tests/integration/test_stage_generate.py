@@ -148,6 +148,15 @@ def test_sampling_options_take_effect(stage: RunningStage) -> None:
         for _ in range(2)
     ]
     assert seeded[0] == seeded[1]
+    # top_k=1, or a top_p so small that only the likeliest token is left, makes sampling at
+    # temperature 1 greedy: both must reach the engine for the texts to match.
+    prompt = "Write a short poem about the moon."
+    greedy = "".join(r.text for r in collect(stage, chat(prompt, max_tokens=16, temperature=0.0)))
+    wide = collect(stage, chat(prompt, max_tokens=16, temperature=1.0, seed=3))
+    assert "".join(r.text for r in wide) != greedy  # the control: this seed samples off greedy
+    for narrow in ({"top_k": 1}, {"top_p": 1e-6}):
+        replies = collect(stage, chat(prompt, max_tokens=16, temperature=1.0, seed=3, **narrow))
+        assert "".join(r.text for r in replies) == greedy, narrow
     stopped = collect(stage, chat("Count from one to ten.", max_tokens=60, temperature=0.0))
     full = "".join(r.text for r in stopped)
     assert "4" in full, full
@@ -187,6 +196,9 @@ def test_concurrent_streams_are_batched(stage: RunningStage) -> None:
     assert len(results) == 16
     assert all(sum(len(r.token_ids) for r in replies) == 32 for replies in results.values())
     assert peak >= 4, f"the engine never held more than {peak} requests at once"
+    # Queue time comes from vLLM's own request stats: 16 requests at once, some wait their turn.
+    queued = [replies[-1].metrics.queue_time_s for replies in results.values()]
+    assert max(queued) > 0, queued
 
 
 def test_cancelled_stream_is_aborted_in_the_engine(stage: RunningStage) -> None:
