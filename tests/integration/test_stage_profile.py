@@ -159,6 +159,19 @@ def test_max_iterations_bounds_the_engines_trace(stage: RunningStage, session: S
     assert "profiler_out_thinker.txt" in bounded.fetched
 
 
+def test_delay_iterations_skips_the_first_engine_steps(
+    stage: RunningStage, session: Session
+) -> None:
+    """The same workload, with StartProfile's delay_iterations=8: vLLM starts recording only
+    after 8 engine steps, so the trace holds fewer steps than the undelayed session's."""
+    delayed = profile_two_requests(
+        stage, stage_pb2.StartProfileRequest(label="delayed", delay_iterations=8)
+    )
+    full, recorded = engine_steps(session), engine_steps(delayed)
+    assert 0 < recorded <= full - 4, (recorded, full)
+    assert "profiler_out_thinker.txt" in delayed.fetched
+
+
 def test_stop_profile_with_none_active(stage: RunningStage) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stage.stub.StopProfile(stage_pb2.StopProfileRequest(), timeout=60)
