@@ -226,6 +226,24 @@ def test_profile_session_files(torch_stage: RunningStage) -> None:
         assert len(files[item.name]) == item.size_bytes
 
 
+def test_profile_state_errors_on_a_torch_stage(torch_stage: RunningStage) -> None:
+    """The torch stage keeps the vLLM stage's session rules: one session at a time."""
+    with pytest.raises(grpc.RpcError) as idle:
+        torch_stage.stub.StopProfile(stage_pb2.StopProfileRequest(), timeout=60)
+    assert idle.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no profile session is active" in (idle.value.details() or "")
+    first = torch_stage.stub.StartProfile(stage_pb2.StartProfileRequest(label="one"), timeout=60)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            torch_stage.stub.StartProfile(stage_pb2.StartProfileRequest(label="two"), timeout=60)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = info.value.details() or ""
+        assert "already active" in details and first.session_id in details
+    finally:
+        stop = torch_stage.stub.StopProfile(stage_pb2.StopProfileRequest(), timeout=120)
+    assert stop.session_id == first.session_id  # the first session was not disturbed
+
+
 def test_max_iterations_records_one_step(torch_stage: RunningStage) -> None:
     def three_requests() -> None:
         for seed in range(3):
