@@ -128,10 +128,8 @@ def test_up_serves_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
-def test_up_dying_or_hung_up_leaves_no_process(tmp_path: Path, sig: signal.Signals) -> None:
-    """SIGKILL gives `up` no chance to stop its servers: the kernel sends them SIGTERM. SIGHUP
-    (a closed terminal) stops them as Ctrl-C does. A torch stage keeps this cheap."""
+def start_torch_solo(tmp_path: Path) -> subprocess.Popen[str]:
+    """`omnistage up` on a one-stage pipeline of the torch vocoder, output on one pipe."""
     stage_port, orchestrator_port = free_port(), free_port()
     pipeline = tmp_path / "torch-solo.yaml"
     pipeline.write_text(
@@ -146,7 +144,7 @@ def test_up_dying_or_hung_up_leaves_no_process(tmp_path: Path, sig: signal.Signa
         "      model: 'examples.omni.code2wav:build'\n"
         f"      port: {stage_port}\n"
     )
-    up = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "omnistage.cli", "up", str(pipeline)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -154,6 +152,43 @@ def test_up_dying_or_hung_up_leaves_no_process(tmp_path: Path, sig: signal.Signa
         start_new_session=True,
         cwd=ROOT,
     )
+
+
+def test_ctrl_c_during_start_up_stops_what_has_started(tmp_path: Path) -> None:
+    """Ctrl-C while the stage still loads: `up` stops it, exits 130, and leaves nothing."""
+    up = start_torch_solo(tmp_path)
+    children: set[int] = set()
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            if "==> starting stage 'code2wav'" in line:
+                break
+        deadline = time.monotonic() + 30
+        while not children and time.monotonic() < deadline:
+            children = descendants(up.pid)
+            time.sleep(0.05)
+        assert children, "the stage process never started"
+        up.send_signal(signal.SIGINT)
+        rest = up.stdout.read()
+        assert up.wait(timeout=60) == 130, rest
+        assert "SERVING: orchestrator" not in rest
+        assert not [pid for pid in children if alive(pid)], "orphan processes left behind"
+    finally:
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+def test_up_dying_or_hung_up_leaves_no_process(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGKILL gives `up` no chance to stop its servers: the kernel sends them SIGTERM. SIGHUP
+    (a closed terminal) stops them as Ctrl-C does. A torch stage keeps this cheap."""
+    up = start_torch_solo(tmp_path)
     lines: list[str] = []
     children: set[int] = set()
     try:
