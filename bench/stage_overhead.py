@@ -550,7 +550,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, 32 tokens (about 5 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, 32 tokens (5 min)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON report")
     parser.add_argument("--max-tokens", type=int, default=0, help="override (64; quick 32)")
     parser.add_argument(
