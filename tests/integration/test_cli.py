@@ -154,6 +154,18 @@ def start_torch_solo(tmp_path: Path) -> subprocess.Popen[str]:
     )
 
 
+def kill_leftovers(up: subprocess.Popen[str], children: set[int]) -> None:
+    """After a test of `up`, whatever it failed at: kill what is still alive, close the pipe."""
+    for pid in children:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    if up.poll() is None:
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait()
+    if up.stdout is not None:
+        up.stdout.close()
+
+
 def test_ctrl_c_during_start_up_stops_what_has_started(tmp_path: Path) -> None:
     """Ctrl-C while the stage still loads: `up` stops it, exits 130, and leaves nothing."""
     up = start_torch_solo(tmp_path)
@@ -174,14 +186,7 @@ def test_ctrl_c_during_start_up_stops_what_has_started(tmp_path: Path) -> None:
         assert "SERVING: orchestrator" not in rest
         assert not [pid for pid in children if alive(pid)], "orphan processes left behind"
     finally:
-        for pid in children:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
-        if up.stdout is not None:
-            up.stdout.close()
+        kill_leftovers(up, children)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
@@ -208,11 +213,4 @@ def test_up_dying_or_hung_up_leaves_no_process(tmp_path: Path, sig: signal.Signa
             time.sleep(0.2)
         assert not [pid for pid in children if alive(pid)], "orphan processes left behind"
     finally:
-        for pid in children:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
-        if up.stdout is not None:
-            up.stdout.close()
+        kill_leftovers(up, children)
