@@ -19,6 +19,7 @@ from orchestrator.slimming import (
     slim_trace_file,
 )
 from services.profiling.optable import OpStat, load_trace, op_stats
+from tests.unit.test_stage_status import Aborted, FakeContext
 from tests.unit.trace_factory import IDLE_PATTERN, Session, shared_session, write_json
 
 TOP = 20
@@ -236,21 +237,6 @@ def test_the_default_patterns_drop_tiny_frames_not_ops(trace: dict[str, Any]) ->
     assert op_stats({"traceEvents": kept}) == op_stats(trace)
 
 
-class _Aborted(Exception):
-    pass
-
-
-class _Context:
-    """Enough of a grpc.aio servicer context for StopProfile: abort records and raises."""
-
-    def __init__(self) -> None:
-        self.status: tuple[Any, str] | None = None
-
-    async def abort(self, code: Any, message: str) -> None:
-        self.status = (code, message)
-        raise _Aborted
-
-
 class _Profiler:
     def __init__(self) -> None:
         self.slim: list[SlimOptions | None] = []
@@ -264,13 +250,13 @@ class _Profiler:
         return ProfileReport(session_id="s", output_dir=output_dir, stages=())
 
 
-def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, _Context]:
+def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, FakeContext]:
     """StopProfile through the orchestrator's servicer, with these request fields."""
 
     from omnistage.v1 import orchestrator_pb2
     from orchestrator.servicer import OrchestratorServicer
 
-    profiler, context = _Profiler(), _Context()
+    profiler, context = _Profiler(), FakeContext()
     servicer = OrchestratorServicer(
         pipeline=None,  # type: ignore[arg-type]
         pool=None,  # type: ignore[arg-type]
@@ -278,7 +264,7 @@ def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, _Context]:
         profiler=profiler,  # type: ignore[arg-type]
     )
     request = orchestrator_pb2.PipelineStopProfileRequest(output_dir="out", **fields)
-    with contextlib.suppress(_Aborted):
+    with contextlib.suppress(Aborted):
         asyncio.run(servicer.StopProfile(request, context))  # type: ignore[arg-type]
     return profiler, context
 
