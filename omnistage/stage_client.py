@@ -131,6 +131,9 @@ class AsyncStageClient:
         except grpc.RpcError as exc:
             dest.unlink(missing_ok=True)
             raise error_from_rpc(exc, address=self.address) from exc
+        except OSError:
+            dest.unlink(missing_ok=True)  # a disk that filled up leaves no half-written file
+            raise
         return written
 
     async def info(self, *, timeout: float = 10.0) -> stage_pb2.StageInfo:
