@@ -135,20 +135,100 @@ class StageProfileResult(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., stage_session_id: _Optional[str] = ..., replica: _Optional[str] = ..., local_dir: _Optional[str] = ..., stop_seconds: _Optional[float] = ...) -> None: ...
 
 class ProfileReport(_message.Message):
-    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary", "slimming")
+    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary", "slimming", "session_files")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     SLIMMING_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FILES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     output_dir: str
     stages: _containers.RepeatedCompositeFieldContainer[StageProfileResult]
     timeline: str
     summary: str
     slimming: ProfileSlimming
-    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ..., slimming: _Optional[_Union[ProfileSlimming, _Mapping]] = ...) -> None: ...
+    session_files: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProfileFile]
+    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ..., slimming: _Optional[_Union[ProfileSlimming, _Mapping]] = ..., session_files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ...) -> None: ...
+
+class StopProfileProgress(_message.Message):
+    __slots__ = ("phase", "stage", "replica", "file", "bytes_done", "bytes_total", "seconds", "message", "report")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    stage: str
+    replica: str
+    file: str
+    bytes_done: int
+    bytes_total: int
+    seconds: float
+    message: str
+    report: ProfileReport
+    def __init__(self, phase: _Optional[str] = ..., stage: _Optional[str] = ..., replica: _Optional[str] = ..., file: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., seconds: _Optional[float] = ..., message: _Optional[str] = ..., report: _Optional[_Union[ProfileReport, _Mapping]] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionSummary(_message.Message):
+    __slots__ = ("session_id", "path", "modified_unix_ns", "total_bytes", "files")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODIFIED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    path: str
+    modified_unix_ns: int
+    total_bytes: int
+    files: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProfileFile]
+    def __init__(self, session_id: _Optional[str] = ..., path: _Optional[str] = ..., modified_unix_ns: _Optional[int] = ..., total_bytes: _Optional[int] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ...) -> None: ...
+
+class SessionList(_message.Message):
+    __slots__ = ("profile_root", "sessions", "max_sessions", "max_total_bytes")
+    PROFILE_ROOT_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    profile_root: str
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionSummary]
+    max_sessions: int
+    max_total_bytes: int
+    def __init__(self, profile_root: _Optional[str] = ..., sessions: _Optional[_Iterable[_Union[SessionSummary, _Mapping]]] = ..., max_sessions: _Optional[int] = ..., max_total_bytes: _Optional[int] = ...) -> None: ...
+
+class FetchSessionFileRequest(_message.Message):
+    __slots__ = ("session_id", "name", "chunk_size", "offset")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    name: str
+    chunk_size: int
+    offset: int
+    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., chunk_size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ("session_id", "bytes_freed")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    bytes_freed: int
+    def __init__(self, session_id: _Optional[str] = ..., bytes_freed: _Optional[int] = ...) -> None: ...
 
 class ProfileSlimming(_message.Message):
     __slots__ = ("bytes_before", "bytes_after", "events_before", "events_after", "traces", "copies_written")

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from omnistage.v1 import common_pb2 as omnistage_dot_v1_dot_common__pb2
 from omnistage.v1 import orchestrator_pb2 as omnistage_dot_v1_dot_orchestrator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -54,6 +55,26 @@ class OrchestratorStub:
                 request_serializer=omnistage_dot_v1_dot_orchestrator__pb2.GetPipelineRequest.SerializeToString,
                 response_deserializer=omnistage_dot_v1_dot_orchestrator__pb2.PipelineInfo.FromString,
                 _registered_method=True)
+        self.StopProfileStream = channel.unary_stream(
+                '/omnistage.v1.Orchestrator/StopProfileStream',
+                request_serializer=omnistage_dot_v1_dot_orchestrator__pb2.PipelineStopProfileRequest.SerializeToString,
+                response_deserializer=omnistage_dot_v1_dot_orchestrator__pb2.StopProfileProgress.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/omnistage.v1.Orchestrator/ListSessions',
+                request_serializer=omnistage_dot_v1_dot_orchestrator__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=omnistage_dot_v1_dot_orchestrator__pb2.SessionList.FromString,
+                _registered_method=True)
+        self.FetchSessionFile = channel.unary_stream(
+                '/omnistage.v1.Orchestrator/FetchSessionFile',
+                request_serializer=omnistage_dot_v1_dot_orchestrator__pb2.FetchSessionFileRequest.SerializeToString,
+                response_deserializer=omnistage_dot_v1_dot_common__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/omnistage.v1.Orchestrator/DeleteSession',
+                request_serializer=omnistage_dot_v1_dot_orchestrator__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=omnistage_dot_v1_dot_orchestrator__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -83,6 +104,38 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StopProfileStream(self, request, context):
+        """StopProfile that streams its progress: per stage flushing, flushed, pulled X of Y bytes,
+        then merging and the report; the last message carries the ProfileReport. A caller that
+        goes away does not cut the stop short: the session is still collected and kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """The sessions kept under the profile root, newest first, each with its files.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchSessionFile(self, request, context):
+        """Streams one file of a kept session: `name` is its path inside the session folder, e.g.
+        "report.json" or "thinker/profiler_out_thinker.txt". Resumable from `offset`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Deletes a kept session's folder on the orchestrator (the stages keep their own copies
+        until their retention removes them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +158,26 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.GetPipeline,
                     request_deserializer=omnistage_dot_v1_dot_orchestrator__pb2.GetPipelineRequest.FromString,
                     response_serializer=omnistage_dot_v1_dot_orchestrator__pb2.PipelineInfo.SerializeToString,
+            ),
+            'StopProfileStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.StopProfileStream,
+                    request_deserializer=omnistage_dot_v1_dot_orchestrator__pb2.PipelineStopProfileRequest.FromString,
+                    response_serializer=omnistage_dot_v1_dot_orchestrator__pb2.StopProfileProgress.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=omnistage_dot_v1_dot_orchestrator__pb2.ListSessionsRequest.FromString,
+                    response_serializer=omnistage_dot_v1_dot_orchestrator__pb2.SessionList.SerializeToString,
+            ),
+            'FetchSessionFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchSessionFile,
+                    request_deserializer=omnistage_dot_v1_dot_orchestrator__pb2.FetchSessionFileRequest.FromString,
+                    response_serializer=omnistage_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=omnistage_dot_v1_dot_orchestrator__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=omnistage_dot_v1_dot_orchestrator__pb2.DeleteSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +288,114 @@ class Orchestrator:
             '/omnistage.v1.Orchestrator/GetPipeline',
             omnistage_dot_v1_dot_orchestrator__pb2.GetPipelineRequest.SerializeToString,
             omnistage_dot_v1_dot_orchestrator__pb2.PipelineInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopProfileStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/omnistage.v1.Orchestrator/StopProfileStream',
+            omnistage_dot_v1_dot_orchestrator__pb2.PipelineStopProfileRequest.SerializeToString,
+            omnistage_dot_v1_dot_orchestrator__pb2.StopProfileProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omnistage.v1.Orchestrator/ListSessions',
+            omnistage_dot_v1_dot_orchestrator__pb2.ListSessionsRequest.SerializeToString,
+            omnistage_dot_v1_dot_orchestrator__pb2.SessionList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchSessionFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/omnistage.v1.Orchestrator/FetchSessionFile',
+            omnistage_dot_v1_dot_orchestrator__pb2.FetchSessionFileRequest.SerializeToString,
+            omnistage_dot_v1_dot_common__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omnistage.v1.Orchestrator/DeleteSession',
+            omnistage_dot_v1_dot_orchestrator__pb2.DeleteSessionRequest.SerializeToString,
+            omnistage_dot_v1_dot_orchestrator__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

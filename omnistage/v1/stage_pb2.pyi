@@ -76,14 +76,16 @@ class StopProfileResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., profile_dir: _Optional[str] = ..., stop_seconds: _Optional[float] = ...) -> None: ...
 
 class FetchProfileFileRequest(_message.Message):
-    __slots__ = ("session_id", "name", "chunk_size")
+    __slots__ = ("session_id", "name", "chunk_size", "offset")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     name: str
     chunk_size: int
-    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., chunk_size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
