@@ -121,7 +121,9 @@ def confined_file(root: Path, session_dir: Path, name: str, *, nested: bool) -> 
     try:
         regular = path.is_file() and inside(path, session_dir)
     except OSError as exc:  # e.g. a name component over the file system's limit
-        raise InvalidRequestError(f"file name {echo(name)} cannot be opened: {exc.strerror}")
+        raise InvalidRequestError(
+            f"file name {echo(name)} cannot be opened: {exc.strerror}"
+        ) from None
     if not regular:
         raise NotFoundError(
             f"file {echo(name)} is not in profile session {session_dir.name!r}; the session's "
