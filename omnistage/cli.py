@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -14,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from omnistage import cli_security
+from omnistage.cli_profile import add_profile_commands
 from omnistage.errors import InvalidRequestError, OmnistageError
-from omnistage.types import ProfileSlimming
 
 logger = logging.getLogger("omnistage")
 
@@ -104,6 +103,9 @@ def _orchestrator_serve(args: argparse.Namespace) -> int:
             port=args.port,
             health_port=args.health_port,
             security=cli_security.server_security(args),
+            profile_dir=Path(args.profile_dir) if args.profile_dir else None,
+            profile_max_sessions=args.profile_max_sessions,
+            profile_max_bytes=args.profile_max_bytes,
         )
     except ValidationError as exc:
         raise OmnistageError(describe_validation_error(exc)) from exc
@@ -189,106 +191,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_start(args: argparse.Namespace) -> int:
-    from omnistage.client import Client
-
-    stages = [s for s in args.stages.split(",") if s] if args.stages else None
-    with Client(args.address, security=cli_security.client_security(args)) as client:
-        session = client.start_profile(
-            stages,
-            label=args.label,
-            delay_iterations=args.delay_iterations,
-            max_iterations=args.max_iterations,
-        )
-    print(f"profile session {session} started on {', '.join(stages) if stages else 'all stages'}")
-    return 0
-
-
-def _profile_stop(args: argparse.Namespace) -> int:
-    from omnistage.client import Client
-
-    stages = [s for s in args.stages.split(",") if s] if args.stages else None
-    print("stopping (each stage flushes its trace; this can take a minute)...", flush=True)
-    with Client(args.address, security=cli_security.client_security(args)) as client:
-        report = client.stop_profile(
-            args.output_dir,
-            stages=stages,
-            slim=args.slim,
-            slim_min_duration_us=args.slim_min_us,
-            slim_patterns=args.slim_pattern,
-        )
-    print(f"session {report.session_id}: {report.output_dir}")
-    if report.timeline:
-        print(f"  timeline (Perfetto, chrome://tracing): {report.timeline}")
-        print(f"  summary: {report.summary}")
-    elif report.summary:
-        print(f"  {report.summary}")
-    _print_slimming(report.slimming, indent="  ")
-    for stage in report.stages:
-        if stage.ok:
-            size = sum(f.size_bytes for f in stage.files)
-            print(
-                f"  {stage.stage:<12} ok    {len(stage.files)} files, {size:,} bytes "
-                f"in {stage.local_dir}"
-            )
-        else:
-            print(f"  {stage.stage:<12} FAIL  {stage.error}")
-    return 0 if not report.failed else 1
-
-
-def _print_slimming(slimming: ProfileSlimming | None, *, indent: str = "") -> None:
-    if slimming is None:
-        return
-    print(f"{indent}slimming: {slimming.describe()}")
-    if slimming.bytes_saved <= 0:
-        print(
-            f"{indent}  nothing saved: idle loops are dropped by their Python frames, which "
-            "traces only hold when stages profile with torch_profiler_with_stack: true"
-        )
-
-
-def _profile_report(args: argparse.Namespace) -> int:
-    from orchestrator.report import rebuild_report
-    from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
-
-    slim = None
-    if args.slim or args.slim_min_us or args.slim_pattern:
-        patterns = tuple(args.slim_pattern) or VLLM_IDLE_PATTERNS
-        try:
-            slim = SlimOptions(min_duration_us=args.slim_min_us, drop_patterns=patterns)
-        except ValueError as exc:
-            raise InvalidRequestError(f"--slim-min-us: {exc}") from exc
-    folder = Path(args.dir)
-    if not (folder / "report.json").is_file():
-        raise InvalidRequestError(
-            f"{folder} has no report.json: pass a session folder that StopProfile wrote, "
-            "<output_dir>/<session_id>"
-        )
-    try:
-        files = rebuild_report(
-            folder, slim=slim, progress=lambda line: print(f"  {line}", flush=True)
-        )
-    except (OSError, ValueError) as exc:
-        raise InvalidRequestError(f"cannot rebuild the report of {folder}: {exc}") from exc
-    print(f"timeline: {files.timeline}")
-    print(f"summary:  {files.summary}")
-    _print_slimming(files.slimming())
-    return 0
-
-
-def _microseconds(text: str) -> float:
-    """A duration in µs, ≥ 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of microseconds, got {text!r}"
-        ) from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0 (got {text})")
-    return value
-
-
 def _status(args: argparse.Namespace) -> int:
     from omnistage.client import Client
 
@@ -365,6 +267,29 @@ def build_parser() -> argparse.ArgumentParser:
     oserve.add_argument("--pipeline", required=True, help="the pipeline YAML file")
     oserve.add_argument("--host", default="0.0.0.0")
     oserve.add_argument("--port", type=int, default=50050, help="port; 0 picks a free one")
+    oserve.add_argument(
+        "--profile-dir",
+        default="",
+        metavar="DIR",
+        help="the profile root: every collected session lands below it, and StopProfile's "
+        "output_dir is relative to it (default: the pipeline's launch.profile_dir)",
+    )
+    oserve.add_argument(
+        "--profile-max-sessions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sessions kept, oldest deleted first; 0 keeps all (default: the pipeline's "
+        "launch.profile_max_sessions, else 20)",
+    )
+    oserve.add_argument(
+        "--profile-max-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="bytes of sessions kept, oldest deleted first; 0: no limit (default: the "
+        "pipeline's launch.profile_max_bytes, else 20 GiB)",
+    )
     cli_security.add_server_flags(oserve)
     oserve.set_defaults(func=_orchestrator_serve)
 
@@ -395,44 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_security.add_client_flags(generate)
     generate.set_defaults(func=_generate)
 
-    profile = commands.add_parser("profile", help="profile pipeline stages")
-    profile_commands = profile.add_subparsers(dest="profile_command", required=True)
-    pstart = profile_commands.add_parser("start", help="start profiling some or all stages")
-    pstart.add_argument("--address", default=default_address)
-    pstart.add_argument("--stages", default="", help="names or indices, e.g. 0,2; default all")
-    pstart.add_argument("--label", default="")
-    pstart.add_argument("--delay-iterations", type=int, default=0)
-    pstart.add_argument("--max-iterations", type=int, default=0)
-    pstart.set_defaults(func=_profile_start)
-    pstop = profile_commands.add_parser("stop", help="stop profiling and collect every trace")
-    pstop.add_argument("--address", default=default_address)
-    pstop.add_argument("--stages", default="", help="default: every profiling stage")
-    pstop.add_argument("--output-dir", default="", help="on the orchestrator's side")
-    pstop.set_defaults(func=_profile_stop)
-    preport = profile_commands.add_parser(
-        "report", help="rebuild timeline.json.gz and summary.md of a collected session folder"
-    )
-    preport.add_argument("dir", help="<output_dir>/<session_id>, as StopProfile wrote it")
-    preport.set_defaults(func=_profile_report)
-    for sub in (pstart, pstop):
-        cli_security.add_client_flags(sub)
-    for sub in (pstop, preport):
-        sub.add_argument(
-            "--slim", action="store_true", help="slimmed copies: vLLM's idle loops dropped"
-        )
-        sub.add_argument(
-            "--slim-min-us",
-            type=_microseconds,
-            default=0.0,
-            help="slim, and drop Python frames shorter than this (µs)",
-        )
-        sub.add_argument(
-            "--slim-pattern",
-            action="append",
-            default=[],
-            help="slim, dropping Python frames that match this fnmatch pattern instead of the "
-            "idle-loop defaults (repeatable)",
-        )
+    add_profile_commands(commands, default_address)
 
     status = commands.add_parser("status", help="every stage's health and profiling state")
     status.add_argument("--address", default=default_address)

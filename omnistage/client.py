@@ -5,14 +5,16 @@
     client.start_profile(stages=[0, 2])
     for out in client.generate("What is the capital of France?", max_tokens=32):
         print(out.stage, out.text)
-    report = client.stop_profile("profiles")
+    report = client.stop_profile(download_to="profiles")  # the whole session, on this disk
 
 `AsyncClient` is the implementation; `Client` runs it on a private event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,10 +24,21 @@ from omnistage.convert import (
     report_from_pb,
     sampling_to_pb,
 )
+from omnistage.convert_sessions import progress_from_pb, session_list_from_pb
+from omnistage.download import RESUME_FOR_S, FileProgressFn, download_session
+from omnistage.errors import NotFoundError, OmnistageError
 from omnistage.rpc import LoopThread, error_from_rpc
 from omnistage.security import ClientSecurity, aio_channel
 from omnistage.stage_client import AsyncStageClient, StageClient, make_request, with_token
-from omnistage.types import ChatTurn, PipelineOutput, ProfileReport, SamplingOptions
+from omnistage.types import (
+    ChatTurn,
+    PipelineOutput,
+    ProfileReport,
+    SamplingOptions,
+    SessionList,
+    SessionSummary,
+    StopProgress,
+)
 from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 __all__ = [
@@ -38,6 +51,7 @@ __all__ = [
 ]
 
 STOP_TIMEOUT_S = 900.0  # stopping profiles waits for every stage's flush and the file pulls
+FETCH_TIMEOUT_S = 3600.0  # one file; a cut link is found by keepalive pings within ~10 s
 
 
 def _sampling(options: Mapping[str, Any] | SamplingOptions | None) -> SamplingOptions:
@@ -141,13 +155,19 @@ class AsyncClient:
         slim_min_duration_us: float = 0.0,
         slim_patterns: Sequence[str] = (),
         timeout: float = STOP_TIMEOUT_S,
+        progress: Callable[[StopProgress], None] | None = None,
+        download_to: str | Path | None = None,
+        file_progress: FileProgressFn | None = None,
     ) -> ProfileReport:
-        """Stop profiling; every stage's files land in `<output_dir>/<session>/<stage>/`,
-        with `timeline.json.gz` (all stages on one clock) and `summary.md` beside them.
+        """Stop profiling; every stage's files land in `<output_dir>/<session>/<stage>/` on
+        the orchestrator, with `timeline.json.gz` (all stages on one clock) and `summary.md`.
 
-        `output_dir` is on the orchestrator's side; empty means the pipeline's profile_dir.
+        `output_dir` is relative to the orchestrator's profile root; empty means the root.
         `slim` also writes slimmed copies of the traces (vLLM's idle loops and, with
         `slim_min_duration_us`, short Python frames dropped) and builds the timeline from them.
+        `progress` gets each step as it happens (stages flushing, files pulled, merging).
+        `download_to` brings the whole session to this machine, into `<download_to>/<session>/`
+        (each file's sha256 checked; `file_progress` gets each file's bytes as they arrive).
         """
         request = orchestrator_pb2.PipelineStopProfileRequest(
             stages=[str(s) for s in stages or ()],
@@ -156,11 +176,99 @@ class AsyncClient:
             slim_min_duration_us=slim_min_duration_us,
             slim_patterns=list(slim_patterns),
         )
+        if progress is None and download_to is None:
+            try:
+                reply = await self._stub.StopProfile(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, address=self.address) from exc
+            return report_from_pb(reply)
+        report = await self._stop_streamed(request, timeout, progress)
+        if download_to is None:
+            return report
+        summary = SessionSummary(report.session_id, "", 0, 0, report.session_files)
+        folder = await download_session(
+            self._file_chunks, summary, Path(download_to), progress=file_progress
+        )
+        return replace(report, downloaded_to=str(folder))
+
+    async def _stop_streamed(
+        self,
+        request: orchestrator_pb2.PipelineStopProfileRequest,
+        timeout: float,
+        progress: Callable[[StopProgress], None] | None,
+    ) -> ProfileReport:
+        call = self._stub.StopProfileStream(request, timeout=timeout)
+        report = None
         try:
-            reply = await self._stub.StopProfile(request, timeout=timeout)
+            async for msg in call:
+                event = progress_from_pb(msg)
+                if progress is not None:
+                    progress(event)
+                report = event.report or report
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, address=self.address) from exc
-        return report_from_pb(reply)
+        finally:
+            call.cancel()
+        if report is None:
+            raise OmnistageError("the orchestrator ended StopProfileStream without a report")
+        return report
+
+    async def sessions(self) -> SessionList:
+        """The sessions the orchestrator keeps, newest first, each with its files."""
+        try:
+            reply = await self._stub.ListSessions(
+                orchestrator_pb2.ListSessionsRequest(), timeout=60
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, address=self.address) from exc
+        return session_list_from_pb(reply)
+
+    async def fetch_session(
+        self,
+        session_id: str,
+        to: str | Path,
+        *,
+        progress: FileProgressFn | None = None,
+        resume_for_s: float = RESUME_FOR_S,
+    ) -> Path:
+        """Download a kept session into `<to>/<session_id>/`; return that folder.
+
+        Each file's sha256 is checked; a cut download resumes where it stopped, in this call
+        or the next."""
+        listing = await self.sessions()
+        found = [s for s in listing.sessions if s.session_id == session_id]
+        if not found:
+            kept = ", ".join(s.session_id for s in listing.sessions[:5]) or "none"
+            raise NotFoundError(
+                f"the orchestrator keeps no session {session_id!r} (newest kept: {kept})"
+            )
+        return await download_session(
+            self._file_chunks, found[0], Path(to), progress=progress, resume_for_s=resume_for_s
+        )
+
+    async def _file_chunks(
+        self, session_id: str, name: str, offset: int
+    ) -> AsyncIterator[tuple[int, bytes, int]]:
+        request = orchestrator_pb2.FetchSessionFileRequest(
+            session_id=session_id, name=name, offset=offset
+        )
+        call = self._stub.FetchSessionFile(request, timeout=FETCH_TIMEOUT_S)
+        try:
+            async for chunk in call:
+                yield chunk.offset, chunk.data, chunk.total_size
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, address=self.address) from exc
+        finally:
+            call.cancel()
+
+    async def delete_session(self, session_id: str) -> int:
+        """Delete a kept session on the orchestrator; return the bytes freed."""
+        request = orchestrator_pb2.DeleteSessionRequest(session_id=session_id)
+        try:
+            reply = await self._stub.DeleteSession(request, timeout=60)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, address=self.address) from exc
+        return int(reply.bytes_freed)
 
     async def pipeline(self) -> orchestrator_pb2.PipelineInfo:
         """Every stage's addresses, health and profiling state."""
@@ -198,6 +306,15 @@ class Client:
 
     def pipeline(self) -> orchestrator_pb2.PipelineInfo:
         return self._loop.run(self._async.pipeline())
+
+    def sessions(self) -> SessionList:
+        return self._loop.run(self._async.sessions())
+
+    def fetch_session(self, session_id: str, to: str | Path, **kwargs: Any) -> Path:
+        return self._loop.run(self._async.fetch_session(session_id, to, **kwargs))
+
+    def delete_session(self, session_id: str) -> int:
+        return self._loop.run(self._async.delete_session(session_id))
 
     def close(self) -> None:
         self._loop.run(self._async.close())

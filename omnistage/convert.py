@@ -239,6 +239,7 @@ def report_to_pb(report: ProfileReport) -> orchestrator_pb2.ProfileReport:
             )
             for r in report.stages
         ],
+        session_files=files_to_pb(report.session_files),
     )
 
 
@@ -272,4 +273,5 @@ def report_from_pb(msg: orchestrator_pb2.ProfileReport) -> ProfileReport:
             )
             for r in msg.stages
         ),
+        session_files=files_from_pb(msg.session_files),
     )

@@ -200,6 +200,10 @@ class ProfileReport:
     summary: str = ""
     slimming: ProfileSlimming | None = None
     """Set when slimming was asked for (also when it saved nothing)."""
+    session_files: tuple[ProfileFileInfo, ...] = ()
+    """Every file of the session folder on the orchestrator, named relative to it."""
+    downloaded_to: str = ""
+    """The caller's local copy of the session, when the client downloaded it."""
 
     @property
     def failed(self) -> list[StageProfileResult]:
@@ -232,3 +236,44 @@ class PipelineOutput:
     metrics: StageMetrics | None = None
     tensor: TensorData | None = None
     replica: str = ""  # host:port of the stage replica that produced it
+
+
+@dataclass(frozen=True)
+class StopProgress:
+    """One step of a streamed StopProfile.
+
+    Phases: per stage "flushing", "flushed", "pulling", "pulled" or "failed"; then "merging",
+    "report" and, last, "done", which carries the report.
+    """
+
+    phase: str
+    stage: str = ""
+    replica: str = ""
+    file: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    seconds: float = 0.0
+    message: str = ""
+    report: ProfileReport | None = None
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """A profile session kept on the orchestrator's disk."""
+
+    session_id: str
+    path: str
+    """Its folder, relative to the orchestrator's profile root."""
+    modified_unix_ns: int
+    total_bytes: int
+    files: tuple[ProfileFileInfo, ...]
+    """Names relative to the session folder, e.g. "thinker/profiler_out_thinker.txt"."""
+
+
+@dataclass(frozen=True)
+class SessionList:
+    profile_root: str
+    sessions: tuple[SessionSummary, ...]
+    """Newest first."""
+    max_sessions: int = 0
+    max_total_bytes: int = 0

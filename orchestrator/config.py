@@ -29,6 +29,7 @@ from pydantic import (
 from omnistage.errors import InvalidRequestError
 from omnistage.types import SamplingOptions
 from orchestrator.security import StageSecurityConfig
+from orchestrator.sessions import DEFAULT_MAX_BYTES, DEFAULT_MAX_SESSIONS, SessionStoreConfig
 from services.config import STAGE_NAME_PATTERN, ProfilerSettings
 
 BUILTIN_PROCESSORS = ("text", "token_ids", "chat")
@@ -259,7 +260,15 @@ class LaunchConfig(BaseModel):
     stages: dict[str, LaunchStage] = Field(default_factory=dict, description="Keyed by stage name.")
     orchestrator_port: int = Field(default=50050, ge=0, le=65535, description="0: any port.")
     profile_dir: str = Field(
-        default="profiles", min_length=1, description="StopProfile's default output_dir."
+        default="profiles",
+        min_length=1,
+        description="The orchestrator's profile root: every collected session lands below it.",
+    )
+    profile_max_sessions: int = Field(
+        default=DEFAULT_MAX_SESSIONS, ge=0, description="Sessions the orchestrator keeps; 0: all."
+    )
+    profile_max_bytes: int = Field(
+        default=DEFAULT_MAX_BYTES, ge=0, description="Bytes of sessions it keeps; 0: no limit."
     )
 
 
@@ -348,8 +357,23 @@ class PipelineConfig(BaseModel):
         return path if path.is_absolute() else (base / path).resolve()
 
     def default_profile_dir(self) -> Path:
-        """Where StopProfile writes when the caller gives no output_dir."""
+        """The profile root: where StopProfile writes when the caller gives no output_dir."""
         return self.resolve_path(self.launch.profile_dir if self.launch else "profiles")
+
+    def session_store(
+        self,
+        *,
+        profile_dir: Path | None = None,
+        max_sessions: int | None = None,
+        max_bytes: int | None = None,
+    ) -> SessionStoreConfig:
+        """The profile root and retention: the arguments given, else the launch section's."""
+        launch = self.launch or LaunchConfig()
+        return SessionStoreConfig(
+            root=profile_dir if profile_dir is not None else self.default_profile_dir(),
+            max_sessions=launch.profile_max_sessions if max_sessions is None else max_sessions,
+            max_total_bytes=launch.profile_max_bytes if max_bytes is None else max_bytes,
+        )
 
 
 def load_pipeline(path: Path) -> PipelineConfig:

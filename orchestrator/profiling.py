@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,13 +20,15 @@ from omnistage.errors import (
     StageUnavailableError,
     reworded,
 )
-from omnistage.profile_files import new_session_id, sha256_file
-from omnistage.types import ProfileOptions, ProfileReport, StageProfileResult
+from omnistage.profile_files import new_session_id
+from omnistage.types import ProfileOptions, ProfileReport, StopProgress
 from orchestrator.clock import ClockEstimate, ClockSample, combine, estimate_offset
+from orchestrator.collect import Progress, StageCollector, replica_dir
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import SERVING, StagePool, StageReplica
 from orchestrator.report import rebuild_report
 from orchestrator.runner import StageEvent
+from orchestrator.sessions import CollectedSessions
 from orchestrator.slimming import SlimOptions
 from orchestrator.timeline import RequestSpan
 from services.validation import validate_profile_options
@@ -59,11 +60,12 @@ class PipelineProfiler:
     """At most one cross-stage session at a time."""
 
     def __init__(
-        self, pipeline: PipelineConfig, pool: StagePool, *, default_output_dir: Path
+        self, pipeline: PipelineConfig, pool: StagePool, *, sessions: CollectedSessions
     ) -> None:
         self._pipeline = pipeline
         self._pool = pool
-        self._default_output_dir = default_output_dir
+        self._sessions = sessions
+        self._stopping: set[asyncio.Future[ProfileReport]] = set()
         self._active: _ActiveSession | None = None
         self._lock = asyncio.Lock()
 
@@ -210,7 +212,7 @@ class PipelineProfiler:
     def _clock_key(self, replica: StageReplica) -> str:
         """The stage's name, or stage/<replica folder> when the stage has replicas."""
         if self._pool.has_replicas(replica.stage):
-            return f"{replica.stage}/{_replica_dir(Path(), replica, True).name}"
+            return f"{replica.stage}/{replica_dir(Path(), replica, True).name}"
         return replica.stage
 
     async def _start_one(
@@ -236,16 +238,29 @@ class PipelineProfiler:
         await asyncio.gather(*(stop(r) for r in started))
 
     async def _with_timeline(
-        self, report: ProfileReport, session_dir: Path, slim: SlimOptions | None
+        self,
+        report: ProfileReport,
+        session_dir: Path,
+        slim: SlimOptions | None,
+        progress: Progress,
     ) -> ProfileReport:
         """The report with its merged timeline and summary; without them if building fails."""
+        progress(StopProgress(phase="merging", message="merging every trace onto one timeline"))
         started = time.monotonic()
         try:
             files = await asyncio.to_thread(rebuild_report, session_dir, slim=slim)
         except (OSError, ValueError) as exc:
             logger.exception("could not build the timeline of %s", session_dir)
             return replace(report, summary=f"timeline not built: {exc}")
-        logger.info("timeline and summary built in %.1f s", time.monotonic() - started)
+        seconds = time.monotonic() - started
+        logger.info("timeline and summary built in %.1f s", seconds)
+        progress(
+            StopProgress(
+                phase="report",
+                seconds=seconds,
+                message=f"timeline and summary written in {seconds:.1f} s",
+            )
+        )
         return replace(
             report,
             timeline=str(files.timeline),
@@ -254,9 +269,35 @@ class PipelineProfiler:
         )
 
     async def stop(
-        self, keys: list[str], output_dir: str, *, slim: SlimOptions | None = None
+        self,
+        keys: list[str],
+        output_dir: str,
+        *,
+        slim: SlimOptions | None = None,
+        progress: Progress | None = None,
     ) -> ProfileReport:
-        """Stop the selected profiling stages concurrently and pull their files."""
+        """Stop the selected profiling stages concurrently and pull their files.
+
+        A caller that goes away (cancelled) does not cut the stop short: it runs to its end
+        in the background, and the session is kept under the profile root.
+        """
+        task = asyncio.ensure_future(self._stop(keys, output_dir, slim, progress or _ignore))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                logger.warning(
+                    "the caller of StopProfile went away; the session is still collected and "
+                    "kept under %s (omnistage profile list)",
+                    self._sessions.root,
+                )
+            raise
+
+    async def _stop(
+        self, keys: list[str], output_dir: str, slim: SlimOptions | None, progress: Progress
+    ) -> ProfileReport:
         async with self._lock:
             session = self._active
             if session is None:
@@ -268,24 +309,28 @@ class PipelineProfiler:
                     f"stages {idle} are not profiling in session {session.session_id}; "
                     f"the profiling stages are {list(session.stages)}"
                 )
-            root = Path(output_dir).expanduser() if output_dir else self._default_output_dir
-            session_dir = (root / session.session_id).resolve()
+            try:
+                parent = self._sessions.parent_for(output_dir)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(
+                    f"{exc}; session {session.session_id} is still profiling"
+                ) from None
+            session_dir = parent / session.session_id
             try:
                 session_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise InvalidRequestError(
-                    f"output_dir {str(root)!r} cannot hold the session's files ({exc}); pass a "
+                    f"output_dir {output_dir!r} cannot hold the session's files ({exc}); pass a "
                     f"writable output_dir: session {session.session_id} is still profiling"
                 ) from exc
             targets = [(r, sid) for n in names for r, sid in session.stages[n]]
             multi = {n for n in names if self._pool.has_replicas(n)}
             clock_stop = await self._clocks([r for r, _ in targets])
-            results = await asyncio.gather(
-                *(
-                    self._stop_one(r, sid, _replica_dir(session_dir, r, r.stage in multi))
-                    for r, sid in targets
-                )
-            )
+            collectors = [
+                StageCollector(r, sid, replica_dir(session_dir, r, r.stage in multi), progress)
+                for r, sid in targets
+            ]
+            results = await asyncio.gather(*(c.collect() for c in collectors))
             for name in names:
                 del session.stages[name]
             if not session.stages:
@@ -301,73 +346,11 @@ class PipelineProfiler:
             record["clocks"] = {key: asdict(estimate) for key, estimate in clocks.items()}
             record["spans"] = [asdict(span) for span in session.spans]
             (session_dir / "report.json").write_text(json.dumps(record, indent=2))
-            return await self._with_timeline(report, session_dir, slim)
-
-    async def _stop_one(
-        self, replica: StageReplica, stage_session: str, local_dir: Path
-    ) -> StageProfileResult:
-        started = time.monotonic()
-        try:
-            manifest = await replica.client.stop_profile()
-            unsafe = [item.name for item in manifest.files if not _is_plain_file_name(item.name)]
-            if unsafe:
-                raise OmnistageError(
-                    f"the stage's manifest names files outside its folder {unsafe}: a profile "
-                    "file must be a plain file name, without folders or '..'; no file of this "
-                    "stage was pulled"
-                )
-            for item in manifest.files:
-                target = local_dir / item.name
-                try:
-                    await replica.client.fetch_file(manifest.session_id, item.name, target)
-                except OSError as exc:
-                    raise OmnistageError(
-                        f"could not write {target}: {exc}; free space there, or pass another "
-                        f"output_dir (the stage keeps its copy in session {manifest.session_id})"
-                    ) from exc
-                digest = await asyncio.to_thread(sha256_file, target)
-                if digest != item.sha256:
-                    target.unlink()
-                    raise OmnistageError(
-                        f"{item.name} arrived corrupted and was deleted: its sha256 is "
-                        f"{digest}, the stage's manifest says {item.sha256}; the stage keeps "
-                        f"its copy in session {manifest.session_id}"
-                    )
-        except OmnistageError as exc:
-            logger.warning("stage %s (%s) failed to stop: %s", replica.stage, replica.address, exc)
-            return StageProfileResult(
-                stage=replica.stage,
-                replica=replica.address,
-                ok=False,
-                error=f"{type(exc).__name__}: {exc}",
-                stage_session_id=stage_session,
-                local_dir=str(local_dir),
-                stop_seconds=time.monotonic() - started,
-            )
-        return StageProfileResult(
-            stage=replica.stage,
-            replica=replica.address,
-            ok=True,
-            files=manifest.files,
-            stage_session_id=manifest.session_id,
-            local_dir=str(local_dir),
-            stop_seconds=time.monotonic() - started,
-        )
+            report = await self._with_timeline(report, session_dir, slim, progress)
+            listed = await self._sessions.summary(session_dir)
+            await self._sessions.prune(keep=session_dir)
+            return replace(report, session_files=listed.files)
 
 
-def _is_plain_file_name(name: str) -> bool:
-    """Whether `name` stays inside the folder it is joined to: no folders, no '..', no root."""
-    return (
-        bool(name)
-        and name not in (".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and "\0" not in name
-    )
-
-
-def _replica_dir(session_dir: Path, replica: StageReplica, per_replica: bool) -> Path:
-    folder = session_dir / replica.stage
-    if per_replica:
-        folder = folder / re.sub(r"[^A-Za-z0-9._-]+", "_", replica.address)
-    return folder
+def _ignore(event: StopProgress) -> None:
+    pass

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,7 @@ from orchestrator.pool import StagePool
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.runner import PipelineRunner
 from orchestrator.servicer import OrchestratorServicer
+from orchestrator.sessions import CollectedSessions
 from services.serving import GrpcServer
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,15 @@ class OrchestratorServerConfig(BaseModel):
         default_factory=ServerSecurity, description="TLS, mTLS and the bearer token."
     )
     grace_seconds: float = Field(default=30.0, ge=0, description="SIGTERM drain time.")
+    profile_dir: Path | None = Field(
+        default=None, description="The profile root; None: the pipeline's launch.profile_dir."
+    )
+    profile_max_sessions: int | None = Field(
+        default=None, ge=0, description="Sessions kept; None: the pipeline's, 0: all."
+    )
+    profile_max_bytes: int | None = Field(
+        default=None, ge=0, description="Bytes kept; None: the pipeline's, 0: no limit."
+    )
 
 
 class OrchestratorServer:
@@ -47,9 +58,14 @@ class OrchestratorServer:
         self.pipeline = pipeline
         self.config = config
         self.pool = StagePool(pipeline)
-        self.profiler = PipelineProfiler(
-            pipeline, self.pool, default_output_dir=pipeline.default_profile_dir()
+        self.sessions = CollectedSessions(
+            pipeline.session_store(
+                profile_dir=config.profile_dir,
+                max_sessions=config.profile_max_sessions,
+                max_bytes=config.profile_max_bytes,
+            )
         )
+        self.profiler = PipelineProfiler(pipeline, self.pool, sessions=self.sessions)
         self._grpc = GrpcServer(ORCHESTRATOR_SERVICE, security=config.security)
         self.server, self.health = self._grpc.server, self._grpc.health
         servicer = OrchestratorServicer(
@@ -57,6 +73,7 @@ class OrchestratorServer:
             pool=self.pool,
             runner=PipelineRunner(pipeline, self.pool, on_stage_done=self.profiler.record),
             profiler=self.profiler,
+            sessions=self.sessions,
         )
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, self.server)
         self.port = self._grpc.bind(config.host, config.port)
@@ -67,6 +84,15 @@ class OrchestratorServer:
         )
 
     async def start(self) -> None:
+        self.sessions.root.mkdir(parents=True, exist_ok=True)
+        await self.sessions.prune()
+        retention = self.sessions.retention
+        logger.info(
+            "profile sessions go under %s (keeping at most %s sessions and %s bytes)",
+            self.sessions.root,
+            retention.max_sessions or "any number of",
+            retention.max_total_bytes or "any number of",
+        )
         await self.pool.start()
         await self._grpc.start()
         await self._grpc.set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -84,6 +110,7 @@ class OrchestratorServer:
             await self._grpc.stop(grace)
         finally:
             await self.pool.close()
+            self.sessions.close()
 
 
 async def serve(

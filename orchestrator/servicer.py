@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -14,15 +16,20 @@ from omnistage.convert import (
     report_to_pb,
     sampling_from_pb,
 )
+from omnistage.convert_sessions import progress_to_pb, session_list_to_pb
 from omnistage.errors import InvalidRequestError
-from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from omnistage.types import StopProgress
+from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.runner import PipelineRunner, StageEvent
+from orchestrator.sessions import CollectedSessions
 from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
 from services.status import grpc_errors
 from services.validation import validate_generate_input
+
+PROGRESS_QUEUE = 256  # progress events waiting for a slow caller
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type: ignore[misc]
@@ -33,11 +40,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
         pool: StagePool,
         runner: PipelineRunner,
         profiler: PipelineProfiler,
+        sessions: CollectedSessions,
     ) -> None:
         self._pipeline = pipeline
         self._pool = pool
         self._runner = runner
         self._profiler = profiler
+        self._sessions = sessions
 
     async def Generate(
         self, request: orchestrator_pb2.PipelineRequest, context: grpc.aio.ServicerContext
@@ -77,11 +86,77 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
         context: grpc.aio.ServicerContext,
     ) -> orchestrator_pb2.ProfileReport:
         async with grpc_errors(context, "StopProfile"):
-            slim = None
-            if request.slim or request.slim_min_duration_us or request.slim_patterns:
-                slim = slim_options(request.slim_min_duration_us, list(request.slim_patterns))
-            report = await self._profiler.stop(list(request.stages), request.output_dir, slim=slim)
+            report = await self._profiler.stop(
+                list(request.stages), request.output_dir, slim=_slim(request)
+            )
             return report_to_pb(report)
+        raise AssertionError("unreachable")
+
+    async def StopProfileStream(
+        self,
+        request: orchestrator_pb2.PipelineStopProfileRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[orchestrator_pb2.StopProfileProgress]:
+        async with grpc_errors(context, "StopProfileStream"):
+            events: asyncio.Queue[StopProgress] = asyncio.Queue(PROGRESS_QUEUE)
+
+            def progress(event: StopProgress) -> None:
+                # Byte counts are coalesced when the caller reads slower than the pulls run;
+                # phase changes are few (a handful per stage) and always kept.
+                if event.phase == "pulling" and events.qsize() >= PROGRESS_QUEUE // 2:
+                    return
+                with contextlib.suppress(asyncio.QueueFull):
+                    events.put_nowait(event)
+
+            stop = asyncio.ensure_future(
+                self._profiler.stop(
+                    list(request.stages), request.output_dir, slim=_slim(request), progress=progress
+                )
+            )
+            try:
+                while not stop.done() or not events.empty():
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait([getter, stop], return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield progress_to_pb(getter.result())
+                    else:
+                        getter.cancel()
+                report = stop.result()
+            finally:
+                stop.cancel()  # the profiler finishes the stop on its own; see its `stop`
+            done = StopProgress(phase="done", message="session collected", report=report)
+            yield progress_to_pb(done)
+
+    async def ListSessions(
+        self, request: orchestrator_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.SessionList:
+        async with grpc_errors(context, "ListSessions"):
+            return session_list_to_pb(await self._sessions.listing())
+        raise AssertionError("unreachable")
+
+    async def FetchSessionFile(
+        self, request: orchestrator_pb2.FetchSessionFileRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.FileChunk]:
+        async with grpc_errors(context, "FetchSessionFile"):
+            chunks = self._sessions.read_chunks(
+                request.session_id,
+                request.name,
+                chunk_size=request.chunk_size,
+                offset=request.offset,
+            )
+            async for offset, data, total in chunks:
+                yield common_pb2.FileChunk(data=data, offset=offset, total_size=total)
+
+    async def DeleteSession(
+        self, request: orchestrator_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.DeleteSessionResponse:
+        async with grpc_errors(context, "DeleteSession"):
+            freed = await self._sessions.delete(
+                request.session_id, active=self._profiler.active_session_id
+            )
+            return orchestrator_pb2.DeleteSessionResponse(
+                session_id=request.session_id, bytes_freed=freed
+            )
         raise AssertionError("unreachable")
 
     async def GetPipeline(
@@ -145,6 +220,12 @@ def _event_to_pb(event: StageEvent) -> orchestrator_pb2.PipelineResponse:
             )
         )
     return msg
+
+
+def _slim(request: orchestrator_pb2.PipelineStopProfileRequest) -> SlimOptions | None:
+    if request.slim or request.slim_min_duration_us or request.slim_patterns:
+        return slim_options(request.slim_min_duration_us, list(request.slim_patterns))
+    return None
 
 
 def slim_options(min_duration_us: float, patterns: list[str]) -> SlimOptions:

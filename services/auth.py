@@ -23,7 +23,17 @@ _STAGE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 _ORCHESTRATOR = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 PROFILING_METHODS = frozenset(
     [f"/{_STAGE}/{m}" for m in ("StartProfile", "StopProfile", "FetchProfileFile")]
-    + [f"/{_ORCHESTRATOR}/{m}" for m in ("StartProfile", "StopProfile")]
+    + [
+        f"/{_ORCHESTRATOR}/{m}"
+        for m in (
+            "StartProfile",
+            "StopProfile",
+            "StopProfileStream",
+            "ListSessions",
+            "FetchSessionFile",
+            "DeleteSession",
+        )
+    ]
 )
 OMNISTAGE_PREFIX = "/omnistage."
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from omnistage.types import ProfileFileInfo, ProfileManifest, ProfileOptions, Pr
 from orchestrator.config import parse_pipeline
 from orchestrator.pool import SERVING, StageReplica
 from orchestrator.profiling import PipelineProfiler
+from orchestrator.sessions import CollectedSessions, SessionStoreConfig
 
 TRACE = b'{"traceEvents": []}'
 
@@ -69,13 +71,23 @@ class FakeStageClient:
         )
         return ProfileManifest(session_id=f"{self.name}-s", profile_dir="", files=infos)
 
-    async def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
+    async def fetch_file(
+        self,
+        session_id: str,
+        name: str,
+        dest: Path,
+        *,
+        offset: int = 0,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> int:
         self.fetched.append(name)
         if self.fetch_error is not None:
             raise self.fetch_error
         data = self.served.get(name, self.files[name])
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
+        if on_bytes is not None:
+            on_bytes(len(data))
         return len(data)
 
     async def info(self, *, timeout: float = 10.0) -> object:
@@ -109,7 +121,8 @@ def profiler(clients: list[FakeStageClient], out: Path) -> PipelineProfiler:
             f"  - {{name: {c.name}, address: 'fake:{i + 1}'}}\n" for i, c in enumerate(clients)
         )
     )
-    return PipelineProfiler(pipeline, FakePool(clients), default_output_dir=out)  # type: ignore[arg-type]
+    sessions = CollectedSessions(SessionStoreConfig(root=out))
+    return PipelineProfiler(pipeline, FakePool(clients), sessions=sessions)  # type: ignore[arg-type]
 
 
 def three(**delays: float) -> list[FakeStageClient]:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ from orchestrator.config import parse_pipeline
 from orchestrator.pool import SERVING, StageReplica
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.report import rebuild_report
+from orchestrator.sessions import CollectedSessions, SessionStoreConfig
 from orchestrator.slimming import SlimOptions
 from orchestrator.stage_call import StageEvent, StageTiming
 from orchestrator.timeline import RequestSpan
@@ -65,9 +67,19 @@ class FakeStageClient:
         info = ProfileFileInfo(target.name, target.stat().st_size, sha256_file(target))
         return ProfileManifest(f"stage-{self.name}", str(self.server_dir), (info,))
 
-    async def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
+    async def fetch_file(
+        self,
+        session_id: str,
+        name: str,
+        dest: Path,
+        *,
+        offset: int = 0,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(self.server_dir / name, dest)
+        if on_bytes is not None:
+            on_bytes(dest.stat().st_size)
         return dest.stat().st_size
 
 
@@ -117,7 +129,8 @@ def _profile(session: Session, tmp_path: Path, slim: SlimOptions | None) -> tupl
         StageReplica(name, run.index, f"127.0.0.1:{run.index + 1}", clients[name], SERVING)  # type: ignore[arg-type]
         for name, run in session.stages.items()
     ]
-    profiler = PipelineProfiler(pipeline, FakePool(replicas), default_output_dir=tmp_path)  # type: ignore[arg-type]
+    sessions = CollectedSessions(SessionStoreConfig(root=tmp_path))
+    profiler = PipelineProfiler(pipeline, FakePool(replicas), sessions=sessions)  # type: ignore[arg-type]
 
     async def main() -> Any:
         await profiler.start([], ProfileOptions(label="clock"))

@@ -36,7 +36,15 @@ def test_contract_names_exist() -> None:
         "StartProfile",
         "StopProfile",
         "GetPipeline",
+        "StopProfileStream",
+        "ListSessions",
+        "FetchSessionFile",
+        "DeleteSession",
     }
+    report = orchestrator_pb2.ProfileReport.DESCRIPTOR.fields_by_name
+    assert {"session_id", "output_dir", "stages", "timeline", "session_files"} <= set(report)
+    fetch = orchestrator_pb2.FetchSessionFileRequest.DESCRIPTOR.fields_by_name
+    assert {"session_id", "name", "chunk_size", "offset"} <= set(fetch)
     fields = stage_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
     assert {"request_id", "prompt", "token_ids", "messages", "tensor", "sampling"} <= set(fields)
     assert stage_pb2.DESCRIPTOR.package == "omnistage.v1"

@@ -262,6 +262,7 @@ def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, FakeContext]:
         pool=None,  # type: ignore[arg-type]
         runner=None,  # type: ignore[arg-type]
         profiler=profiler,  # type: ignore[arg-type]
+        sessions=None,  # type: ignore[arg-type]
     )
     request = orchestrator_pb2.PipelineStopProfileRequest(output_dir="out", **fields)
     with contextlib.suppress(Aborted):

@@ -1,0 +1,177 @@
+"""Collect one stage replica's session: stop it, pull every file it lists, check each sha256,
+and say how far it got as it goes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from omnistage.errors import OmnistageError
+from omnistage.profile_files import sha256_file
+from omnistage.types import ProfileManifest, StageProfileResult, StopProgress
+from orchestrator.pool import StageReplica
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[StopProgress], None]
+PULL_REPORT_BYTES = 8 << 20  # a "pulling" event at most this often, and at each file's end
+
+
+def _ignore(event: StopProgress) -> None:
+    pass
+
+
+class StageCollector:
+    """Stops one replica and pulls its files into `local_dir`, reporting to `progress`."""
+
+    def __init__(
+        self, replica: StageReplica, stage_session: str, local_dir: Path, progress: Progress | None
+    ) -> None:
+        self.replica = replica
+        self.stage_session = stage_session
+        self.local_dir = local_dir
+        self._progress = progress or _ignore
+        self._started = time.monotonic()
+
+    def _say(
+        self,
+        phase: str,
+        message: str,
+        *,
+        file: str = "",
+        bytes_done: int = 0,
+        bytes_total: int = 0,
+        seconds: float = 0.0,
+    ) -> None:
+        self._progress(
+            StopProgress(
+                phase=phase,
+                stage=self.replica.stage,
+                replica=self.replica.address,
+                file=file,
+                bytes_done=bytes_done,
+                bytes_total=bytes_total,
+                seconds=seconds,
+                message=f"{self.replica.stage}: {message}",
+            )
+        )
+
+    async def collect(self) -> StageProfileResult:
+        replica = self.replica
+        try:
+            self._say("flushing", "flushing its trace (the engine writes it now)")
+            manifest = await replica.client.stop_profile()
+            total = sum(f.size_bytes for f in manifest.files)
+            flushed = manifest.stop_seconds or time.monotonic() - self._started
+            self._say(
+                "flushed",
+                f"flushed in {flushed:.1f} s: {len(manifest.files)} files, {_mb(total)}",
+                bytes_total=total,
+                seconds=flushed,
+            )
+            await self._pull(manifest, total)
+        except OmnistageError as exc:
+            logger.warning("stage %s (%s) failed to stop: %s", replica.stage, replica.address, exc)
+            error = f"{type(exc).__name__}: {exc}"
+            self._say("failed", error, seconds=time.monotonic() - self._started)
+            return StageProfileResult(
+                stage=replica.stage,
+                replica=replica.address,
+                ok=False,
+                error=error,
+                stage_session_id=self.stage_session,
+                local_dir=str(self.local_dir),
+                stop_seconds=time.monotonic() - self._started,
+            )
+        return StageProfileResult(
+            stage=replica.stage,
+            replica=replica.address,
+            ok=True,
+            files=manifest.files,
+            stage_session_id=manifest.session_id,
+            local_dir=str(self.local_dir),
+            stop_seconds=time.monotonic() - self._started,
+        )
+
+    async def _pull(self, manifest: ProfileManifest, total: int) -> None:
+        unsafe = [item.name for item in manifest.files if not is_plain_file_name(item.name)]
+        if unsafe:
+            raise OmnistageError(
+                f"the stage's manifest names files outside its folder {unsafe}: a profile "
+                "file must be a plain file name, without folders or '..'; no file of this "
+                "stage was pulled"
+            )
+        pulled_before = time.monotonic()
+        done = 0
+        for item in manifest.files:
+            target = self.local_dir / item.name
+            reported = done
+
+            def on_bytes(count: int, name: str = item.name) -> None:
+                nonlocal done, reported
+                done += count
+                if done - reported >= PULL_REPORT_BYTES:
+                    reported = done
+                    self._pulling(name, done, total)
+
+            try:
+                await self.replica.client.fetch_file(
+                    manifest.session_id, item.name, target, on_bytes=on_bytes
+                )
+            except OSError as exc:
+                raise OmnistageError(
+                    f"could not write {target}: {exc}; free space there, or pass another "
+                    f"output_dir (the stage keeps its copy in session {manifest.session_id})"
+                ) from exc
+            digest = await asyncio.to_thread(sha256_file, target)
+            if digest != item.sha256:
+                target.unlink()
+                raise OmnistageError(
+                    f"{item.name} arrived corrupted and was deleted: its sha256 is "
+                    f"{digest}, the stage's manifest says {item.sha256}; the stage keeps "
+                    f"its copy in session {manifest.session_id}"
+                )
+            self._pulling(item.name, done, total)
+        seconds = time.monotonic() - pulled_before
+        self._say(
+            "pulled",
+            f"pulled {_mb(total)} in {seconds:.1f} s",
+            bytes_done=done,
+            bytes_total=total,
+            seconds=seconds,
+        )
+
+    def _pulling(self, name: str, done: int, total: int) -> None:
+        self._say(
+            "pulling",
+            f"pulled {_mb(done)} of {_mb(total)} ({name})",
+            file=name,
+            bytes_done=done,
+            bytes_total=total,
+        )
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def is_plain_file_name(name: str) -> bool:
+    """Whether `name` stays inside the folder it is joined to: no folders, no '..', no root."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
+def replica_dir(session_dir: Path, replica: StageReplica, per_replica: bool) -> Path:
+    folder = session_dir / replica.stage
+    if per_replica:
+        folder = folder / re.sub(r"[^A-Za-z0-9._-]+", "_", replica.address)
+    return folder
