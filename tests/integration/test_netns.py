@@ -162,7 +162,7 @@ def test_profile_two_stages_across_hosts_and_both_replicas(
     client.start_profile(stages=["code2wav", "encoder"], label="hosts")
     for _ in range(4):
         run(client)
-    report = client.stop_profile(output_dir=str(tmp_path))
+    report = client.stop_profile(output_dir="hosts")
     session = Path(report.output_dir)
     by_stage: dict[str, list[Any]] = {}
     for result in report.stages:

@@ -163,16 +163,18 @@ def test_profiles_thinker_and_code2wav_only(
 ) -> None:
     session = streaming.start_profile(stages=["thinker", "code2wav"], label="omni")
     list(streaming.generate(messages=PROMPT))
-    report = streaming.stop_profile(str(tmp_path))
+    report = streaming.stop_profile("omni")
+    folder = Path(report.output_dir)
+    assert folder.name == session
     assert sorted(s.stage for s in report.stages) == ["code2wav", "thinker"]
     assert all(s.ok for s in report.stages), [s.error for s in report.stages]
     # No slimming was asked for: none is reported and no slimmed copy is written.
     assert report.slimming is None, report.slimming
-    assert not list((tmp_path / session).rglob("*.slim.pt.trace.json.gz"))
+    assert not list(folder.rglob("*.slim.pt.trace.json.gz"))
     for name in ("thinker", "code2wav"):
-        traces = list((tmp_path / session / name).glob("*.pt.trace.json.gz"))
-        assert traces, f"no trace for {name} in {tmp_path / session / name}"
-    assert not (tmp_path / session / "talker").exists()
+        traces = list((folder / name).glob("*.pt.trace.json.gz"))
+        assert traces, f"no trace for {name} in {folder / name}"
+    assert not (folder / "talker").exists()
     assert talker_stage.profiler_dir is not None
     assert not list(talker_stage.profiler_dir.rglob("*.pt.trace.json.gz"))
     assert Path(report.timeline).is_file() and Path(report.summary).is_file()
@@ -217,7 +219,9 @@ def test_report_on_a_three_stage_profile(streaming: omnistage.Client, tmp_path: 
     """All three stages side by side on one time axis, and a summary naming the costliest."""
     session = streaming.start_profile(label="all-three")
     list(streaming.generate(messages=PROMPT))
-    report = streaming.stop_profile(str(tmp_path), slim=True)
+    report = streaming.stop_profile("all-three", slim=True)
+    folder = Path(report.output_dir)
+    assert folder.name == session
     assert sorted(s.stage for s in report.stages) == ["code2wav", "talker", "thinker"]
     assert all(s.ok for s in report.stages), [s.error for s in report.stages]
     timeline = json.loads(gzip.decompress(Path(report.timeline).read_bytes()))
@@ -248,4 +252,4 @@ def test_report_on_a_three_stage_profile(streaming: omnistage.Client, tmp_path: 
     # vLLM profiles without Python stacks here: the saving comes from stripped bookkeeping args
     assert report.slimming is not None and report.slimming.bytes_saved > 0, report.slimming
     assert f"**{report.slimming.bytes_saved:,} bytes saved**" in summary
-    assert (tmp_path / session / "report.json").is_file()
+    assert (folder / "report.json").is_file()

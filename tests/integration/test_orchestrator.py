@@ -227,14 +227,15 @@ def test_async_client_profiles_one_stage_only(
             assert profiling(rewriter_stage) and not profiling(stage)
             assert (await client.pipeline()).stages[1].profiling_active
             outputs = [out async for out in client.generate("Say hello.", max_tokens=6)]
-            return session, outputs, await client.stop_profile(str(tmp_path))
+            return session, outputs, await client.stop_profile("only-rewriter")
 
     session, outputs, report = asyncio.run(scenario())
     assert [o.stage_index for o in outputs if o.finished] == [0, 1]
     assert sum(len(o.token_ids) for o in outputs if o.stage == "thinker") <= 6
     assert report.session_id == session and not report.failed
     assert [s.stage for s in report.stages] == ["rewriter"]
-    root = tmp_path / session
+    root = Path(report.output_dir)
+    assert root.name == session and root.parent.name == "only-rewriter"
     assert [p.name for p in root.iterdir() if p.is_dir()] == ["rewriter"]
     (trace,) = traces_in(root / "rewriter")
     json.loads(gzip.decompress(trace.read_bytes()))
@@ -246,13 +247,14 @@ def test_async_client_profiles_one_stage_only(
 def test_profile_all_stages(pipeline: omnistage.Client, tmp_path: Path) -> None:
     session = pipeline.start_profile()
     list(pipeline.generate("Say hello."))
-    report = pipeline.stop_profile(str(tmp_path), slim=True)
+    report = pipeline.stop_profile("all-stages", slim=True)
+    assert Path(report.output_dir).name == session
     assert {s.stage for s in report.stages} == {"thinker", "rewriter"} and not report.failed
     for name in ("thinker", "rewriter"):
-        assert traces_in(tmp_path / session / name)
+        assert traces_in(Path(report.output_dir) / name)
         result = next(s for s in report.stages if s.stage == name)
         pulled = {f.name for f in result.files}
-        local = {p.name for p in (tmp_path / session / name).iterdir()}
+        local = {p.name for p in (Path(report.output_dir) / name).iterdir()}
         # Every file of the stage's manifest was pulled; the only others are the slimmed
         # copies the orchestrator wrote beside the traces it pulled.
         slim_copies = {slim_copy_path(Path(n)).name for n in pulled if ".pt.trace.json" in n}
@@ -267,7 +269,7 @@ def test_profile_by_name_and_index_mixed(pipeline: omnistage.Client, tmp_path: P
             pipeline.start_profile()
         assert "StopProfile" in str(info.value)
     finally:
-        report = pipeline.stop_profile(str(tmp_path))
+        report = pipeline.stop_profile("mixed")
     assert sorted(s.stage for s in report.stages) == ["rewriter", "thinker"]
 
 
@@ -388,7 +390,7 @@ def test_dead_stage_during_stop_keeps_the_others(
     result: dict[str, object] = {}
 
     def stop() -> None:
-        result["report"] = pipeline.stop_profile(str(tmp_path))
+        result["report"] = pipeline.stop_profile("dead-stage")
 
     stopper = threading.Thread(target=stop)
     stopper.start()
@@ -397,7 +399,8 @@ def test_dead_stage_during_stop_keeps_the_others(
     report = result["report"]
     assert isinstance(report, omnistage.types.ProfileReport)
     by_stage = {s.stage: s for s in report.stages}
-    assert by_stage["thinker"].ok and traces_in(tmp_path / session / "thinker")
+    assert by_stage["thinker"].ok and traces_in(Path(report.output_dir) / "thinker")
+    assert Path(report.output_dir).name == session
     assert not by_stage["rewriter"].ok and by_stage["rewriter"].error
     # The orchestrator keeps serving, and says which stage is down.
     info = pipeline.pipeline()
@@ -413,8 +416,9 @@ def test_report_has_aligned_timeline_and_summary(
 ) -> None:
     session = pipeline.start_profile(label="timeline")
     list(pipeline.generate("Name a river."))
-    report = pipeline.stop_profile(str(tmp_path))
-    root = tmp_path / session
+    report = pipeline.stop_profile("timeline")
+    root = Path(report.output_dir)
+    assert root.name == session
     record = json.loads((root / "report.json").read_text())
     assert set(record["clocks"]) == {"thinker", "rewriter"}
     for clock in record["clocks"].values():
