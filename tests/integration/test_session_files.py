@@ -45,23 +45,9 @@ def serve(tmp: Path, code2wav: RunningStage, *extra: str) -> ServerProcess:
     pipeline.write_text(
         f"name: vocoder\nstages:\n  - name: code2wav\n    address: {code2wav.address}\n"
     )
-    process = ServerProcess(
-        "orchestrator vocoder",
-        [
-            "orchestrator",
-            "serve",
-            "--pipeline",
-            str(pipeline),
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--profile-dir",
-            str(tmp / "root"),
-            *extra,
-        ],  # fmt: skip
-        log_path=tmp / "orchestrator.log",
-    )
+    args = ["orchestrator", "serve", "--pipeline", str(pipeline), "--port", "0"]
+    args += ["--host", "127.0.0.1", "--profile-dir", str(tmp / "root"), *extra]
+    process = ServerProcess("orchestrator vocoder", args, log_path=tmp / "orchestrator.log")
     process.wait_serving(timeout=60)
     return process
 
