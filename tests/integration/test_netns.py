@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +26,7 @@ import omnistage
 from omnistage.errors import StageUnavailableError
 from omnistage.launch import ServerProcess, stage_args
 from omnistage.tensors import tensor_to_numpy
-from omnistage.types import PipelineOutput
+from omnistage.types import PipelineOutput, ProfileReport
 from tests import netns
 
 REASON = netns.unavailable_reason()
@@ -42,6 +45,7 @@ class Topology:
         self.orchestrator_host = self.hosts.add("orch")
         self.code2wav_host = self.hosts.add("code2wav")
         self.encoder_hosts = [self.hosts.add("enc-a"), self.hosts.add("enc-b")]
+        self.laptop = self.hosts.add("laptop")  # a client alone on its host, sharing no disk
 
     def stage(self, host: netns.Host, name: str, model: str) -> ServerProcess:
         profiler = {"profiler": "torch", "torch_profiler_dir": str(self.tmp / host.name)}
@@ -156,13 +160,19 @@ def test_requests_go_to_both_encoder_replicas(topology: Topology, client: omnist
     assert used == {h.address for h in topology.encoder_hosts}
 
 
-def test_profile_two_stages_across_hosts_and_both_replicas(
-    topology: Topology, client: omnistage.Client, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def profiled(client: omnistage.Client) -> ProfileReport:
+    """A session of both stages, all three replicas, collected on the orchestrator's host."""
     client.start_profile(stages=["code2wav", "encoder"], label="hosts")
     for _ in range(4):
         run(client)
-    report = client.stop_profile(output_dir="hosts")
+    return client.stop_profile(output_dir="hosts")
+
+
+def test_profile_two_stages_across_hosts_and_both_replicas(
+    topology: Topology, profiled: ProfileReport
+) -> None:
+    report = profiled
     session = Path(report.output_dir)
     by_stage: dict[str, list[Any]] = {}
     for result in report.stages:
@@ -241,3 +251,77 @@ def test_a_link_cut_mid_request_gives_unavailable_naming_the_stage(
                 topology.hosts.restore(host)
     outputs = wait_until_served(client, within_s=40)
     assert outputs[-1].stage == "encoder" and outputs[-1].finished
+
+
+def files_below(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def fetch_from_laptop(topology: Topology, session: str, to: Path) -> subprocess.Popen[str]:
+    """`omnistage profile fetch`, run on the laptop host: everything it gets comes by gRPC."""
+    assert topology.orchestrator is not None
+    command = [*topology.laptop.exec_prefix, sys.executable, "-m", "omnistage.cli"]
+    command += ["profile", "fetch", session, "--to", str(to)]
+    command += ["--address", topology.orchestrator.address]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_client_on_another_host_downloads_the_whole_session(
+    topology: Topology, profiled: ProfileReport, tmp_path: Path
+) -> None:
+    fetch = fetch_from_laptop(topology, profiled.session_id, tmp_path)
+    out, err = fetch.communicate(timeout=120)
+    assert fetch.returncode == 0, err
+    assert "sha256 checked" in out
+    local = tmp_path / profiled.session_id
+    remote = Path(profiled.output_dir)
+    assert files_below(local) == files_below(remote)
+    assert {n.split("/")[0] for n in files_below(local)} >= {"code2wav", "encoder", "report.json"}
+    traces = [n for n in files_below(local) if n.endswith(".pt.trace.json.gz")]
+    assert len(traces) >= 3  # code2wav and both encoder replicas
+
+
+def test_a_download_cut_by_a_link_drop_resumes(
+    topology: Topology, profiled: ProfileReport, tmp_path: Path
+) -> None:
+    remote = Path(profiled.output_dir)
+    big = remote / "encoder" / "large-trace.bin"  # a GPU-sized file beside the real traces
+    big.write_bytes(os.urandom(24 << 20))
+    # 40 Mbit/s towards the laptop: the file takes about 5 s, long enough to cut the link.
+    link = topology.laptop.link
+    shape = f"tc qdisc add dev {link} root tbf rate 40mbit burst 64kb latency 2s"
+    subprocess.run(shape.split(), check=True)
+    try:
+        fetch = fetch_from_laptop(topology, profiled.session_id, tmp_path)
+        part = tmp_path / profiled.session_id / "encoder" / "large-trace.bin.part"
+        deadline = time.monotonic() + 60
+        while not (part.exists() and part.stat().st_size > 2 << 20):
+            assert fetch.poll() is None, fetch.communicate()
+            assert time.monotonic() < deadline, "the large file never started"
+            time.sleep(0.05)
+        topology.hosts.cut(topology.laptop)
+        assert fetch.stderr is not None
+        seen: list[str] = []
+        try:
+            for line in fetch.stderr:  # the client says when it finds the link dead
+                seen.append(line)
+                if "resuming" in line:
+                    break
+        finally:
+            topology.hosts.restore(topology.laptop)
+        assert any("cut at" in line for line in seen), "".join(seen)
+        _, err = fetch.communicate(timeout=120)
+        assert fetch.returncode == 0, "".join(seen) + err
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", link, "root"], capture_output=True)
+        big.unlink()
+    local = tmp_path / profiled.session_id
+    assert (local / "encoder" / "large-trace.bin").stat().st_size == 24 << 20
+    assert not part.exists()
+    expected = files_below(remote)
+    expected["encoder/large-trace.bin"] = (local / "encoder" / "large-trace.bin").read_bytes()
+    assert files_below(local) == expected
