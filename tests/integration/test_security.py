@@ -381,6 +381,30 @@ def test_orchestrator_profiling_needs_its_own_token(
     assert "omnistage.v1.Orchestrator/StartProfile" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("method", "call"),
+    [
+        ("ListSessions", lambda c: c.sessions()),
+        ("FetchSessionFile", lambda c: c.fetch_session("20261201T000000Z-x-000000", "unused")),
+        ("DeleteSession", lambda c: c.delete_session("20261201T000000Z-x-000000")),
+        ("StopProfileStream", lambda c: c.stop_profile(progress=lambda event: None)),
+    ],
+)
+def test_the_orchestrators_session_files_need_its_token_and_tls(
+    files: Files, orchestrator: ServerProcess, method: str, call: Any, tmp_path: Path
+) -> None:
+    with omnistage.Client(orchestrator.address, security=trusting(files)) as client:
+        with pytest.raises(errors.UnauthenticatedError) as caught:
+            call(client)
+        assert f"omnistage.v1.Orchestrator/{method}" in str(caught.value)
+    with omnistage.Client(orchestrator.address) as plaintext:  # no TLS: nothing gets through
+        with pytest.raises(errors.StageUnavailableError):
+            plaintext.sessions()
+    token = files.token.read_text().strip()
+    with omnistage.Client(orchestrator.address, security=trusting(files, token=token)) as client:
+        assert client.sessions().profile_root.endswith("profiles")  # with both, it answers
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
