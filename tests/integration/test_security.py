@@ -397,9 +397,11 @@ def test_the_orchestrators_session_files_need_its_token_and_tls(
         with pytest.raises(errors.UnauthenticatedError) as caught:
             call(client)
         assert f"omnistage.v1.Orchestrator/{method}" in str(caught.value)
-    with omnistage.Client(orchestrator.address) as plaintext:  # no TLS: nothing gets through
-        with pytest.raises(errors.StageUnavailableError):
-            plaintext.sessions()
+    with (
+        omnistage.Client(orchestrator.address) as plaintext,  # no TLS: nothing gets through
+        pytest.raises(errors.StageUnavailableError),
+    ):
+        plaintext.sessions()
     token = files.token.read_text().strip()
     with omnistage.Client(orchestrator.address, security=trusting(files, token=token)) as client:
         assert client.sessions().profile_root.endswith("profiles")  # with both, it answers
