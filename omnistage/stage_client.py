@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -117,22 +117,35 @@ class AsyncStageClient:
         )
         return manifest_from_pb(reply)
 
-    async def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
-        """Stream one session file into `dest`; return the bytes written."""
-        request = stage_pb2.FetchProfileFileRequest(session_id=session_id, name=name)
+    async def fetch_file(
+        self,
+        session_id: str,
+        name: str,
+        dest: Path,
+        *,
+        offset: int = 0,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> int:
+        """Stream one session file into `dest` from `offset` (a resume appends to the bytes
+        already there); return the bytes written. `on_bytes` gets each chunk's size."""
+        request = stage_pb2.FetchProfileFileRequest(session_id=session_id, name=name, offset=offset)
         dest.parent.mkdir(parents=True, exist_ok=True)
         written = 0
         try:
-            with dest.open("wb") as handle:
+            with dest.open("r+b" if offset else "wb") as handle:
                 async for chunk in self._stub.FetchProfileFile(request, timeout=600):
                     handle.seek(chunk.offset)
                     handle.write(chunk.data)
                     written += len(chunk.data)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk.data))
         except grpc.RpcError as exc:
-            dest.unlink(missing_ok=True)
+            if not offset:
+                dest.unlink(missing_ok=True)
             raise error_from_rpc(exc, address=self.address) from exc
         except OSError:
-            dest.unlink(missing_ok=True)  # a disk that filled up leaves no half-written file
+            if not offset:
+                dest.unlink(missing_ok=True)  # a disk that filled up leaves no half-written file
             raise
         return written
 
@@ -172,8 +185,8 @@ class StageClient:
     def stop_profile(self, **options: Any) -> ProfileManifest:
         return self._loop.run(self._async.stop_profile(**options))
 
-    def fetch_file(self, session_id: str, name: str, dest: Path) -> int:
-        return self._loop.run(self._async.fetch_file(session_id, name, dest))
+    def fetch_file(self, session_id: str, name: str, dest: Path, **options: Any) -> int:
+        return self._loop.run(self._async.fetch_file(session_id, name, dest, **options))
 
     def info(self) -> stage_pb2.StageInfo:
         return self._loop.run(self._async.info())
