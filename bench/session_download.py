@@ -36,6 +36,7 @@ from bench_machine import align_table, machine_info
 
 import omnistage
 from omnistage.launch import ServerProcess, stage_args
+from omnistage.types import StopProgress
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,12 +59,24 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def orchestrator(tmp: Path, stages: dict[str, str], name: str) -> ServerProcess:
+EDGES = {
+    "torch": "{processor: 'tests.encoder:audio_in'}",
+    "vllm": "{processor: text, template: 'Rewrite formally: {text}'}",
+}
+STAGES = {
+    "torch": {"code2wav": "examples.omni.code2wav:build", "encoder": "tests.encoder:build"},
+    "vllm": {"thinker": "smollm2", "rewriter": "smollm2"},
+}
+
+
+def orchestrator(
+    tmp: Path, stages: dict[str, str], name: str, edge: str = EDGES["torch"]
+) -> ServerProcess:
     lines = [f"name: {name}", "outputs: final", "stages:"]
     for index, (stage, address) in enumerate(stages.items()):
         lines += [f"  - name: {stage}", f"    address: {address}"]
         if index:
-            lines += ["    input: {processor: 'tests.encoder:audio_in'}"]
+            lines += [f"    input: {edge}"]
     pipeline = tmp / f"{name}.yaml"
     pipeline.write_text("\n".join(lines) + "\n")
     args = ["orchestrator", "serve", "--pipeline", str(pipeline), "--port", "0"]
@@ -120,45 +133,65 @@ def download_part(tmp: Path, size_mb: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def stop_part(tmp: Path, requests: int, rounds: int) -> dict[str, Any]:
-    stage_specs = {"code2wav": "examples.omni.code2wav:build", "encoder": "tests.encoder:build"}
+def stop_part(tmp: Path, engine: str, requests: int, rounds: int) -> dict[str, Any]:
     stages = {}
-    for name, model in stage_specs.items():
-        profiler = {"profiler": "torch", "torch_profiler_dir": str(tmp / f"{name}-stage")}
-        args = stage_args(name=name, engine="torch", model=model, host="127.0.0.1")
-        args += ["--profiler-config", json.dumps(profiler), "--engine-options", STAGE_OPTIONS]
+    for name, model in STAGES[engine].items():
+        profiler = {
+            "profiler": "torch",
+            "torch_profiler_dir": str(tmp / f"{name}-stage"),
+            "torch_profiler_with_stack": False,
+        }
+        args = stage_args(name=name, engine=engine, model=model, profiler_config=profiler)
+        if engine == "torch":
+            args += ["--engine-options", STAGE_OPTIONS]
         stages[name] = ServerProcess(name, args, log_path=tmp / f"{name}.log")
+    if engine == "torch":
+        request: dict[str, Any] = {"token_ids": CODES}
+    else:
+        request = {"prompt": "Name a planet.", "max_tokens": 16, "ignore_eos": True}
     try:
-        addresses = {name: p.wait_serving(timeout=120) for name, p in stages.items()}
-        process = orchestrator(tmp, addresses, "stop")
+        addresses = {name: p.wait_serving(timeout=300) for name, p in stages.items()}
+        process = orchestrator(tmp, addresses, f"stop-{engine}", EDGES[engine])
         rows = []
         try:
             with omnistage.Client(process.address) as client:
-                list(client.generate(token_ids=CODES, timeout=60))  # warm-up
+                list(client.generate(timeout=120, **request))  # warm-up
                 for index in range(rounds):
-                    for mode in ("stop+copy", "stop --download"):
+                    modes = ("stop+copy", "stop --download")
+                    for mode in modes if index % 2 == 0 else modes[::-1]:  # ABBA: no order bias
                         client.start_profile(label=mode.replace(" ", "").replace("+", "-"))
                         for _ in range(requests):
-                            list(client.generate(token_ids=CODES, timeout=60))
-                        dest = tmp / f"{mode.split()[0]}-{index}-{len(rows)}"
+                            list(client.generate(timeout=120, **request))
+                        dest = tmp / f"{engine}-{mode.split()[0]}-{index}-{len(rows)}"
+                        marks: list[float] = []
+
+                        def mark(event: StopProgress, marks: list[float] = marks) -> None:
+                            if event.phase == "done":
+                                marks.append(time.perf_counter())
+
+                        started = time.perf_counter()
                         if mode == "stop+copy":
-                            stop_s, report = timed(client.stop_profile)
-                            copy_s, _ = timed(
-                                lambda r=report, d=dest: shutil.copytree(r.output_dir, d)
-                            )
-                            total = stop_s + copy_s
+                            report = client.stop_profile()
+                            marks.append(time.perf_counter())
+                            shutil.copytree(report.output_dir, dest)
                         else:
-                            total, report = timed(lambda d=dest: client.stop_profile(download_to=d))
+                            report = client.stop_profile(download_to=dest, progress=mark)
+                        total = time.perf_counter() - started
                         assert not report.failed, report.failed
                         rows.append(
                             {
                                 "round": index,
                                 "mode": mode,
                                 "seconds": total,
+                                "stop_s": marks[0] - started,
+                                "copy_s": total - (marks[0] - started),
                                 "bytes": folder_bytes(Path(report.output_dir)),
                             }
                         )
-                        say(f"round {index} {mode}: {total:.2f} s")
+                        say(
+                            f"{engine} round {index} {mode}: {total:.3f} s (stop {marks[0] - started:.3f}"
+                            f" s, then {total - marks[0] + started:.3f} s)"
+                        )
         finally:
             process.stop()
     finally:
@@ -167,6 +200,7 @@ def stop_part(tmp: Path, requests: int, rounds: int) -> dict[str, Any]:
     baseline = statistics.median(r["seconds"] for r in rows if r["mode"] == "stop+copy")
     download = statistics.median(r["seconds"] for r in rows if r["mode"] == "stop --download")
     return {
+        "engine": engine,
         "requests": requests,
         "rounds": rows,
         "stop_copy_s": baseline,
@@ -181,48 +215,51 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size-mb", type=int, default=100, help="the planted session's size")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=8, help="requests per profiled session")
+    parser.add_argument("--rounds", type=int, default=4, help="of each part, per engine")
+    parser.add_argument("--requests", type=int, default=4, help="requests per profiled session")
+    parser.add_argument(
+        "--engines", default="torch,vllm", help="part 2's stages: torch, vllm or both"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
+    engines = [e for e in args.engines.split(",") if e]
+    unknown = set(engines) - set(STAGES)
+    if unknown:
+        parser.error(f"--engines: unknown {sorted(unknown)}; choose from torch, vllm")
     os.chdir(ROOT)  # the stages import examples.omni.code2wav and tests.encoder
     with tempfile.TemporaryDirectory(prefix="omnistage-download-") as tmp_name:
         tmp = Path(tmp_name)
         say(f"part 1: downloading a {args.size_mb} MB session, {args.rounds} rounds")
         download = download_part(tmp, args.size_mb, args.rounds)
-        say("part 2: stop --download against StopProfile + copy, two torch stages")
-        stop = stop_part(tmp, args.requests, args.rounds)
-    result = {"machine": machine_info(), "download": download, "stop": stop}
+        stops = []
+        for engine in engines:
+            say(f"part 2: stop --download against StopProfile + copy, two {engine} stages")
+            stops.append(stop_part(tmp, engine, args.requests, args.rounds))
+    result = {"machine": machine_info(), "download": download, "stop": stops}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        align_table(
-            [
-                ("measure", "omnistage", "floor", "ratio", "goal"),
-                (
-                    f"download {download['bytes'] / 1e6:.0f} MB (warm listing)",
-                    f"{download['fetch_mb_s']:.0f} MB/s",
-                    f"copy {download['copy_mb_s']:.0f} MB/s",
-                    f"{download['copy_s'] / download['fetch_s']:.2f}x",
-                    "≥ 200 MB/s",
-                ),
-                (
-                    "download, first (cold listing)",
-                    f"{download['cold_fetch_mb_s']:.0f} MB/s",
-                    "",
-                    "",
-                    "",
-                ),
-                (
-                    f"stop --download ({stop['session_bytes'] / 1e6:.1f} MB session)",
-                    f"{stop['stop_download_s']:.2f} s",
-                    f"stop+copy {stop['stop_copy_s']:.2f} s",
-                    f"{stop['ratio']:.2f}x",
-                    "≤ 1.10x",
-                ),
-            ]
+    rows = [
+        ("measure", "omnistage", "floor", "ratio", "goal"),
+        (
+            f"download {download['bytes'] / 1e6:.0f} MB (warm listing)",
+            f"{download['fetch_mb_s']:.0f} MB/s",
+            f"copy {download['copy_mb_s']:.0f} MB/s",
+            f"{download['copy_s'] / download['fetch_s']:.2f}x",
+            "≥ 200 MB/s",
+        ),
+        ("download, first (cold listing)", f"{download['cold_fetch_mb_s']:.0f} MB/s", "", "", ""),
+    ]
+    for stop in stops:
+        rows.append(
+            (
+                f"stop --download, {stop['engine']} ({stop['session_bytes'] / 1e6:.1f} MB)",
+                f"{stop['stop_download_s']:.2f} s",
+                f"stop+copy {stop['stop_copy_s']:.2f} s",
+                f"{stop['ratio']:.2f}x",
+                "≤ 1.10x",
+            )
         )
-    )
+    print(align_table(rows))
     print(f"wrote {args.out}")
     return 0
 

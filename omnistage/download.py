@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 OpenChunks = Callable[[int], AsyncIterator[tuple[int, bytes, int]]]
 RESUME_FOR_S = 120.0  # how long a cut download keeps trying to resume
 PART_SUFFIX = ".part"
+PARALLEL_FILES = 4  # files in flight at once: small files do not wait on each other's set-up
 
 
 @dataclass(frozen=True)
@@ -130,19 +131,25 @@ async def download_session(
     are checked before use, so none can write outside the folder.
     """
     folder = to / session.session_id
-    for item in session.files:
-        relative = check_file_name(item.name, nested=True)
-        dest = folder.joinpath(*relative.parts)
+    targets = [
+        (item, folder.joinpath(*check_file_name(item.name, nested=True).parts))
+        for item in session.files
+    ]  # every name checked before the first byte is written
+    slots = asyncio.Semaphore(PARALLEL_FILES)
 
-        def chunks(offset: int, name: str = item.name) -> AsyncIterator[tuple[int, bytes, int]]:
-            return open_file(session.session_id, name, offset)
+    async def one(item: ProfileFileInfo, dest: Path) -> None:
+        def chunks(offset: int) -> AsyncIterator[tuple[int, bytes, int]]:
+            return open_file(session.session_id, item.name, offset)
 
-        await download_file(
-            chunks,
-            dest,
-            item,
-            session_id=session.session_id,
-            progress=progress,
-            resume_for_s=resume_for_s,
-        )
+        async with slots:
+            await download_file(
+                chunks,
+                dest,
+                item,
+                session_id=session.session_id,
+                progress=progress,
+                resume_for_s=resume_for_s,
+            )
+
+    await asyncio.gather(*(one(item, dest) for item, dest in targets))
     return folder
