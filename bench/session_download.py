@@ -188,9 +188,10 @@ def stop_part(tmp: Path, engine: str, requests: int, rounds: int) -> dict[str, A
                                 "bytes": folder_bytes(Path(report.output_dir)),
                             }
                         )
+                        stop_s = marks[0] - started
                         say(
-                            f"{engine} round {index} {mode}: {total:.3f} s (stop {marks[0] - started:.3f}"
-                            f" s, then {total - marks[0] + started:.3f} s)"
+                            f"{engine} round {index} {mode}: {total:.3f} s "
+                            f"(stop {stop_s:.3f} s, then {total - stop_s:.3f} s)"
                         )
         finally:
             process.stop()
