@@ -29,7 +29,7 @@ from omnistage.client import StageClient, make_request
 from omnistage.launch import ServerProcess, health_status, stage_args
 from omnistage.security import ClientSecurity, sync_channel
 from omnistage.types import GenerateInput
-from omnistage.v1 import stage_pb2, stage_pb2_grpc
+from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc, stage_pb2, stage_pb2_grpc
 from tests.integration.test_orchestrator import free_port
 from tests.pki import Pki, make_pki
 
@@ -396,7 +396,9 @@ def test_the_orchestrators_session_files_need_its_token_and_tls(
     with omnistage.Client(orchestrator.address, security=trusting(files)) as client:
         with pytest.raises(errors.UnauthenticatedError) as caught:
             call(client)
-        assert f"omnistage.v1.Orchestrator/{method}" in str(caught.value)
+        # fetch_session lists the sessions first, so it is refused at ListSessions
+        first = "ListSessions" if method == "FetchSessionFile" else method
+        assert f"omnistage.v1.Orchestrator/{first}" in str(caught.value)
     with (
         omnistage.Client(orchestrator.address) as plaintext,  # no TLS: nothing gets through
         pytest.raises(errors.StageUnavailableError),
@@ -405,6 +407,18 @@ def test_the_orchestrators_session_files_need_its_token_and_tls(
     token = files.token.read_text().strip()
     with omnistage.Client(orchestrator.address, security=trusting(files, token=token)) as client:
         assert client.sessions().profile_root.endswith("profiles")  # with both, it answers
+
+
+def test_fetch_session_file_needs_the_token(files: Files, orchestrator: ServerProcess) -> None:
+    request = orchestrator_pb2.FetchSessionFileRequest(
+        session_id="20261201T000000Z-x-000000", name="report.json"
+    )
+    with sync_channel(orchestrator.address, trusting(files)) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.FetchSessionFile(request, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "omnistage.v1.Orchestrator/FetchSessionFile" in str(caught.value.details())
 
 
 # -- the command line ---------------------------------------------------------------------------
