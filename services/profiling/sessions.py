@@ -3,7 +3,8 @@
 Session semantics are the same for every engine: the store creates `<dir>/<session_id>/`,
 asks the engine to profile into it, makes sure an op table exists on stop, and serves the
 folder's regular files and nothing outside it (checked by real path, so a symlink that leads
-out is not there).
+out is not there). After each stop, and once at server start, it deletes the oldest session
+folders beyond its `RetentionPolicy`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import BinaryIO
 
 from omnistage.errors import InvalidRequestError, NotFoundError, ProfilerStateError
 from omnistage.profile_files import (
+    SESSION_ID_PATTERN,
+    RetentionPolicy,
     check_chunk_size,
     check_file_name,
     check_session_id,
@@ -39,12 +42,24 @@ PROFILER_FLAG = '--profiler-config \'{"torch_profiler_dir": "DIR"}\''
 
 
 class ProfileSessionStore:
-    """Owns the active profile session of one stage and the folders of past ones."""
+    """Owns the active profile session of one stage and the folders of past ones.
 
-    def __init__(self, *, stage_name: str, engine: Engine, root: Path | None) -> None:
+    `retention` bounds the past sessions kept under `root`; the default keeps them all (the
+    stage server passes `StageConfig`'s limits: 10 sessions and 10 GiB unless set).
+    """
+
+    def __init__(
+        self,
+        *,
+        stage_name: str,
+        engine: Engine,
+        root: Path | None,
+        retention: RetentionPolicy | None = None,
+    ) -> None:
         self._stage_name = stage_name
         self._engine = engine
         self._root = root
+        self._retention = retention or RetentionPolicy()
         self._active: Path | None = None
         self._lock = asyncio.Lock()
 
@@ -116,12 +131,38 @@ class ProfileSessionStore:
                 stop_seconds,
                 len(files),
             )
+            await self._prune(keep=frozenset({session_dir}))
             return ProfileManifest(
                 session_id=session_dir.name,
                 profile_dir=str(session_dir),
                 files=tuple(files),
                 stop_seconds=stop_seconds,
             )
+
+    async def prune(self) -> list[Path]:
+        """Delete the oldest past session folders beyond the retention limits; return them.
+
+        The server calls it once at start; `stop` prunes after every session. Only folders
+        named like a session id count; the active session and the newest are never deleted.
+        """
+        async with self._lock:
+            return await self._prune(keep=frozenset())
+
+    async def _prune(self, *, keep: frozenset[Path]) -> list[Path]:
+        """`prune` with the lock held. A failure is logged, never raised: the sessions stay,
+        and the next stop tries again."""
+        root = self._root
+        if root is None:
+            return []
+        if self._active is not None:
+            keep = keep | {self._active}
+        try:
+            return await asyncio.to_thread(
+                lambda: self._retention.prune(_session_folders(root), keep=keep)
+            )
+        except OSError as exc:
+            logger.warning("retention: could not prune profile sessions in %s: %s", root, exc)
+            return []
 
     def session_file(self, session_id: str, name: str) -> Path:
         """Resolve a regular file of a past session, refusing bad names before any I/O and,
@@ -207,6 +248,17 @@ def _manifest(session_dir: Path) -> list[ProfileFileInfo]:
             continue
         files.append(ProfileFileInfo(path.name, path.stat().st_size, sha256_file(path)))
     return files
+
+
+def _session_folders(root: Path) -> list[Path]:
+    """The real folders under `root` named like a session id; anything else is not ours."""
+    if not root.is_dir():
+        return []
+    return [
+        path
+        for path in root.iterdir()
+        if SESSION_ID_PATTERN.match(path.name) and not path.is_symlink() and path.is_dir()
+    ]
 
 
 def _open_regular(path: Path, name: str) -> BinaryIO:
