@@ -42,6 +42,8 @@ def _stage_serve(args: argparse.Namespace) -> int:
             engine_options=_parse_engine_options(args.engine_options),
             security=cli_security.server_security(args),
             health_port=args.health_port,
+            profile_max_sessions=args.profile_max_sessions,
+            profile_max_bytes=args.profile_max_bytes,
         )
     except ValidationError as exc:
         raise OmnistageError(describe_validation_error(exc)) from exc
@@ -249,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         metavar="JSON",
         help='engine options as a JSON object, e.g. \'{"max_batch_size": 8, "max_wait_ms": 5}\'',
+    )
+    serve.add_argument(
+        "--profile-max-sessions",
+        type=int,
+        default=10,
+        metavar="N",
+        help="past profile sessions kept; the oldest beyond N are deleted (default 10; 0: all)",
+    )
+    serve.add_argument(
+        "--profile-max-bytes",
+        type=int,
+        default=10 * 2**30,
+        metavar="N",
+        help="bytes past profile sessions may take; the oldest beyond are deleted, never the "
+        "newest (default 10 GiB; 0: no limit)",
     )
     cli_security.add_server_flags(serve)
     serve.set_defaults(func=_stage_serve)

@@ -15,6 +15,7 @@ from omnistage.convert import (
     generate_input_to_pb,
     manifest_from_pb,
 )
+from omnistage.errors import InvalidRequestError
 from omnistage.rpc import STOP_PROFILE_TIMEOUT_S, LoopThread, error_from_rpc
 from omnistage.security import ClientSecurity, aio_channel
 from omnistage.types import (
@@ -126,27 +127,46 @@ class AsyncStageClient:
         offset: int = 0,
         on_bytes: Callable[[int], None] | None = None,
     ) -> int:
-        """Stream one session file into `dest` from `offset` (a resume appends to the bytes
-        already there); return the bytes written. `on_bytes` gets each chunk's size."""
+        """Stream one session file into `dest`; return the bytes written by this call.
+
+        With `offset` > 0 the download resumes: `dest` must already hold the file's first
+        `offset` bytes; whatever lies past them is replaced. `on_bytes` is called with each
+        chunk's byte count once it is written (for progress). When the RPC, the disk or
+        `on_bytes` fails, a file this call created (offset 0) is deleted; a resumed one is
+        kept, cut where the last chunk ended, so it can be resumed again.
+        """
+        if offset < 0:
+            raise InvalidRequestError(f"offset must be ≥ 0 (got {offset})")
+        if offset > 0:
+            held = dest.stat().st_size if dest.is_file() else None
+            if held is None or held < offset:
+                has = "does not exist" if held is None else f"holds only {held} bytes"
+                raise InvalidRequestError(
+                    f"cannot resume {dest} at offset {offset}: it {has}; resume at most from "
+                    "the bytes it holds, or fetch from offset 0"
+                )
         request = stage_pb2.FetchProfileFileRequest(session_id=session_id, name=name, offset=offset)
         dest.parent.mkdir(parents=True, exist_ok=True)
         written = 0
+        call = self._stub.FetchProfileFile(request, timeout=600)
         try:
             with dest.open("r+b" if offset else "wb") as handle:
-                async for chunk in self._stub.FetchProfileFile(request, timeout=600):
+                if offset:
+                    handle.truncate(offset)
+                async for chunk in call:
                     handle.seek(chunk.offset)
                     handle.write(chunk.data)
                     written += len(chunk.data)
                     if on_bytes is not None:
                         on_bytes(len(chunk.data))
-        except grpc.RpcError as exc:
-            if not offset:
-                dest.unlink(missing_ok=True)
-            raise error_from_rpc(exc, address=self.address) from exc
-        except OSError:
+        except BaseException as exc:
             if not offset:
                 dest.unlink(missing_ok=True)  # a disk that filled up leaves no half-written file
+            if isinstance(exc, grpc.RpcError):
+                raise error_from_rpc(exc, address=self.address) from exc
             raise
+        finally:
+            call.cancel()  # a write that failed mid-stream stops the stage sending
         return written
 
     async def info(self, *, timeout: float = 10.0) -> stage_pb2.StageInfo:
@@ -185,8 +205,19 @@ class StageClient:
     def stop_profile(self, **options: Any) -> ProfileManifest:
         return self._loop.run(self._async.stop_profile(**options))
 
-    def fetch_file(self, session_id: str, name: str, dest: Path, **options: Any) -> int:
-        return self._loop.run(self._async.fetch_file(session_id, name, dest, **options))
+    def fetch_file(
+        self,
+        session_id: str,
+        name: str,
+        dest: Path,
+        *,
+        offset: int = 0,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> int:
+        """See `AsyncStageClient.fetch_file`; `on_bytes` runs on the client's loop thread."""
+        return self._loop.run(
+            self._async.fetch_file(session_id, name, dest, offset=offset, on_bytes=on_bytes)
+        )
 
     def info(self) -> stage_pb2.StageInfo:
         return self._loop.run(self._async.info())

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omnistage.errors import InvalidRequestError
+from omnistage.profile_files import RetentionPolicy
 from omnistage.security import ServerSecurity
 
 STAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -166,6 +167,30 @@ class StageConfig(BaseModel):
     health_port: int | None = Field(
         default=None, ge=0, le=65535, description="An extra plaintext port for health only."
     )
+    profile_max_sessions: int = Field(
+        default=10,
+        ge=0,
+        description=(
+            "Past profile sessions kept under torch_profiler_dir; after each StopProfile and "
+            "at start the oldest beyond it are deleted. 0: no limit. The active session and "
+            "the newest are always kept."
+        ),
+    )
+    profile_max_bytes: int = Field(
+        default=10 * 2**30,
+        ge=0,
+        description=(
+            "Bytes all past profile sessions may take in all (default 10 GiB); the oldest "
+            "sessions are deleted beyond it, but never the newest, even alone over it. 0: no "
+            "limit."
+        ),
+    )
+
+    @property
+    def profile_retention(self) -> RetentionPolicy:
+        return RetentionPolicy(
+            max_sessions=self.profile_max_sessions, max_total_bytes=self.profile_max_bytes
+        )
 
 
 def parse_profiler_config(text: str) -> ProfilerSettings:

@@ -44,7 +44,12 @@ class StageServer:
         self._grpc = GrpcServer(STAGE_SERVICE, security=config.security)
         self.server, self.health = self._grpc.server, self._grpc.health
         root = config.profiler.directory if config.profiler.enabled else None
-        self.sessions = ProfileSessionStore(stage_name=config.name, engine=engine, root=root)
+        self.sessions = ProfileSessionStore(
+            stage_name=config.name,
+            engine=engine,
+            root=root,
+            retention=config.profile_retention,
+        )
         servicer = StageServicer(
             name=config.name,
             engine=engine,
@@ -65,7 +70,9 @@ class StageServer:
         )
 
     async def start(self) -> None:
-        """Serve with health NOT_SERVING, load the engine, then report SERVING."""
+        """Prune old profile sessions, serve with health NOT_SERVING, load the engine, then
+        report SERVING."""
+        await self.sessions.prune()
         await self._grpc.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._grpc.start()
         started = time.monotonic()

@@ -77,7 +77,10 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
     ) -> AsyncIterator[common_pb2.FileChunk]:
         async with grpc_errors(context, "FetchProfileFile"):
             chunks = self._sessions.read_chunks(
-                request.session_id, request.name, request.chunk_size
+                request.session_id,
+                request.name,
+                chunk_size=request.chunk_size,
+                offset=request.offset,
             )
             async for offset, data, total in chunks:
                 yield common_pb2.FileChunk(data=data, offset=offset, total_size=total)

@@ -2,19 +2,34 @@
 
 Session semantics are the same for every engine: the store creates `<dir>/<session_id>/`,
 asks the engine to profile into it, makes sure an op table exists on stop, and serves the
-folder's files and nothing outside it.
+folder's regular files and nothing outside it (checked by real path, so a symlink that leads
+out is not there). After each stop, and once at server start, it deletes the oldest session
+folders beyond its `RetentionPolicy`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 from omnistage.errors import InvalidRequestError, NotFoundError, ProfilerStateError
-from omnistage.profile_files import SESSION_ID_PATTERN, new_session_id, sha256_file
+from omnistage.profile_files import (
+    SESSION_ID_PATTERN,
+    RetentionPolicy,
+    check_chunk_size,
+    check_file_name,
+    check_session_id,
+    confined_file,
+    echo,
+    new_session_id,
+    sha256_file,
+)
 from omnistage.types import ProfileFileInfo, ProfileManifest, ProfileOptions
 from services.engines.base import Engine
 from services.profiling.optable import build_op_table
@@ -23,18 +38,28 @@ from services.validation import validate_profile_options
 logger = logging.getLogger(__name__)
 
 TRACE_SUFFIXES = (".pt.trace.json.gz", ".pt.trace.json")
-DEFAULT_CHUNK_BYTES = 1 << 20
-MAX_CHUNK_BYTES = 3 << 20  # stays under gRPC's 4 MiB default receive limit
 PROFILER_FLAG = '--profiler-config \'{"torch_profiler_dir": "DIR"}\''
 
 
 class ProfileSessionStore:
-    """Owns the active profile session of one stage and the folders of past ones."""
+    """Owns the active profile session of one stage and the folders of past ones.
 
-    def __init__(self, *, stage_name: str, engine: Engine, root: Path | None) -> None:
+    `retention` bounds the past sessions kept under `root`; the default keeps them all (the
+    stage server passes `StageConfig`'s limits: 10 sessions and 10 GiB unless set).
+    """
+
+    def __init__(
+        self,
+        *,
+        stage_name: str,
+        engine: Engine,
+        root: Path | None,
+        retention: RetentionPolicy | None = None,
+    ) -> None:
         self._stage_name = stage_name
         self._engine = engine
         self._root = root
+        self._retention = retention or RetentionPolicy()
         self._active: Path | None = None
         self._lock = asyncio.Lock()
 
@@ -106,6 +131,7 @@ class ProfileSessionStore:
                 stop_seconds,
                 len(files),
             )
+            await self._prune(keep=frozenset({session_dir}))
             return ProfileManifest(
                 session_id=session_dir.name,
                 profile_dir=str(session_dir),
@@ -113,46 +139,61 @@ class ProfileSessionStore:
                 stop_seconds=stop_seconds,
             )
 
+    async def prune(self) -> list[Path]:
+        """Delete the oldest past session folders beyond the retention limits; return them.
+
+        The server calls it once at start; `stop` prunes after every session. Only folders
+        named like a session id count; the active session and the newest are never deleted.
+        """
+        async with self._lock:
+            return await self._prune(keep=frozenset())
+
+    async def _prune(self, *, keep: frozenset[Path]) -> list[Path]:
+        """`prune` with the lock held. A failure is logged, never raised: the sessions stay,
+        and the next stop tries again."""
+        root = self._root
+        if root is None:
+            return []
+        if self._active is not None:
+            keep = keep | {self._active}
+        try:
+            return await asyncio.to_thread(
+                lambda: self._retention.prune(_session_folders(root), keep=keep)
+            )
+        except OSError as exc:
+            logger.warning("retention: could not prune profile sessions in %s: %s", root, exc)
+            return []
+
     def session_file(self, session_id: str, name: str) -> Path:
-        """Resolve a file of a session, refusing anything outside its folder before any I/O."""
+        """Resolve a regular file of a past session, refusing bad names before any I/O and,
+        by real path, anything outside the session's folder."""
         root = self._require_root()
-        if not session_id:
-            raise InvalidRequestError("session_id is empty: pass the id StopProfile returned")
-        if not name:
-            raise InvalidRequestError("name is empty: pass a file name from the manifest")
-        if name.startswith("/") or "/" in name or "\\" in name or ".." in name or "\0" in name:
-            raise InvalidRequestError(
-                f"file name {name!r} must be a plain name from the manifest, without "
-                "'/', '..' or an absolute path"
-            )
-        if not SESSION_ID_PATTERN.match(session_id) or ".." in session_id:
-            raise InvalidRequestError(
-                f"session_id {session_id!r} is not a session id: letters, digits, '.', '_' "
-                "and '-' only"
-            )
-        session_dir = root / session_id
-        if not session_dir.is_dir():
-            raise NotFoundError(f"profile session {session_id!r} does not exist on this stage")
+        check_session_id(session_id)
+        check_file_name(name, nested=False)
         if self._active is not None and self._active.name == session_id:
             raise ProfilerStateError(
                 f"profile session {session_id!r} is still recording; call StopProfile first"
             )
-        path = session_dir / name
-        if not path.is_file():
-            raise NotFoundError(f"file {name!r} is not in profile session {session_id!r}")
-        return path
+        return confined_file(root, root / session_id, name, nested=False)
 
     async def read_chunks(
-        self, session_id: str, name: str, chunk_size: int = 0
+        self, session_id: str, name: str, *, chunk_size: int = 0, offset: int = 0
     ) -> AsyncIterator[tuple[int, bytes, int]]:
-        """Yield (offset, data, total size) for one file of a session."""
-        if chunk_size < 0:
-            raise InvalidRequestError(f"chunk_size must be ≥ 0 (got {chunk_size})")
-        size = min(chunk_size or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
+        """Yield (absolute offset, data, total size) for one file of a session, from byte
+        `offset` on (0 to the file's size; a cut download resumes there).
+
+        `chunk_size` 0 means 1 MiB; below 64 KiB is refused, above 3 MiB is cut to 3 MiB.
+        """
+        size = check_chunk_size(chunk_size)
         path = self.session_file(session_id, name)
-        total = path.stat().st_size
-        with path.open("rb") as handle:
-            offset = 0
+        with _open_regular(path, name) as handle:
+            total = os.fstat(handle.fileno()).st_size
+            if not 0 <= offset <= total:
+                raise InvalidRequestError(
+                    f"offset {offset} is outside {echo(name)}, which holds {total} bytes: "
+                    f"pass an offset from 0 to {total} (the bytes you already hold)"
+                )
+            handle.seek(offset)
             while True:
                 data = await asyncio.to_thread(handle.read, size)
                 if not data:
@@ -200,9 +241,37 @@ def ensure_op_table(session_dir: Path, stage_name: str) -> Path | None:
 
 
 def _manifest(session_dir: Path) -> list[ProfileFileInfo]:
+    """The session's regular files, symlinks left out: the files `session_file` serves."""
     files = []
     for path in sorted(session_dir.iterdir()):
-        if not path.is_file():
+        if path.is_symlink() or not path.is_file():
             continue
         files.append(ProfileFileInfo(path.name, path.stat().st_size, sha256_file(path)))
     return files
+
+
+def _session_folders(root: Path) -> list[Path]:
+    """The real folders under `root` named like a session id; anything else is not ours."""
+    if not root.is_dir():
+        return []
+    return [
+        path
+        for path in root.iterdir()
+        if SESSION_ID_PATTERN.match(path.name) and not path.is_symlink() and path.is_dir()
+    ]
+
+
+def _open_regular(path: Path, name: str) -> BinaryIO:
+    """Open a file `session_file` confined, refusing a symlink swapped in since the check."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise NotFoundError(
+            f"file {echo(name)} is not in profile session {path.parent.name!r}; the session's "
+            "manifest lists its files"
+        ) from None
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise NotFoundError(f"{echo(name)} in profile session {path.parent.name!r} is not a file")
+    return handle

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from omnistage.profile_files import MIN_CHUNK_BYTES
 from omnistage.v1 import common_pb2, stage_pb2
 from services.profiling.optable import load_trace, op_stats
 from services.profiling.sessions import ensure_op_table
@@ -128,9 +129,10 @@ def test_manifest_sha256_matches_fetched_bytes(session: Session) -> None:
 
 def test_fetch_streams_in_chunks(stage: RunningStage, session: Session) -> None:
     name = trace_name(session)
-    data, chunks = fetch(stage, session.stop.session_id, name, chunk_size=4096)
-    assert len(chunks) == -(-len(data) // 4096)
-    assert [c.offset for c in chunks] == [i * 4096 for i in range(len(chunks))]
+    chunk = MIN_CHUNK_BYTES  # the smallest a stage accepts
+    data, chunks = fetch(stage, session.stop.session_id, name, chunk_size=chunk)
+    assert len(chunks) == -(-len(data) // chunk)
+    assert [c.offset for c in chunks] == [i * chunk for i in range(len(chunks))]
     assert data == session.fetched[name]
     assert chunks[0].total_size == len(data)
 

@@ -1,5 +1,6 @@
 """Session folders: which op table becomes profiler_out_<stage>.txt, the manifest StopProfile
-returns, and file names refused before any filesystem access."""
+returns, file names refused before any filesystem access, files confined by real path, and
+FetchProfileFile's chunk sizes and resume offsets, with the status codes a caller sees."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from omnistage.v1 import common_pb2, stage_pb2, stage_pb2_grpc
 from services.config import ProfilerSettings, StageConfig
 from services.profiling.sessions import ProfileSessionStore, ensure_op_table
 from services.server import StageServer
+from services.servicer import StageServicer
 
 
 def test_engine_table_wins_over_front_end_table_whatever_the_host_name(tmp_path: Path) -> None:
@@ -156,11 +158,11 @@ def _store() -> ProfileSessionStore:
 @pytest.mark.parametrize(
     ("session_id", "name", "words"),
     [
-        (SESSION, "../x", "without '/', '..' or an absolute path"),
-        (SESSION, "a/b", "without '/', '..' or an absolute path"),
-        (SESSION, "/etc/x", "without '/', '..' or an absolute path"),
-        (SESSION, "..\\x", "without '/', '..' or an absolute path"),
-        (SESSION, "..", "without '/', '..' or an absolute path"),
+        (SESSION, "../x", "must be a plain file name from the manifest"),
+        (SESSION, "a/b", "must be a plain file name from the manifest"),
+        (SESSION, "/etc/x", "must be a plain file name from the manifest"),
+        (SESSION, "..\\x", "must be a plain file name from the manifest"),
+        (SESSION, "..", "must be a plain file name from the manifest"),
         ("..", "x", "is not a session id"),
         (f"../{SESSION}", "x", "is not a session id"),
         ("/etc", "x", "is not a session id"),
@@ -187,3 +189,206 @@ def test_fetch_reads_nothing_for_a_refused_name(no_filesystem: None) -> None:
 
     with pytest.raises(InvalidRequestError):
         asyncio.run(first_chunk())
+
+
+# --- Files confined by real path, chunk sizes and offsets, seen through FetchProfileFile ---
+
+MiB = 1 << 20
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """Records the status `grpc_errors` aborts with, as a grpc.aio context would send it."""
+
+    def __init__(self) -> None:
+        self.status: tuple[grpc.StatusCode, str] | None = None
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        self.status = (code, message)
+        raise _Aborted
+
+
+def _fetch(
+    store: ProfileSessionStore, session_id: str, name: str, **fields: int
+) -> tuple[list[common_pb2.FileChunk], tuple[grpc.StatusCode, str] | None]:
+    """Run the servicer's FetchProfileFile: the chunks sent, and the status it aborted with."""
+    engine: Any = TraceOnlyEngine()
+    servicer = StageServicer(name="s", engine=engine, sessions=store, on_engine_dead=lambda: None)
+    request = stage_pb2.FetchProfileFileRequest(session_id=session_id, name=name, **fields)
+
+    async def run() -> tuple[list[common_pb2.FileChunk], tuple[grpc.StatusCode, str] | None]:
+        context = _Context()
+        chunks = []
+        try:
+            async for chunk in servicer.FetchProfileFile(request, context):  # type: ignore[arg-type]
+                chunks.append(chunk)
+        except _Aborted:
+            pass
+        return chunks, context.status
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> tuple[ProfileSessionStore, bytes]:
+    """A store whose root holds SESSION with `data.bin` (2.5 MiB + 7 bytes, all distinct
+    positions), and a secret file just outside the root."""
+    root = tmp_path / "profiles"
+    (root / SESSION).mkdir(parents=True)
+    content = os.urandom(5 * MiB // 2 + 7)
+    (root / SESSION / "data.bin").write_bytes(content)
+    (tmp_path / "secret.txt").write_text("outside the profile root\n")
+    engine: Any = TraceOnlyEngine()
+    return ProfileSessionStore(stage_name="s", engine=engine, root=root), content
+
+
+class LinkingEngine(TraceOnlyEngine):
+    """Writes an op table and, beside it, a symlink to a file outside the session."""
+
+    def __init__(self, target: Path) -> None:
+        super().__init__()
+        self._target = target
+
+    async def start_profile(self, session_dir: Path, options: ProfileOptions) -> None:
+        pass
+
+    async def stop_profile(self, session_dir: Path) -> list[Path]:
+        table = session_dir / "rank0.profiler_out.txt"
+        table.write_text("aten::mm  1\n")
+        (session_dir / "passwd").symlink_to(self._target)
+        return [table]
+
+
+def test_a_symlink_out_of_a_session_is_neither_listed_nor_served(tmp_path: Path) -> None:
+    outside = tmp_path / "passwd"
+    outside.write_text("root:x:0:0\n")
+    engine: Any = LinkingEngine(outside)
+    store = ProfileSessionStore(stage_name="s", engine=engine, root=tmp_path / "profiles")
+
+    async def record() -> list[str]:
+        await store.start(ProfileOptions(label="link"))
+        return [f.name for f in (await store.stop()).files]
+
+    names = asyncio.run(record())
+    (session_dir,) = (tmp_path / "profiles").iterdir()
+    session_id = session_dir.name
+    assert (session_dir / "passwd").is_symlink()  # the link is there, and still not listed
+    assert names == ["profiler_out_s.txt"]
+    chunks, status = _fetch(store, session_id, "passwd")
+    assert chunks == []
+    assert status is not None and status[0] is grpc.StatusCode.NOT_FOUND
+    assert "'passwd' is not in profile session" in status[1] and session_id in status[1]
+    chunks, status = _fetch(store, session_id, "profiler_out_s.txt")
+    assert status is None and b"".join(c.data for c in chunks) == b"aten::mm  1\n"
+
+
+def test_a_session_folder_that_is_a_symlink_elsewhere_is_not_found(
+    served: tuple[ProfileSessionStore, bytes], tmp_path: Path
+) -> None:
+    store, _ = served
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.txt").write_text("not a session's\n")
+    linked = "20260101T000000Z-linked-abc123"
+    assert store.root is not None
+    (store.root / linked).symlink_to(elsewhere, target_is_directory=True)
+    chunks, status = _fetch(store, linked, "x.txt")
+    assert chunks == []
+    assert status == (
+        grpc.StatusCode.NOT_FOUND,
+        f"profile session {linked!r} does not exist here",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("../secret.txt", "must be a plain file name"),
+        ("data.bin/../../secret.txt", "must be a plain file name"),
+        ("sub/data.bin", "must be a plain file name"),
+        ("/etc/passwd", "must be a plain file name"),
+        ("data.bin\0", "must be a plain file name"),
+        ("n" * 10_000, "file name of 10,000 characters is too long (at most 1024)"),
+        ("n" * 300, "cannot be opened: File name too long"),  # over NAME_MAX, under 1024
+    ],
+)
+def test_names_outside_a_session_are_invalid_argument(
+    served: tuple[ProfileSessionStore, bytes], name: str, words: str
+) -> None:
+    store, _ = served
+    chunks, status = _fetch(store, SESSION, name)
+    assert chunks == []
+    assert status is not None
+    code, message = status
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert words in message
+    assert len(message) < 500  # a long name is echoed cut, not whole
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "sizes"),
+    [
+        (0, [MiB, MiB, MiB // 2 + 7]),  # the default
+        (64 << 10, [64 << 10] * 40 + [7]),  # the smallest allowed
+        (2 * MiB, [2 * MiB, MiB // 2 + 7]),
+    ],
+)
+def test_chunk_sizes(
+    served: tuple[ProfileSessionStore, bytes], chunk_size: int, sizes: list[int]
+) -> None:
+    store, content = served
+    chunks, status = _fetch(store, SESSION, "data.bin", chunk_size=chunk_size)
+    assert status is None
+    assert [len(c.data) for c in chunks] == sizes
+    assert b"".join(c.data for c in chunks) == content
+
+
+def test_a_chunk_size_above_three_mib_is_cut_to_three(tmp_path: Path) -> None:
+    root = tmp_path / "profiles"
+    (root / SESSION).mkdir(parents=True)
+    (root / SESSION / "big.bin").write_bytes(b"x" * (4 * MiB))
+    engine: Any = TraceOnlyEngine()
+    store = ProfileSessionStore(stage_name="s", engine=engine, root=root)
+    chunks, status = _fetch(store, SESSION, "big.bin", chunk_size=64 * MiB)
+    assert status is None
+    assert [len(c.data) for c in chunks] == [3 * MiB, MiB]
+
+
+@pytest.mark.parametrize("chunk_size", [1, (64 << 10) - 1, -1])
+def test_a_chunk_size_below_64_kib_is_invalid_argument(
+    served: tuple[ProfileSessionStore, bytes], chunk_size: int
+) -> None:
+    store, _ = served
+    chunks, status = _fetch(store, SESSION, "data.bin", chunk_size=chunk_size)
+    assert chunks == []
+    assert status is not None and status[0] is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at least 65536 bytes (got {chunk_size})" in status[1]
+
+
+@pytest.mark.parametrize("offset", [0, 1, MiB, MiB + 1, 5 * MiB // 2 + 6, 5 * MiB // 2 + 7])
+def test_an_offset_resumes_exactly_there(
+    served: tuple[ProfileSessionStore, bytes], offset: int
+) -> None:
+    store, content = served
+    chunks, status = _fetch(store, SESSION, "data.bin", offset=offset)
+    assert status is None
+    assert b"".join(c.data for c in chunks) == content[offset:]
+    # Offsets are absolute and contiguous, and every chunk names the whole file's size.
+    expected = offset
+    for chunk in chunks:
+        assert chunk.offset == expected and chunk.total_size == len(content)
+        expected += len(chunk.data)
+
+
+@pytest.mark.parametrize("offset", [-1, 5 * MiB // 2 + 8, 1 << 62])
+def test_an_offset_outside_the_file_is_invalid_argument(
+    served: tuple[ProfileSessionStore, bytes], offset: int
+) -> None:
+    store, content = served
+    chunks, status = _fetch(store, SESSION, "data.bin", offset=offset)
+    assert chunks == []
+    assert status is not None and status[0] is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"offset {offset} is outside 'data.bin', which holds {len(content)} bytes" in status[1]
