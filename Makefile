@@ -30,6 +30,7 @@ demo: model
 # About 15 minutes on 2 cores; bench/README.md says what it measures. Not part of `make test`.
 bench: model $(BENCH_STAMP)
 	$(PY) bench/compare.py
+	$(PY) bench/session_download.py
 	$(PY) bench/render_docs.py
 
 # The benchmarks' extra (matplotlib for the plots, aiohttp for the OpenAI chain), installed

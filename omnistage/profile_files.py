@@ -81,7 +81,8 @@ def check_file_name(name: str, *, nested: bool) -> PurePosixPath:
         "\0" in name
         or "\\" in name
         or path.is_absolute()
-        or any(part in ("..", ".", "") for part in name.split("/"))
+        or ".." in name  # not only a '..' component: no name of ours has one
+        or any(part in (".", "") for part in name.split("/"))
         or (not nested and len(path.parts) != 1)
     )
     if bad:
