@@ -10,15 +10,20 @@ before anything is opened.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import re
 import secrets
 import shutil
+import stat
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from omnistage.errors import InvalidRequestError, NotFoundError
 
@@ -131,6 +136,51 @@ def confined_file(root: Path, session_dir: Path, name: str, *, nested: bool) -> 
             "manifest lists its files"
         )
     return path
+
+
+def _open_regular(path: Path, name: str, session: str) -> BinaryIO:
+    """Open a confined file, refusing a symlink swapped in since the check."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise NotFoundError(
+            f"file {echo(name)} is not in profile session {session!r}; the session's "
+            "manifest lists its files"
+        ) from None
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise NotFoundError(f"{echo(name)} in profile session {session!r} is not a file")
+    return handle
+
+
+async def file_chunks(
+    path: Path,
+    name: str,
+    *,
+    session: str,
+    chunk_size: int = 0,
+    offset: int = 0,
+    executor: Executor | None = None,
+) -> AsyncIterator[tuple[int, bytes, int]]:
+    """Yield (absolute offset, data, total size) of a confined file from byte `offset` on
+    (0 to the file's size; a cut download resumes there), reading on `executor`.
+
+    `chunk_size` 0 means 1 MiB; below 64 KiB is refused, above 3 MiB is cut to 3 MiB.
+    """
+    size = check_chunk_size(chunk_size)
+    loop = asyncio.get_running_loop()
+    with _open_regular(path, name, session) as handle:
+        total = os.fstat(handle.fileno()).st_size
+        if not 0 <= offset <= total:
+            raise InvalidRequestError(
+                f"offset {offset} is outside {echo(name)}, which holds {total} bytes: "
+                f"pass an offset from 0 to {total} (the bytes you already hold)"
+            )
+        handle.seek(offset)
+        while data := await loop.run_in_executor(executor, handle.read, size):
+            yield offset, data, total
+            offset += len(data)
 
 
 def session_files(session_dir: Path) -> list[Path]:

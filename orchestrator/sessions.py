@@ -24,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from omnistage.errors import InvalidRequestError, NotFoundError, ProfilerStateError
 from omnistage.profile_files import (
     RetentionPolicy,
-    check_chunk_size,
     check_session_id,
     confined_file,
     echo,
+    file_chunks,
     inside,
     session_files,
     sha256_file,
@@ -171,22 +171,17 @@ class CollectedSessions:
         self, session_id: str, name: str, *, chunk_size: int = 0, offset: int = 0
     ) -> AsyncIterator[tuple[int, bytes, int]]:
         """Yield (offset, data, total size) of one file of a kept session, from `offset`."""
-        size = check_chunk_size(chunk_size)
         path = confined_file(self.root, self.find(session_id), name, nested=True)
-        total = path.stat().st_size
-        if not 0 <= offset <= total:
-            raise InvalidRequestError(
-                f"offset {offset} is outside {name!r}, which has {total} bytes: pass 0 to "
-                "start over, or the size already received to resume"
-            )
-        with path.open("rb") as handle:
-            handle.seek(offset)
-            while True:
-                data = await self._run(handle.read, size)
-                if not data:
-                    break
-                yield offset, data, total
-                offset += len(data)
+        chunks = file_chunks(
+            path,
+            name,
+            session=session_id,
+            chunk_size=chunk_size,
+            offset=offset,
+            executor=self._files,
+        )
+        async for chunk in chunks:
+            yield chunk
 
     async def delete(self, session_id: str, *, active: str = "") -> int:
         """Delete a kept session's folder; return the bytes freed."""

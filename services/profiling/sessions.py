@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO
 
-from omnistage.errors import InvalidRequestError, NotFoundError, ProfilerStateError
+from omnistage.errors import ProfilerStateError
 from omnistage.profile_files import (
     SESSION_ID_PATTERN,
     RetentionPolicy,
-    check_chunk_size,
     check_file_name,
     check_session_id,
     confined_file,
-    echo,
+    file_chunks,
     new_session_id,
     sha256_file,
 )
@@ -184,22 +180,10 @@ class ProfileSessionStore:
 
         `chunk_size` 0 means 1 MiB; below 64 KiB is refused, above 3 MiB is cut to 3 MiB.
         """
-        size = check_chunk_size(chunk_size)
         path = self.session_file(session_id, name)
-        with _open_regular(path, name) as handle:
-            total = os.fstat(handle.fileno()).st_size
-            if not 0 <= offset <= total:
-                raise InvalidRequestError(
-                    f"offset {offset} is outside {echo(name)}, which holds {total} bytes: "
-                    f"pass an offset from 0 to {total} (the bytes you already hold)"
-                )
-            handle.seek(offset)
-            while True:
-                data = await asyncio.to_thread(handle.read, size)
-                if not data:
-                    break
-                yield offset, data, total
-                offset += len(data)
+        chunks = file_chunks(path, name, session=session_id, chunk_size=chunk_size, offset=offset)
+        async for chunk in chunks:
+            yield chunk
 
     async def abandon(self) -> None:
         """Stop a session left active at shutdown, keeping whatever the engine flushed."""
@@ -259,19 +243,3 @@ def _session_folders(root: Path) -> list[Path]:
         for path in root.iterdir()
         if SESSION_ID_PATTERN.match(path.name) and not path.is_symlink() and path.is_dir()
     ]
-
-
-def _open_regular(path: Path, name: str) -> BinaryIO:
-    """Open a file `session_file` confined, refusing a symlink swapped in since the check."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        raise NotFoundError(
-            f"file {echo(name)} is not in profile session {path.parent.name!r}; the session's "
-            "manifest lists its files"
-        ) from None
-    handle = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        handle.close()
-        raise NotFoundError(f"{echo(name)} in profile session {path.parent.name!r} is not a file")
-    return handle
