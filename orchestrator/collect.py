@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from omnistage.errors import OmnistageError
-from omnistage.profile_files import sha256_file
+from omnistage.errors import InvalidRequestError, OmnistageError
+from omnistage.profile_files import check_file_name, sha256_file
 from omnistage.types import ProfileManifest, StageProfileResult, StopProgress
 from orchestrator.pool import StageReplica
 
@@ -98,7 +98,7 @@ class StageCollector:
         )
 
     async def _pull(self, manifest: ProfileManifest, total: int) -> None:
-        unsafe = [item.name for item in manifest.files if not is_plain_file_name(item.name)]
+        unsafe = [item.name for item in manifest.files if not _is_plain_file_name(item.name)]
         if unsafe:
             raise OmnistageError(
                 f"the stage's manifest names files outside its folder {unsafe}: a profile "
@@ -159,15 +159,13 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def is_plain_file_name(name: str) -> bool:
-    """Whether `name` stays inside the folder it is joined to: no folders, no '..', no root."""
-    return (
-        bool(name)
-        and name not in (".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and "\0" not in name
-    )
+def _is_plain_file_name(name: str) -> bool:
+    """Whether `name` is a file name the stage could serve (profile_files' one rule)."""
+    try:
+        check_file_name(name, nested=False)
+    except InvalidRequestError:
+        return False
+    return True
 
 
 def replica_dir(session_dir: Path, replica: StageReplica, per_replica: bool) -> Path:
