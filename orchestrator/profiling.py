@@ -331,6 +331,9 @@ class PipelineProfiler:
                 for r, sid in targets
             ]
             results = await asyncio.gather(*(c.collect() for c in collectors))
+            for result in results:  # checked on the pull: the listing below need not rehash
+                for item in result.files if result.ok else ():
+                    self._sessions.remember(Path(result.local_dir) / item.name, item.sha256)
             for name in names:
                 del session.stages[name]
             if not session.stages:

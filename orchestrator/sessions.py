@@ -126,6 +126,11 @@ class CollectedSessions:
             "report is written)"
         )
 
+    def remember(self, path: Path, sha256: str) -> None:
+        """A file's sha256, already checked (a pulled trace), so listing need not hash it."""
+        stat = path.stat()
+        self._digests[(str(path), stat.st_size, stat.st_mtime_ns)] = sha256
+
     def _digest(self, path: Path) -> str:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
