@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -50,6 +50,7 @@ __all__ = [
     "make_request",
 ]
 
+T = TypeVar("T")
 STOP_TIMEOUT_S = 900.0  # stopping profiles waits for every stage's flush and the file pulls
 FETCH_TIMEOUT_S = 3600.0  # one file; a cut link is found by keepalive pings within ~10 s
 
@@ -140,10 +141,7 @@ class AsyncClient:
             delay_iterations=delay_iterations,
             max_iterations=max_iterations,
         )
-        try:
-            reply = await self._stub.StartProfile(request, timeout=300)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
+        reply = await self._call(self._stub.StartProfile(request, timeout=300))
         return str(reply.session_id)
 
     async def stop_profile(
@@ -177,11 +175,9 @@ class AsyncClient:
             slim_patterns=list(slim_patterns),
         )
         if progress is None and download_to is None:
-            try:
-                reply = await self._stub.StopProfile(request, timeout=timeout)
-            except grpc.RpcError as exc:
-                raise error_from_rpc(exc, address=self.address) from exc
-            return report_from_pb(reply)
+            return report_from_pb(
+                await self._call(self._stub.StopProfile(request, timeout=timeout))
+            )
         report = await self._stop_streamed(request, timeout, progress)
         if download_to is None:
             return report
@@ -215,13 +211,8 @@ class AsyncClient:
 
     async def sessions(self) -> SessionList:
         """The sessions the orchestrator keeps, newest first, each with its files."""
-        try:
-            reply = await self._stub.ListSessions(
-                orchestrator_pb2.ListSessionsRequest(), timeout=60
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
-        return session_list_from_pb(reply)
+        request = orchestrator_pb2.ListSessionsRequest()
+        return session_list_from_pb(await self._call(self._stub.ListSessions(request, timeout=60)))
 
     async def fetch_session(
         self,
@@ -264,20 +255,22 @@ class AsyncClient:
     async def delete_session(self, session_id: str) -> int:
         """Delete a kept session on the orchestrator; return the bytes freed."""
         request = orchestrator_pb2.DeleteSessionRequest(session_id=session_id)
-        try:
-            reply = await self._stub.DeleteSession(request, timeout=60)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
+        reply = await self._call(self._stub.DeleteSession(request, timeout=60))
         return int(reply.bytes_freed)
 
     async def pipeline(self) -> orchestrator_pb2.PipelineInfo:
         """Every stage's addresses, health and profiling state."""
-        try:
-            reply = await self._stub.GetPipeline(orchestrator_pb2.GetPipelineRequest(), timeout=30)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
+        request = orchestrator_pb2.GetPipelineRequest()
+        reply = await self._call(self._stub.GetPipeline(request, timeout=30))
         assert isinstance(reply, orchestrator_pb2.PipelineInfo)
         return reply
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        """Await one unary call, its failure as the omnistage error for its status."""
+        try:
+            return await call
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, address=self.address) from exc
 
 
 class Client:
