@@ -154,12 +154,12 @@ def _describe(session: SessionSummary) -> str:
 def _profile_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         listing = client.sessions()
-    limits = (
-        f"keeping at most {listing.max_sessions or 'any number of'} sessions and "
-        f"{listing.max_total_bytes / 1e9:.1f} GB"
-        if listing.max_total_bytes
-        else f"keeping at most {listing.max_sessions or 'any number of'} sessions"
-    )
+    kept = [
+        f"{listing.max_sessions} sessions" if listing.max_sessions else "",
+        f"{listing.max_total_bytes / 1e9:.1f} GB" if listing.max_total_bytes else "",
+    ]
+    limits = " and ".join(k for k in kept if k)
+    limits = f"keeping at most {limits}" if limits else "no retention limit"
     print(f"{len(listing.sessions)} sessions under {listing.profile_root} ({limits})")
     for session in listing.sessions:
         print(_describe(session))

@@ -156,7 +156,8 @@ class StageCollector:
 
 
 def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
+    """A size for a progress line: kB below 1 MB, so a small session does not read 0.0 MB."""
+    return f"{size / 1e6:.1f} MB" if size >= 1_000_000 else f"{size / 1e3:.1f} kB"
 
 
 def _is_plain_file_name(name: str) -> bool:
