@@ -41,10 +41,10 @@ from typing import Any
 
 from bench_machine import align_table, machine_info
 
-from orchestrator.report import ReportFiles, rebuild_report
-from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions, SlimStats, slim_copy_path
-from orchestrator.timeline import find_traces
-from services.profiling.optable import OpStat, load_trace, op_stats
+from omnistage.traces.optable import OpStat, load_trace, op_stats
+from omnistage.traces.report import ReportFiles, rebuild_report
+from omnistage.traces.slimming import VLLM_IDLE_PATTERNS, SlimOptions, SlimStats, slim_copy_path
+from omnistage.traces.timeline import find_traces
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "report_build.json"

@@ -100,8 +100,12 @@ def _profile_stop(args: argparse.Namespace) -> int:
 def _print_report(report: ProfileReport) -> None:
     print(f"session {report.session_id}: {report.output_dir} (on the orchestrator)")
     if report.timeline:
-        print(f"  timeline (Perfetto, chrome://tracing): {report.timeline}")
+        print(f"  timeline (chrome://tracing, HTA, scripts): {report.timeline}")
+        for path in report.timelines[1:]:
+            print(f"  timeline (Perfetto UI, faster to open): {path}")
         print(f"  summary: {report.summary}")
+        for warning in report.warnings:
+            print(f"  warning: {warning}")
     elif report.summary:
         print(f"  {report.summary}")
     _print_slimming(report.slimming, indent="  ")
@@ -174,8 +178,8 @@ def _profile_delete(args: argparse.Namespace) -> int:
 
 
 def _profile_report(args: argparse.Namespace) -> int:
-    from orchestrator.report import rebuild_report
-    from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
+    from omnistage.traces.report import rebuild_report
+    from omnistage.traces.slimming import VLLM_IDLE_PATTERNS, SlimOptions
 
     slim = None
     if args.slim or args.slim_min_us or args.slim_pattern:
@@ -194,10 +198,13 @@ def _profile_report(args: argparse.Namespace) -> int:
         files = rebuild_report(
             folder, slim=slim, progress=lambda line: print(f"  {line}", flush=True)
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # report.json itself unreadable; bad traces warn
         raise InvalidRequestError(f"cannot rebuild the report of {folder}: {exc}") from exc
-    print(f"timeline: {files.timeline}")
+    for path in files.timelines or (files.timeline,):
+        print(f"timeline: {path}")
     print(f"summary:  {files.summary}")
+    for warning in files.warnings:
+        print(f"warning:  {warning}")
     _print_slimming(files.slimming())
     return 0
 
@@ -247,7 +254,8 @@ def add_profile_commands(commands: Any, default_address: str) -> None:
     pdelete.add_argument("session", help="the session id")
     pdelete.set_defaults(func=_profile_delete)
     preport = sub.add_parser(
-        "report", help="rebuild timeline.json.gz and summary.md of a collected session folder"
+        "report",
+        help="rebuild the timelines (JSON and Perfetto) and summary.md of a session folder",
     )
     preport.add_argument("dir", help="<output_dir>/<session_id>, as StopProfile wrote it")
     preport.set_defaults(func=_profile_report)

@@ -240,6 +240,8 @@ def report_to_pb(report: ProfileReport) -> orchestrator_pb2.ProfileReport:
             for r in report.stages
         ],
         session_files=files_to_pb(report.session_files),
+        timelines=list(report.timelines),
+        warnings=list(report.warnings),
     )
 
 
@@ -274,4 +276,6 @@ def report_from_pb(msg: orchestrator_pb2.ProfileReport) -> ProfileReport:
             for r in msg.stages
         ),
         session_files=files_from_pb(msg.session_files),
+        timelines=tuple(msg.timelines),
+        warnings=tuple(msg.warnings),
     )

@@ -204,6 +204,10 @@ class ProfileReport:
     """Every file of the session folder on the orchestrator, named relative to it."""
     downloaded_to: str = ""
     """The caller's local copy of the session, when the client downloaded it."""
+    timelines: tuple[str, ...] = ()
+    """Every merged timeline written: ``timeline`` (JSON) first, then the protobuf one."""
+    warnings: tuple[str, ...] = ()
+    """Problems that did not stop the report, such as a trace that could not be read."""
 
     @property
     def failed(self) -> list[StageProfileResult]:

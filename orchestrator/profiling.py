@@ -21,16 +21,16 @@ from omnistage.errors import (
     reworded,
 )
 from omnistage.profile_files import new_session_id
+from omnistage.traces.clock import ClockEstimate, ClockSample, combine, estimate_offset
+from omnistage.traces.report import rebuild_report
+from omnistage.traces.slimming import SlimOptions
+from omnistage.traces.spans import RequestSpan
 from omnistage.types import ProfileOptions, ProfileReport, StopProgress
-from orchestrator.clock import ClockEstimate, ClockSample, combine, estimate_offset
 from orchestrator.collect import Progress, StageCollector, replica_dir
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import SERVING, StagePool, StageReplica
-from orchestrator.report import rebuild_report
 from orchestrator.runner import StageEvent
 from orchestrator.sessions import CollectedSessions
-from orchestrator.slimming import SlimOptions
-from orchestrator.timeline import RequestSpan
 from services.validation import validate_profile_options
 
 logger = logging.getLogger(__name__)
@@ -264,6 +264,8 @@ class PipelineProfiler:
         return replace(
             report,
             timeline=str(files.timeline),
+            timelines=tuple(str(p) for p in files.timelines),
+            warnings=files.warnings,
             summary=str(files.summary),
             slimming=files.slimming(),
         )

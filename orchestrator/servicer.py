@@ -18,6 +18,7 @@ from omnistage.convert import (
 )
 from omnistage.convert_sessions import progress_to_pb, session_list_to_pb
 from omnistage.errors import InvalidRequestError
+from omnistage.traces.slimming import VLLM_IDLE_PATTERNS, SlimOptions
 from omnistage.types import StopProgress
 from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
@@ -25,7 +26,6 @@ from orchestrator.pool import StagePool
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.runner import PipelineRunner, StageEvent
 from orchestrator.sessions import CollectedSessions
-from orchestrator.slimming import VLLM_IDLE_PATTERNS, SlimOptions
 from services.status import grpc_errors
 from services.validation import validate_generate_input
 

@@ -26,9 +26,9 @@ from omnistage.profile_files import (
     new_session_id,
     sha256_file,
 )
+from omnistage.traces.optable import build_op_table
 from omnistage.types import ProfileFileInfo, ProfileManifest, ProfileOptions
 from services.engines.base import Engine
-from services.profiling.optable import build_op_table
 from services.validation import validate_profile_options
 
 logger = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ import pytest
 import omnistage
 from omnistage import errors
 from omnistage.launch import ServerProcess
+from omnistage.traces import slim_copy_path
 from omnistage.types import ProfileReport
 from omnistage.v1 import stage_pb2
-from orchestrator.slimming import slim_copy_path
 from tests.conftest import RunningStage
 from tests.unit.trace_checks import tef_problems
 

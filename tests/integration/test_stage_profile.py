@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from omnistage.profile_files import MIN_CHUNK_BYTES
+from omnistage.traces import load_trace, op_stats
 from omnistage.v1 import common_pb2, stage_pb2
-from services.profiling.optable import load_trace, op_stats
 from services.profiling.sessions import ensure_op_table
 from tests.conftest import RunningStage
 

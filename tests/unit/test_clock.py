@@ -1,4 +1,4 @@
-"""Clock offsets from GetInfo round trips (orchestrator.clock)."""
+"""Clock offsets from GetInfo round trips (omnistage.traces.clock)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from orchestrator.clock import ClockEstimate, ClockSample, combine, estimate_offset, resolve_clock
+from omnistage.traces.clock import (
+    ClockEstimate,
+    ClockSample,
+    combine,
+    estimate_offset,
+    resolve_clock,
+)
 
 NOW = 1_795_000_000_000_000_000  # a unix time in ns, as time.time_ns() gives
 

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.report import rebuild_report
-from orchestrator.slimming import SlimOptions, slim_copy_path
-from services.profiling.optable import load_trace, op_stats
+from omnistage.traces import SlimOptions, load_trace, op_stats, slim_copy_path
+from omnistage.traces.report import rebuild_report
 from tests.unit.trace_checks import flow_problems, misplaced_ops, nesting_problems, tef_problems
 from tests.unit.trace_factory import CUDA_IDLE, REQUESTS, make_cuda_stage, read_json
 

@@ -1,4 +1,4 @@
-"""Op tables built from torch.profiler Chrome traces (services.profiling.optable)."""
+"""Op tables built from torch.profiler Chrome traces (omnistage.traces.optable)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from services.profiling.optable import (
-    OpStat,
-    build_op_table,
-    format_op_table,
-    load_trace,
-    op_stats,
-)
+from omnistage.traces import OpStat, build_op_table, format_op_table, load_trace, op_stats
 
 ITERATIONS = 5
 
@@ -136,7 +130,7 @@ def test_load_trace_replaces_bytes_that_are_not_utf8(
         b' "ts": 0, "dur": 5}, {"ph": "X", "cat": "python_function", "name": "\x8f\xa0bad",'
         b' "pid": 1, "tid": 1, "ts": 1, "dur": 1}]}'
     )
-    with caplog.at_level("WARNING", logger="services.profiling.optable"):
+    with caplog.at_level("WARNING", logger="omnistage.traces.optable"):
         trace = load_trace(path)
     assert trace["traceEvents"][1]["name"] == "\ufffd\ufffdbad"
     assert "garbled.pt.trace.json" in caplog.text

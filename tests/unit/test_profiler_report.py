@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 
 from omnistage.profile_files import sha256_file
+from omnistage.traces import RequestSpan
+from omnistage.traces.report import rebuild_report
+from omnistage.traces.slimming import SlimOptions
 from omnistage.types import OutputDelta, ProfileFileInfo, ProfileManifest, ProfileOptions
 from orchestrator.config import parse_pipeline
 from orchestrator.pool import SERVING, StageReplica
 from orchestrator.profiling import PipelineProfiler
-from orchestrator.report import rebuild_report
 from orchestrator.sessions import CollectedSessions, SessionStoreConfig
-from orchestrator.slimming import SlimOptions
 from orchestrator.stage_call import StageEvent, StageTiming
-from orchestrator.timeline import RequestSpan
 from tests.unit.trace_checks import misplaced_ops, tef_problems
 from tests.unit.trace_factory import Session, read_json, shared_session, shift_base_time
 

@@ -1,4 +1,4 @@
-"""Trace slimming (orchestrator.slimming): smaller traces, the same op table."""
+"""Trace slimming (omnistage.traces.slimming): smaller traces, the same op table."""
 
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ from typing import Any
 
 import pytest
 
-from orchestrator.slimming import (
+from omnistage.traces import OpStat, load_trace, op_stats, slim_copy_path
+from omnistage.traces.slimming import (
     VLLM_IDLE_PATTERNS,
     SlimOptions,
     SlimStats,
-    slim_copy_path,
     slim_events,
     slim_trace_file,
 )
-from services.profiling.optable import OpStat, load_trace, op_stats
 from tests.unit.test_stage_status import Aborted, FakeContext
 from tests.unit.trace_factory import IDLE_PATTERN, Session, shared_session, write_json
 

@@ -1,4 +1,4 @@
-"""summary.md (orchestrator.summary) and the whole rebuild (orchestrator.report)."""
+"""summary.md (omnistage.traces.summary) and the whole rebuild (omnistage.traces.report)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ from typing import Any
 
 import pytest
 
+from omnistage.traces import RequestSpan, load_trace, op_stats
+from omnistage.traces.clock import ClockEstimate
+from omnistage.traces.report import ReportFiles, read_session, rebuild_report
+from omnistage.traces.slimming import SlimOptions
+from omnistage.traces.summary import write_summary
 from omnistage.types import ProfileSlimming
-from orchestrator.clock import ClockEstimate
-from orchestrator.report import ReportFiles, read_session, rebuild_report
-from orchestrator.slimming import SlimOptions
-from orchestrator.summary import write_summary
-from orchestrator.timeline import RequestSpan
-from services.profiling.optable import load_trace, op_stats
 from tests.unit.trace_factory import (
     IDLE_PATTERN,
     Session,
@@ -71,7 +70,12 @@ def _row(text: str, first_cell: str) -> list[str]:
 def test_rebuild_writes_timeline_and_summary(fresh: Session) -> None:
     messages: list[str] = []
     files = rebuild_report(fresh.dir, progress=messages.append)
-    assert files == ReportFiles(fresh.dir / "timeline.json.gz", fresh.dir / "summary.md", {})
+    assert files == ReportFiles(
+        fresh.dir / "timeline.json.gz",
+        fresh.dir / "summary.md",
+        {},
+        timelines=(fresh.dir / "timeline.json.gz", fresh.dir / "timeline.pftrace.gz"),
+    )
     assert any(m.startswith("stage talker: ") for m in messages)
     text = files.summary.read_text()
     assert text.startswith(f"# Profile session {fresh.dir.name}\n")

@@ -1,4 +1,4 @@
-"""The merged timeline (orchestrator.timeline) of real torch.profiler traces."""
+"""The merged timeline (omnistage.traces.timeline) of real torch.profiler traces."""
 
 from __future__ import annotations
 
@@ -7,17 +7,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from orchestrator.clock import ClockEstimate
-from orchestrator.timeline import (
-    ORCHESTRATOR_PID,
-    TIMELINE_NAME,
-    RequestSpan,
-    build_timeline,
-    find_traces,
-    orchestrator_events,
-)
+from omnistage.traces.clock import ClockEstimate
+from omnistage.traces.spans import ORCHESTRATOR_PID, RequestSpan, orchestrator_events
+from omnistage.traces.timeline import TIMELINE_NAME, build_timeline, find_traces
 from tests.unit.trace_checks import (
     flow_problems,
     misplaced_ops,
@@ -51,7 +46,7 @@ def fresh(session: Session, tmp_path: Path) -> Session:
 
 
 def _build(session: Session, clocks: dict[str, ClockEstimate], **kw: Any) -> dict[str, Any]:
-    path = build_timeline(session.dir, spans=session.spans, clocks=clocks, **kw)
+    path = build_timeline(session.dir, spans=session.spans, clocks=clocks, **kw).path
     assert path == session.dir / TIMELINE_NAME
     data: dict[str, Any] = read_json(path)
     return data
@@ -190,12 +185,18 @@ def test_requests_cross_the_stages_on_the_orchestrator_track(session: Session) -
             assert part["ts"] + part["dur"] <= outer["ts"] + outer["dur"] + 0.002
         span = by_id[request_id + "talker"]
         assert talker["dur"] == pytest.approx((span.end_unix_ns - span.start_unix_ns) / 1000)
-        # one flow per hop: from inside the thinker's span to the start of the talker's
+        # one flow per hop, between two `handoff` marks: one ending where the thinker's output
+        # was handed on, one starting where the talker's input arrived
         (flow,) = [f for f in flows.values() if f["s"]["tid"] == thinker["tid"]]
         assert flow["f"]["tid"] == talker["tid"]
         assert flow["f"]["bp"] == "e" and flow["s"]["cat"] == flow["f"]["cat"]
-        assert thinker["ts"] <= flow["s"]["ts"] < thinker["ts"] + thinker["dur"]
-        assert flow["f"]["ts"] == talker["ts"]
+        marks = {e["tid"]: e for e in mine if e["ph"] == "X" and e["name"] == "handoff"}
+        left, arrived = marks[thinker["tid"]], marks[talker["tid"]]
+        assert arrived["ts"] == talker["ts"]
+        handed = talker["ts"] - talker["args"]["handoff_s"] * 1e6
+        assert left["ts"] + left["dur"] == pytest.approx(handed, abs=0.002)
+        assert left["ts"] <= flow["s"]["ts"] <= left["ts"] + left["dur"]
+        assert arrived["ts"] <= flow["f"]["ts"] <= arrived["ts"] + arrived["dur"]
     assert nesting_problems(mine) == []
     assert flow_problems(mine) == []
 
@@ -218,7 +219,7 @@ def test_streaming_hand_offs_overlap_on_their_own_threads() -> None:
         _span_at("b", "talker", 1, 20, 30),  # starts after thinker ended
         _span_at("b", "code2wav", 2, 20, 20),  # zero length, at talker's start
     ]
-    events = orchestrator_events(spans, origin_ns=0)
+    events = msgspec.to_builtins(orchestrator_events(spans, origin_ns=0))
     assert tef_problems(events) == []
     assert nesting_problems(events) == []
     assert flow_problems(events) == []
@@ -232,14 +233,27 @@ def test_streaming_hand_offs_overlap_on_their_own_threads() -> None:
     for ev in events:
         if ev["ph"] in ("s", "f"):
             flows[ev["id"]][ev["ph"]] = ev
-    at = {(pair["s"]["tid"], pair["f"]["tid"]): pair["s"]["ts"] for pair in flows.values()}
+    marks = [e for e in events if e["ph"] == "X" and e["name"] == "handoff"]
+
+    def mark_of(ev: dict[str, Any]) -> dict[str, Any]:
+        (mark,) = [
+            m for m in marks if m["tid"] == ev["tid"] and m["ts"] <= ev["ts"] <= m["ts"] + m["dur"]
+        ]
+        return mark
+
+    # each arrow leaves a mark that ends when the output was handed on, and enters one that
+    # starts when the next stage started (handoff_s is 0 here: the same moment)
+    left = {(pair["s"]["tid"], pair["f"]["tid"]): mark_of(pair["s"]) for pair in flows.values()}
+    arrived = {(pair["s"]["tid"], pair["f"]["tid"]): mark_of(pair["f"]) for pair in flows.values()}
     tid = {key: e["tid"] for key, e in stage_spans.items()}
-    # streaming: the arrow leaves talker where code2wav starts, not at talker's end
-    assert at[(tid[("a", "talker")], tid[("a", "code2wav")])] == 15_000.0
-    # a hand-off after the end: the arrow leaves just inside the previous span
-    assert at[(tid[("b", "thinker")], tid[("b", "talker")])] == pytest.approx(12_000.0, abs=0.002)
-    assert at[(tid[("b", "thinker")], tid[("b", "talker")])] < 12_000.0
-    assert at[(tid[("b", "talker")], tid[("b", "code2wav")])] == 20_000.0
+    for a, b, start_us in (
+        (("a", "talker"), ("a", "code2wav"), 15_000.0),  # streaming: inside talker's span
+        (("b", "thinker"), ("b", "talker"), 20_000.0),  # after thinker's end
+        (("b", "talker"), ("b", "code2wav"), 20_000.0),  # zero length, at talker's start
+    ):
+        out, into = left[(tid[a], tid[b])], arrived[(tid[a], tid[b])]
+        assert out["ts"] + out["dur"] == pytest.approx(start_us, abs=0.002)
+        assert into["ts"] == start_us and into["dur"] > 0
 
 
 def test_flow_ids_of_different_stages_cannot_collide(session: Session) -> None:
@@ -287,7 +301,7 @@ def test_replicas_have_their_own_tracks_and_clocks(fresh: Session) -> None:
 def test_progress_unreadable_traces_and_no_spans(fresh: Session) -> None:
     (fresh.dir / "thinker" / "broken.pt.trace.json.gz").write_bytes(b"\x1f\x8bnot gzip")
     messages: list[str] = []
-    path = build_timeline(fresh.dir, spans=[], clocks={}, progress=messages.append)
+    path = build_timeline(fresh.dir, spans=[], clocks={}, progress=messages.append).path
     assert any(m.startswith("stage thinker: ") and m.endswith(" events") for m in messages)
     data = read_json(path)
     warnings = data["metadata"]["warnings"]
@@ -298,7 +312,7 @@ def test_progress_unreadable_traces_and_no_spans(fresh: Session) -> None:
 
 def test_an_empty_session_gives_an_empty_timeline(tmp_path: Path) -> None:
     span = RequestSpan("r", "a", 0, "", 2_000_000, 2_500_000, 3_000_000, 0.0, 0.0)
-    data = read_json(build_timeline(tmp_path, spans=[span], clocks={}))
+    data = read_json(build_timeline(tmp_path, spans=[span], clocks={}).path)
     assert data["metadata"]["origin_unix_ns"] == 2_000_000
     (x,) = [e for e in data["traceEvents"] if e["name"] == "stage a"]
     assert (x["ts"], x["dur"]) == (0.0, 1000.0)

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from orchestrator.timeline import ORCHESTRATOR_PID
+from omnistage.traces import ORCHESTRATOR_PID
 
 EPS_US = 0.0015  # the timeline rounds ts and dur to the ns (0.001 µs)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-_REPLICA_DIR_RE = re.compile(r"[^A-Za-z0-9._-]+")  # as orchestrator.profiling names folders
+_REPLICA_DIR_RE = re.compile(r"[^A-Za-z0-9._-]+")  # as the orchestrator names replica folders
 
 
 @dataclass(frozen=True)

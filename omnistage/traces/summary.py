@@ -2,10 +2,10 @@
 
 Definitions used in the summary:
 
-* **top ops**: :func:`services.profiling.optable.op_stats` of the stage's traces (all its
+* **top ops**: the op table (:mod:`omnistage.traces.optable`) of the stage's traces (all its
   files merged), by self CPU time; and by self device time when the traces have device events;
-* **profiled window**: from the first to the last event of any profiled stage, on the
-  orchestrator's clock (each stage's trace shifted by its clock offset);
+* **profiled window**: from the first to the last op (host or device) of any profiled stage,
+  on the orchestrator's clock (each stage's trace shifted by its clock offset);
 * **busy share**: the time during which the stage ran at least one op — the union of its host
   ops' intervals (``cpu_op``/``user_annotation``, on any of its threads, nested ops counted
   once) — over the profiled window. Device busy share likewise, from its device events;
@@ -24,23 +24,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.clock import ClockEstimate, resolve_clock
-from orchestrator.slimming import SlimStats, slim_copy_path
-from orchestrator.timeline import TIMELINE_NAME, RequestSpan, TraceSource, find_traces
-from services.profiling.optable import (
-    DEVICE_CATEGORIES,
-    HOST_OP_CATEGORIES,
-    OpStat,
-    load_trace,
-    op_stats,
+import numpy as np
+import numpy.typing as npt
+
+from omnistage.traces.clock import ClockEstimate, resolve_clock
+from omnistage.traces.events import TraceError, slim_copy_path
+from omnistage.traces.nesting import union
+from omnistage.traces.optable import OpStat, OpTableBuilder, merge_stats
+from omnistage.traces.reader import TraceReader
+from omnistage.traces.slimming import SlimStats
+from omnistage.traces.spans import RequestSpan
+from omnistage.traces.timeline import (
+    PROTO_TIMELINE_NAME,
+    TIMELINE_NAME,
+    TraceSource,
+    find_traces,
 )
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.md"
-_HOST = frozenset(c.lower() for c in HOST_OP_CATEGORIES)
-_DEVICE = frozenset(c.lower() for c in DEVICE_CATEGORIES)
 _NAME_WIDTH = 70
+Intervals = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
+_EMPTY: Intervals = (np.zeros(0), np.zeros(0))
 
 
 @dataclass
@@ -50,65 +56,85 @@ class StageTraceStats:
     key: str
     files: list[str] = field(default_factory=list)
     ops: dict[str, OpStat] = field(default_factory=dict)
-    host_busy: list[tuple[float, float]] = field(default_factory=list)
-    device_busy: list[tuple[float, float]] = field(default_factory=list)
+    host_busy: Intervals = _EMPTY
+    device_busy: Intervals = _EMPTY
     first_us: float = math.inf
     last_us: float = -math.inf
+    problems: list[str] = field(default_factory=list)
+
+    def add(
+        self,
+        file: str,
+        ops: Sequence[OpStat],
+        host: Intervals | None,
+        device: Intervals | None,
+        first_us: float,
+        last_us: float,
+    ) -> None:
+        self.files.append(file)
+        self.ops = merge_stats([list(self.ops.values()), ops])
+        self.host_busy = _join(self.host_busy, host)
+        self.device_busy = _join(self.device_busy, device)
+        self.first_us = min(self.first_us, first_us)
+        self.last_us = max(self.last_us, last_us)
 
 
-class TraceStatsCollector:
-    """Gathers :class:`StageTraceStats` per stage key; pass it as build_timeline's observer."""
+def _join(a: Intervals, b: Intervals | None) -> Intervals:
+    if b is None or b[0].size == 0:
+        return a
+    return union(np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]]))
 
-    def __init__(self) -> None:
-        self.stages: dict[str, StageTraceStats] = {}
 
-    def __call__(self, source: TraceSource, trace: Mapping[str, Any], offset_ns: int) -> None:
-        stats = self.stages.setdefault(source.key, StageTraceStats(source.key))
-        stats.files.append(source.path.name)
-        for op in op_stats(trace):
-            old = stats.ops.get(op.name)
-            stats.ops[op.name] = op if old is None else _add(old, op)
-        base = trace.get("baseTimeNanoseconds")
-        shift = ((base if type(base) is int else 0) - offset_ns) / 1000
-        host: list[tuple[float, float]] = []
-        device: list[tuple[float, float]] = []
-        for ev in trace["traceEvents"]:
-            if type(ev) is not dict or ev.get("ph") == "M":
-                continue
-            ts, dur = ev.get("ts"), ev.get("dur", 0)
-            if not isinstance(ts, (int, float)) or not isinstance(dur, (int, float)):
-                continue
-            stats.first_us = min(stats.first_us, ts + shift)
-            stats.last_us = max(stats.last_us, ts + dur + shift)
-            cat = ev.get("cat")
-            if ev.get("ph") == "X" and isinstance(cat, str) and dur >= 0:
-                low = cat.lower()
-                if low in _HOST:
-                    host.append((ts + shift, ts + dur + shift))
-                elif low in _DEVICE:
-                    device.append((ts + shift, ts + dur + shift))
-        stats.host_busy = _union([*stats.host_busy, *host])
-        stats.device_busy = _union([*stats.device_busy, *device])
+def stats_from_timeline(traces: Iterable[tuple[TraceSource, Any]]) -> dict[str, StageTraceStats]:
+    """Per stage key, what the timeline's merge found in its traces (no trace is read again)."""
+    stages: dict[str, StageTraceStats] = {}
+    for source, result in traces:
+        stats = stages.setdefault(source.key, StageTraceStats(source.key))
+        if result.error:
+            stats.problems.append(result.error)
+            continue
+        stats.add(
+            source.path.name,
+            result.ops,
+            result.host_busy,
+            result.device_busy,
+            result.first_us,
+            result.last_us,
+        )
+    return stages
 
 
 def collect_stats(
     session_dir: Path,
     clocks: Mapping[str, ClockEstimate],
     progress: Callable[[str], None] | None = None,
-) -> TraceStatsCollector:
-    """Load every trace of the session (slimmed copies where they exist: same op tables)."""
-    collector = TraceStatsCollector()
+) -> dict[str, StageTraceStats]:
+    """Read every trace of the session for its op table and busy time (slimmed copies where
+    they exist: same op tables)."""
+    stages: dict[str, StageTraceStats] = {}
     for source in find_traces(session_dir, prefer_slim=True):
         estimate, _ = resolve_clock(clocks, source.stage, source.replica)
+        stats = stages.setdefault(source.key, StageTraceStats(source.key))
+        builder = OpTableBuilder()
         try:
-            trace = load_trace(source.path)
-        except (OSError, ValueError) as exc:
+            with TraceReader(source.path, name=source.path.name) as reader:
+                for chunk in reader.chunks():
+                    builder.add(chunk)
+                base = reader.base_ns or 0
+        except (OSError, TraceError) as exc:
             logger.warning("summary: %s skipped: %s", source.path, exc)
+            stats.problems.append(str(exc))
             continue
         if progress is not None:
-            progress(f"stage {source.key}: {len(trace['traceEvents']):,} events")
-        collector(source, trace, estimate.offset_ns if estimate else 0)
-    return collector
+            progress(f"stage {source.key}: read {source.path.name}")
+        shift = (base - (estimate.offset_ns if estimate else 0)) / 1000
+        host = union(*(a + shift for a in builder.host_intervals()))
+        device = union(*(a + shift for a in builder.device_intervals()))
+        spans = [x for x in (host, device) if x[0].size]
+        first = min((float(x[0][0]) for x in spans), default=math.inf)
+        last = max((float(x[1][-1]) for x in spans), default=-math.inf)
+        stats.add(source.path.name, builder.stats(), host, device, first, last)
+    return stages
 
 
 def write_summary(
@@ -118,26 +144,27 @@ def write_summary(
     spans: Sequence[RequestSpan],
     clocks: Mapping[str, ClockEstimate],
     top: int = 15,
-    collected: TraceStatsCollector | None = None,
+    collected: Mapping[str, StageTraceStats] | None = None,
     slim_stats: Mapping[str, SlimStats] | None = None,
     progress: Callable[[str], None] | None = None,
+    warnings: Sequence[str] = (),
 ) -> Path:
     """Write ``session_dir/summary.md`` and return its path.
 
-    ``collected`` is what a :class:`TraceStatsCollector` gathered while the timeline was
-    built; without it the traces are loaded here. ``slim_stats`` (per trace, relative path)
+    ``collected`` is what the timeline's merge found (:func:`stats_from_timeline`); without
+    it the traces are read here. ``slim_stats`` (per trace, relative path)
     lists the slimmed copies and what they saved; when given (even empty), the total saved is
     stated too.
     """
     session_dir = Path(session_dir)
-    stats = collected if collected is not None else collect_stats(session_dir, clocks, progress)
-    stages = stats.stages
+    stages = collected if collected is not None else collect_stats(session_dir, clocks, progress)
     window = (
         min((s.first_us for s in stages.values()), default=math.inf),
         max((s.last_us for s in stages.values()), default=-math.inf),
     )
     lines = [f"# Profile session {report.get('session_id', session_dir.name)}", ""]
     lines += _overview(session_dir, report, spans, window)
+    lines += _problems_section(stages, warnings)
     lines += _ops_sections(stages, window, top)
     lines += _request_section(spans, window)
     lines += _clock_section(clocks, stages)
@@ -146,6 +173,15 @@ def write_summary(
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     logger.info("summary %s written", path)
     return path
+
+
+def _problems_section(stages: Mapping[str, StageTraceStats], warnings: Sequence[str]) -> list[str]:
+    problems = [p for s in stages.values() for p in s.problems]
+    problems += [w for w in warnings if not any(w.endswith(p) for p in problems)]
+    if not problems:
+        return []
+    lines = ["## Trace problems", "", "Every other trace was merged; these files stay on disk.", ""]
+    return [*lines, *(f"- {p}" for p in problems), ""]
 
 
 def _overview(
@@ -163,8 +199,11 @@ def _overview(
     if window[1] > window[0]:
         lines.append(f"- profiled window: {_ms(window[1] - window[0])}")
     if (session_dir / TIMELINE_NAME).exists():
+        lines.append(f"- merged timeline: [{TIMELINE_NAME}]({TIMELINE_NAME})")
+    if (session_dir / PROTO_TIMELINE_NAME).exists():
         lines.append(
-            f"- merged timeline: [{TIMELINE_NAME}]({TIMELINE_NAME}) (open it in ui.perfetto.dev)"
+            f"- for the Perfetto UI (ui.perfetto.dev, faster to open): "
+            f"[{PROTO_TIMELINE_NAME}]({PROTO_TIMELINE_NAME})"
         )
     if failed:
         lines += ["", "## Failed stages", ""]
@@ -187,7 +226,7 @@ def _ops_sections(
     lines += ["| --- | ---: | ---: | ---: | ---: |"]
     for key, s in stages.items():
         host, device = _length(s.host_busy), _length(s.device_busy)
-        dev = [_ms(device), _pct(device, span_us)] if s.device_busy else ["–", "–"]
+        dev = [_ms(device), _pct(device, span_us)] if s.device_busy[0].size else ["–", "–"]
         lines.append(f"| {key} | {_ms(host)} | {_pct(host, span_us)} | {dev[0]} | {dev[1]} |")
     lines += [
         "",
@@ -340,29 +379,8 @@ def _slim_line(slim_stats: Mapping[str, SlimStats]) -> str:
     return line
 
 
-def _add(a: OpStat, b: OpStat) -> OpStat:
-    return OpStat(
-        a.name,
-        a.calls + b.calls,
-        a.self_cpu_us + b.self_cpu_us,
-        a.total_cpu_us + b.total_cpu_us,
-        a.self_device_us + b.self_device_us,
-    )
-
-
-def _union(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[tuple[float, float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            if end > merged[-1][1]:
-                merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def _length(intervals: Iterable[tuple[float, float]]) -> float:
-    return math.fsum(end - start for start, end in intervals)
+def _length(intervals: Intervals) -> float:
+    return float(np.sum(intervals[1] - intervals[0]))
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

@@ -5,7 +5,7 @@ A session folder (``<output_dir>/<session_id>/``, as ``StopProfile`` leaves it) 
 :class:`omnistage.types.ProfileReport`'s fields:
 
 * ``"clocks"``: ``{"<stage>" or "<stage>/<replica>": {"offset_ns", "error_ns", "rtt_ns",
-  "samples"}}``, the :class:`~orchestrator.clock.ClockEstimate` of each stage's host;
+  "samples"}}``, the :class:`~omnistage.traces.clock.ClockEstimate` of each stage's host;
 * ``"spans"``: ``[asdict(RequestSpan), ...]``, each request's passage through each stage.
 
 :func:`rebuild_report` works from that alone, so it runs after the fact too
@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omnistage.traces.clock import ClockEstimate
+from omnistage.traces.events import TraceError, slim_copy_path
+from omnistage.traces.slimming import SlimOptions, SlimStats, slim_trace_file
+from omnistage.traces.spans import RequestSpan, span_from_mapping
+from omnistage.traces.summary import stats_from_timeline, write_summary
+from omnistage.traces.timeline import build_timeline, find_traces
 from omnistage.types import ProfileSlimming
-from orchestrator.clock import ClockEstimate
-from orchestrator.slimming import SlimOptions, SlimStats, slim_copy_path, slim_trace_file
-from orchestrator.summary import TraceStatsCollector, write_summary
-from orchestrator.timeline import RequestSpan, build_timeline, find_traces
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class ReportFiles:
     """What :func:`rebuild_report` wrote."""
 
     timeline: Path
+    """The JSON timeline."""
     summary: Path
     slim_stats: Mapping[str, SlimStats] = field(default_factory=dict)
     """Per trace (path relative to the session folder): what slimming saved. Empty when the
@@ -44,6 +47,10 @@ class ReportFiles:
 
     slimmed: bool = False
     """Whether slimming was asked for (``slim_stats`` may be empty all the same)."""
+    timelines: tuple[Path, ...] = ()
+    """Every timeline file written: the JSON one, then Perfetto's protobuf one."""
+    warnings: tuple[str, ...] = ()
+    """Traces that could not be read (each names its file and the problem), and the like."""
 
     @property
     def slim_total(self) -> SlimStats:
@@ -130,10 +137,10 @@ def rebuild_report(
     and traces.
 
     With ``slim``, every trace first gets a slimmed copy beside it
-    (``x.slim.pt.trace.json.gz``, see :mod:`orchestrator.slimming`; an existing copy is
+    (``x.slim.pt.trace.json.gz``, see :mod:`omnistage.traces.slimming`; an existing copy is
     rewritten, and none is kept where it would not be smaller) and the timeline is built from
     the copies. The originals are never modified.
-    Each trace is loaded once for the timeline and the summary together.
+    Each trace is read once for the timeline and the summary together.
 
     Raises:
         FileNotFoundError: no report.json in ``session_dir``.
@@ -153,10 +160,9 @@ def rebuild_report(
                 slimmed[rel] = slim_trace_file(
                     source.path, slim_copy_path(source.path), slim, only_if_smaller=True
                 )
-            except (OSError, ValueError) as exc:
+            except (OSError, TraceError) as exc:
                 logger.warning("could not slim %s: %s; the timeline uses the original", rel, exc)
                 slim_copy_path(source.path).unlink(missing_ok=True)
-    collector = TraceStatsCollector()
     timeline = build_timeline(
         session_dir,
         spans=record.spans,
@@ -164,39 +170,21 @@ def rebuild_report(
         progress=progress,
         stage_indices=record.stage_order(),
         prefer_slim=slim is not None,
-        observer=collector,
     )
     summary = write_summary(
         session_dir,
         report=record.report,
         spans=record.spans,
         clocks=record.clocks,
-        collected=collector,
+        collected=stats_from_timeline(timeline.traces),
         slim_stats=slimmed if slim is not None else None,
+        warnings=timeline.warnings,
     )
     return ReportFiles(
-        timeline=timeline, summary=summary, slim_stats=slimmed, slimmed=slim is not None
-    )
-
-
-def span_from_mapping(data: Mapping[str, Any]) -> RequestSpan:
-    """A :class:`RequestSpan` from its ``dataclasses.asdict`` form, as report.json holds it.
-
-    ``request_id``, ``stage``, ``start_unix_ns`` and ``end_unix_ns`` are required; the other
-    fields default to 0 (or an empty replica).
-    """
-    required = ("request_id", "stage", "start_unix_ns", "end_unix_ns")
-    missing = [key for key in required if key not in data]
-    if missing:
-        raise ValueError(f"request span {dict(data)!r} lacks {missing}")
-    return RequestSpan(
-        request_id=str(data["request_id"]),
-        stage=str(data["stage"]),
-        stage_index=int(data.get("stage_index", 0)),
-        replica=str(data.get("replica", "")),
-        start_unix_ns=int(data["start_unix_ns"]),
-        first_output_unix_ns=int(data.get("first_output_unix_ns", 0)),
-        end_unix_ns=int(data["end_unix_ns"]),
-        handoff_s=float(data.get("handoff_s", 0.0)),
-        queue_time_s=float(data.get("queue_time_s", 0.0)),
+        timeline=timeline.path,
+        summary=summary,
+        timelines=tuple(timeline.files),
+        warnings=tuple(timeline.warnings),
+        slim_stats=slimmed,
+        slimmed=slim is not None,
     )

@@ -1,0 +1,252 @@
+"""One trace's share of the merged timeline, made in one streaming pass (a worker's job).
+
+:func:`merge_trace` reads a trace chunk by chunk and, in the same pass:
+
+* rewrites each event onto the timeline: a new pid from the trace's own block (so no two
+  traces share one), ``ts`` on the orchestrator's clock in µs since the timeline's origin
+  (``(baseTimeNanoseconds - offset_ns - origin_ns) / 1000 + ts``), flow ids prefixed by the
+  trace's number;
+* writes those events as JSON (a deflate part of ``timeline.json.gz``) and as Perfetto
+  packets (a part of the protobuf timeline);
+* feeds the op table and the busy intervals of the summary.
+
+So each trace is read once, whatever is made of it, and only one chunk of it is in memory.
+It runs in a worker process per trace (:mod:`omnistage.traces.timeline`), or in-process for
+small sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from omnistage.traces.events import (
+    FLOW_PHASES,
+    PROCESS_META,
+    Event,
+    TraceError,
+    hashable,
+    strip_trace_suffix,
+)
+from omnistage.traces.nesting import union
+from omnistage.traces.optable import OpStat, OpTableBuilder
+from omnistage.traces.perfetto import ProtoEncoder
+from omnistage.traces.reader import TraceReader
+from omnistage.traces.writer import DeflatePart, Part, events_json
+
+logger = logging.getLogger(__name__)
+
+PID_BLOCK = 1000
+"""Each trace's processes get pids ``(number + 1) * PID_BLOCK + k``."""
+
+
+@dataclass(frozen=True)
+class TraceJob:
+    """What a worker needs to merge one trace (plain data: it crosses process boundaries)."""
+
+    number: int
+    path: Path
+    rel: str
+    label: str
+    """The name of the trace's main process: ``thinker``, ``thinker front end`` …"""
+    sort_index: int
+    host_origin_ns: int
+    """The timeline's origin on the trace host's clock (origin plus the host's offset)."""
+    offset_ns: int
+    json_part: Path
+    proto_part: Path
+    rank_label: bool = False
+    """Add the trace's rank to the label (several traces of one kind in one stage)."""
+
+
+@dataclass
+class TraceResult:
+    """What merging one trace gave: its parts, its op table, its busy time, its problems."""
+
+    number: int
+    rel: str
+    label: str
+    events: int = 0
+    json_part: Part | None = None
+    proto_part: Part | None = None
+    descriptors: bytes = b""
+    ops: list[OpStat] = field(default_factory=list)
+    host_busy: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    device_busy: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    first_us: float = np.inf
+    last_us: float = -np.inf
+    """First and last op, orchestrator-clock unix µs."""
+    pids: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str = ""
+    """Why the trace could not be merged (then it has no parts): names the file."""
+    unbound_flows: int = 0
+
+
+def merge_trace(job: TraceJob) -> TraceResult:
+    """Merge one trace (see the module's docstring). Never raises for a bad trace: the result
+    says what went wrong, and the parts of what was read are discarded."""
+    result = TraceResult(job.number, job.rel, job.label)
+    json_part = DeflatePart(job.json_part)
+    proto_part = DeflatePart(job.proto_part)
+    try:
+        _merge(job, result, json_part, proto_part)
+    except (TraceError, OSError) as exc:
+        json_part.abort()
+        proto_part.abort()
+        result.error = str(exc) if job.rel in str(exc) else f"{job.rel}: {exc}"
+        result.events = 0
+        logger.warning("timeline: %s", result.error)
+        return result
+    except BaseException:
+        json_part.abort()
+        proto_part.abort()
+        raise
+    result.json_part = json_part.close()
+    result.proto_part = proto_part.close()
+    return result
+
+
+def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: DeflatePart) -> None:
+    encoder = ProtoEncoder(job.number + 2)
+    builder = OpTableBuilder()
+    pid_base = (job.number + 1) * PID_BLOCK
+    flow_base = (job.number + 2) << 48
+    with TraceReader(job.path, name=job.rel) as reader:
+        base = reader.base_ns
+        if base is None:
+            result.warnings.append(
+                f"{job.rel} has no baseTimeNanoseconds: its ts were read as unix µs"
+            )
+            base = 0
+        shift_us = (base - job.host_origin_ns) / 1000
+        pids: dict[Any, int] = {}
+        counts: Counter[int] = Counter()
+        names: dict[int, str] = {}
+        labels: dict[int, str] = {}
+        seen_meta: set[tuple[Any, ...]] = set()
+        flow_ids: dict[tuple[str, Any], int] = {}
+        untimed = no_dur = early = 0
+        wrote = False
+        for chunk in reader.chunks():
+            builder.add(chunk)
+            out = []
+            for ev in chunk:
+                key = ev.pid
+                # each int pid gets one of its own (the first one pid_base); the others
+                # (Kineto's "Traces", "Spans" …) join the first
+                pid = pids.get(key, -1) if type(key) is int else pid_base
+                if pid < 0:
+                    pid = pids[key] = pid_base + len(pids)
+                ev.pid = pid
+                ph = ev.ph
+                if ph == "M":
+                    name = ev.name
+                    if name in PROCESS_META:
+                        args = ev.args or {}
+                        if name == "process_name":
+                            names[pid] = str(args.get("name", ""))
+                        elif name == "process_labels":
+                            labels[pid] = str(args.get("labels", ""))
+                        continue
+                    mkey = (name, pid, hashable(ev.tid))
+                    if mkey not in seen_meta:
+                        seen_meta.add(mkey)
+                        ev.ts = 0.0
+                        out.append(ev)
+                    continue
+                ts = ev.ts
+                if ts is None:
+                    untimed += 1
+                    continue
+                t = round(ts + shift_us, 3)
+                if t < 0:
+                    early += 1
+                    t = 0.0
+                ev.ts = t
+                if ph == "X":
+                    if ev.dur is None or ev.dur < 0:
+                        no_dur += 1
+                        continue
+                    counts[pid] += 1
+                elif ph in FLOW_PHASES:
+                    ident = ev.id if ev.id is not None else ev.id2
+                    fkey = (ev.cat or "", ident if type(ident) in (int, str) else repr(ident))
+                    new = flow_ids.get(fkey)
+                    if new is None:
+                        new = flow_ids[fkey] = flow_base | len(flow_ids)
+                        if len(flow_ids) > 1 << 22:  # bounded memory: start a new range
+                            flow_ids.clear()
+                            flow_base += 1 << 40
+                    ev.id = new
+                    ev.id2 = None
+                out.append(ev)
+            text = events_json(out)
+            if text:
+                json_part.write(text if not wrote else b"," + text)
+                wrote = True
+            proto.write(encoder.encode(out))
+            result.events += len(out)
+        for count, what in (
+            (untimed, "events without a ts"),
+            (no_dur, "complete events without a valid dur"),
+        ):
+            if count:
+                result.warnings.append(f"{job.rel}: {count:,} {what} were left out")
+        if early:
+            result.warnings.append(
+                f"{job.rel}: {early:,} events before the timeline's start were put at its start"
+            )
+        if reader.bad_events:
+            result.warnings.append(
+                f"{job.rel}: {reader.bad_events:,} events that are not trace events were skipped"
+            )
+        rank = _rank(reader.header, job) if job.rank_label else ""
+    main = max(counts, key=lambda p: counts[p]) if counts else pid_base
+    label = f"{job.label} {rank}".strip()
+    meta = []
+    for pid in sorted(set(pids.values()) | {main}):
+        own, tag = names.get(pid, ""), labels.get(pid, "")
+        name = label if pid == main else f"{label} · {tag or own or f'pid {pid}'}"
+        where = ", ".join(filter(None, [own, tag, job.rel]))
+        rank_in = job.sort_index * PID_BLOCK + pid - pid_base + (0 if pid == main else 1)
+        meta.append(_meta("process_name", pid, {"name": name}))
+        meta.append(_meta("process_labels", pid, {"labels": where}))
+        meta.append(_meta("process_sort_index", pid, {"sort_index": job.sort_index}))
+        encoder.process_names[pid] = name
+        encoder.process_ranks[pid] = rank_in
+    tail = events_json([Event(**m) for m in meta])
+    json_part.write(tail if not wrote else b"," + tail)
+    result.events += len(meta)
+    proto.write(encoder.finish())
+    result.descriptors = encoder.descriptors()
+    result.unbound_flows = encoder.unbound_flows
+    result.pids = sorted(set(pids.values()) | {main})
+    result.ops = builder.stats()
+    shift_unix = (base - job.offset_ns) / 1000
+    for attr, (starts, ends) in (
+        ("host_busy", builder.host_intervals()),
+        ("device_busy", builder.device_intervals()),
+    ):
+        merged = union(starts + shift_unix, ends + shift_unix)
+        setattr(result, attr, merged)
+        if merged[0].size:
+            result.first_us = min(result.first_us, float(merged[0][0]))
+            result.last_us = max(result.last_us, float(merged[1][-1]))
+
+
+def _rank(header: dict[str, Any], job: TraceJob) -> str:
+    info = header.get("distributedInfo")
+    if isinstance(info, dict) and isinstance(info.get("rank"), int):
+        return f"rank{info['rank']}"
+    return strip_trace_suffix(job.path.name)
+
+
+def _meta(kind: str, pid: int, args: dict[str, Any]) -> dict[str, Any]:
+    return {"ph": "M", "name": kind, "pid": pid, "tid": 0, "ts": 0.0, "args": args}
