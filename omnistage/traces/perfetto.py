@@ -125,11 +125,17 @@ class ProtoEncoder:
     descriptors, which must come first in the file.
     """
 
-    def __init__(self, sequence_id: int, *, annotate: bool = False) -> None:
+    def __init__(
+        self, sequence_id: int, *, annotate: bool = False, bind_inside: bool = False
+    ) -> None:
         self.seq_tail = b"\x50" + varint(sequence_id) + b"\x68" + varint(SEQ_NEEDS_STATE)
         self._first = True
         self._sequence_id = sequence_id
         self.annotate = annotate
+        self.bind_inside = bind_inside
+        """Bind a flow to the shortest slice of its track around it, not only to one starting
+        exactly there (the orchestrator's arrows sit inside their ``handoff`` marks)."""
+        self._spans: dict[tuple[Any, Any], list[tuple[float, float, int]]] = {}
         self._names: dict[str, int] = {}
         self._cats: dict[str, int] = {}
         self._tracks: dict[tuple[Any, Any], int] = {}
@@ -217,6 +223,9 @@ class ProtoEncoder:
                 if self.annotate and ev.args:
                     begin += b"".join(_annotation(k, v) for k, v in ev.args.items())
                 slices[(ev.pid, hashable(ev.tid), ts)] = len(chunk)
+                if self.bind_inside:
+                    where = (ev.pid, hashable(ev.tid))
+                    self._spans.setdefault(where, []).append((ts, ts + (ev.dur or 0.0), len(chunk)))
                 chunk.append(self._packet(start, begin, extra))
                 chunk.append(self._packet(round((ts + (ev.dur or 0.0)) * 1000), pair[1], []))
                 self.slices += 1
@@ -260,6 +269,13 @@ class ProtoEncoder:
         key = (ev.pid, hashable(ev.tid), ev.ts)
         field = b"\x81\x03" if ev.ph == "f" else b"\xf9\x02"
         at, target = slices.get(key), chunk
+        if at is None and self.bind_inside:
+            around = [
+                (end - start, pos)
+                for start, end, pos in self._spans.get(key[:2], [])
+                if start <= ev.ts <= end
+            ]
+            at = min(around)[1] if around else None
         if at is None:
             at, target = self._held_slices.get(key), self._held
         if at is None:

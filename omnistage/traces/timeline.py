@@ -218,7 +218,7 @@ def _write(
     parts.append(tail.close())
     json_path = assemble(session_dir / TIMELINE_NAME, parts)
 
-    encoder = ProtoEncoder(1, annotate=True)
+    encoder = ProtoEncoder(1, annotate=True, bind_inside=True)
     packets = encoder.encode(own) + encoder.finish()
     encoder.process_ranks[ORCHESTRATOR_PID] = -1
     start = DeflatePart(session_dir / ".pftrace.head.part")

@@ -21,9 +21,9 @@ import omnistage
 from examples.omni.code2wav import HOP_LENGTH, SAMPLE_RATE
 from omnistage.audio import mono_samples, write_wav
 from omnistage.launch import ServerProcess
+from omnistage.traces import ORCHESTRATOR_PID
 from omnistage.types import PipelineOutput
 from omnistage.v1 import stage_pb2
-from orchestrator.timeline import ORCHESTRATOR_PID
 from tests.conftest import RunningStage
 from tests.integration.test_orchestrator import serve_pipeline
 from tests.unit.trace_checks import flow_problems, nesting_problems, tef_problems
@@ -215,11 +215,17 @@ def test_cli_writes_the_audio_as_a_wav(streaming: omnistage.Client, tmp_path: Pa
         assert wav.getframerate() == 24_000 and wav.getnframes() == TALKER_TOKENS * HOP_LENGTH
 
 
-def test_report_on_a_three_stage_profile(streaming: omnistage.Client, tmp_path: Path) -> None:
-    """All three stages side by side on one time axis, and a summary naming the costliest."""
+@pytest.fixture(scope="module")
+def three_stage_report(streaming: omnistage.Client) -> tuple[str, Any]:
+    """One profile of all three stages around one request (vLLM's stop takes a while: once)."""
     session = streaming.start_profile(label="all-three")
     list(streaming.generate(messages=PROMPT))
-    report = streaming.stop_profile("all-three", slim=True)
+    return session, streaming.stop_profile("all-three", slim=True)
+
+
+def test_report_on_a_three_stage_profile(three_stage_report: tuple[str, Any]) -> None:
+    """All three stages side by side on one time axis, and a summary naming the costliest."""
+    session, report = three_stage_report
     folder = Path(report.output_dir)
     assert folder.name == session
     assert sorted(s.stage for s in report.stages) == ["code2wav", "talker", "thinker"]
@@ -253,3 +259,75 @@ def test_report_on_a_three_stage_profile(streaming: omnistage.Client, tmp_path: 
     assert report.slimming is not None and report.slimming.bytes_saved > 0, report.slimming
     assert f"**{report.slimming.bytes_saved:,} bytes saved**" in summary
     assert (folder / "report.json").is_file()
+
+
+HANDOFFS_SQL = """
+SELECT o.ts AS out_ts, o.dur AS out_dur, i.ts AS in_ts, o.name AS out_name, i.name AS in_name,
+       (SELECT display_value FROM args a WHERE a.arg_set_id = i.arg_set_id
+        AND a.key IN ('args.request_id', 'debug.request_id')) AS request_id,
+       (SELECT display_value FROM args a WHERE a.arg_set_id = i.arg_set_id
+        AND a.key IN ('args.to', 'debug.to')) AS stage
+FROM flow f JOIN slice o ON f.slice_out = o.id JOIN slice i ON f.slice_in = i.id
+WHERE o.name = 'handoff' OR i.name = 'handoff'
+"""
+NAMES_SQL = """
+SELECT name FROM slice WHERE name = 'queued→first output'
+UNION ALL SELECT name FROM thread WHERE name LIKE '% · %'
+UNION ALL SELECT name FROM track WHERE name LIKE '% · %'
+"""
+ESCAPED_SQL = (
+    "SELECT name FROM slice WHERE name LIKE '%\\u%' "
+    "UNION ALL SELECT name FROM thread WHERE name LIKE '%\\u%'"
+)
+
+
+@pytest.mark.parametrize("kind", ["json", "protobuf"])
+def test_the_timeline_reads_right_in_the_perfetto_ui(
+    three_stage_report: tuple[str, Any], kind: str
+) -> None:
+    """The omni pipeline's timeline, opened in the real Perfetto UI (its own trace processor):
+    nothing dropped, every hand-off arrow as long as the hand-off, names as written."""
+    from tests.browser import perfetto_ui
+
+    reason = perfetto_ui.available()
+    if reason is not None:
+        pytest.skip(reason)
+    _, report = three_stage_report
+    json_path, proto_path = (Path(p) for p in report.timelines)
+    assert json_path == Path(report.timeline) and proto_path.name == "timeline.pftrace.gz"
+    path = json_path if kind == "json" else proto_path
+    queries = {
+        "errors": perfetto_ui.ERROR_STATS_SQL,
+        "handoffs": HANDOFFS_SQL,
+        "names": NAMES_SQL,
+        "escaped": ESCAPED_SQL,
+    }
+    opened = perfetto_ui.open_trace(path, queries)
+    assert opened.results["errors"] == [], opened.results["errors"]
+    record = json.loads((Path(report.output_dir) / "report.json").read_text())
+    expected = {
+        (s["request_id"], s["stage"]): s["handoff_s"]
+        for s in record["spans"]
+        if s["stage_index"] > 0
+    }
+    arrows = opened.results["handoffs"]
+    assert arrows and all(a["out_name"] == a["in_name"] == "handoff" for a in arrows), arrows
+    seen = {}
+    for arrow in arrows:
+        delay_s = (arrow["in_ts"] - arrow["out_ts"] - arrow["out_dur"]) / 1e9
+        seen[(arrow["request_id"], arrow["stage"])] = delay_s
+    assert seen.keys() == expected.keys()
+    for key, delay_s in seen.items():
+        assert delay_s == pytest.approx(expected[key], abs=1e-3), key
+    names = {row["name"] for row in opened.results["names"]}
+    assert "queued→first output" in names
+    assert any(" · thinker" in n for n in names), names
+    assert opened.results["escaped"] == []
+    if kind == "protobuf":  # stages in pipeline order under the root track
+        (root,) = [n for n in opened.tracks if n.name.startswith("pipeline")]
+        order = [n.name for n in root.children]
+        stages = [
+            next(i for i, n in enumerate(order) if n.startswith(s))
+            for s in ("orchestrator", "thinker", "talker", "code2wav")
+        ]
+        assert stages == sorted(stages), order
