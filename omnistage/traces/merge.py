@@ -18,7 +18,6 @@ small sessions.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,7 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
             base = 0
         shift_us = (base - job.host_origin_ns) / 1000
         pids: dict[Any, int] = {}
-        counts: Counter[int] = Counter()
+        counts: dict[int, int] = {}
         names: dict[int, str] = {}
         labels: dict[int, str] = {}
         seen_meta: set[tuple[Any, ...]] = set()
@@ -174,7 +173,7 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
                     if ev.dur is None or ev.dur < 0:
                         no_dur += 1
                         continue
-                    counts[pid] += 1
+                    counts[pid] = counts.get(pid, 0) + 1
                 elif ph in FLOW_PHASES:
                     ident = ev.id if ev.id is not None else ev.id2
                     fkey = (ev.cat or "", ident if type(ident) in (int, str) else repr(ident))

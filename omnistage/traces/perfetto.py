@@ -28,8 +28,11 @@ Perfetto would take for one thread moving between processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from omnistage.traces.events import FLOW_PHASES, Event, hashable
 
@@ -129,7 +132,9 @@ class ProtoEncoder:
         self, sequence_id: int, *, annotate: bool = False, bind_inside: bool = False
     ) -> None:
         self.seq_tail = b"\x50" + varint(sequence_id) + b"\x68" + varint(SEQ_NEEDS_STATE)
-        self._first = True
+        self.unwritten = True
+        """No packet of this sequence written yet: the first one clears the incremental state."""
+        self._opening = True  # the sequence's first record: built the slow way
         self._sequence_id = sequence_id
         self.annotate = annotate
         self.bind_inside = bind_inside
@@ -143,9 +148,11 @@ class ProtoEncoder:
         self.process_names: dict[int, str] = {}
         self.process_ranks: dict[int, int] = {}
         self.thread_names: dict[tuple[Any, Any], str] = {}
-        self._bodies: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
-        self._held: list[bytes] = []
-        self._held_slices: dict[tuple[Any, Any, float], int] = {}
+        self._bodies: dict[tuple[int, int, int], tuple[bytes, bytes, bytes, bytes]] = {}
+        self._known: dict[tuple[Any, Any, Any, Any], tuple[bytes, bytes, bytes, bytes]] = {}
+        """(pid, tid, name, cat) → the slice's cached packet bytes."""
+        self._one_flow: dict[tuple[bytes, ...], tuple[bytes, bytes, bytes]] = {}
+        self._held: _Chunk | None = None
         self.unbound_flows = 0
         self.slices = 0
 
@@ -189,86 +196,139 @@ class ProtoEncoder:
             extra.append(_len_field(field, entry))
         return iid
 
+    def _shapes(self, uuid: int, n_iid: int, c_iid: int) -> tuple[bytes, bytes, bytes, bytes]:
+        """The constant bytes around a slice's two timestamps: begin's and end's (pre, post)."""
+        key = (uuid, n_iid, c_iid)
+        shape = self._bodies.get(key)
+        if shape is None:
+            begin = b"\x48\x01\x58" + varint(uuid) + b"\x50" + varint(n_iid)
+            begin += b"\x18" + varint(c_iid)
+            end = b"\x48\x02\x58" + varint(uuid)
+            shape = self._bodies[key] = (
+                *_around(begin, self.seq_tail),
+                *_around(end, self.seq_tail),
+            )
+        return shape
+
     def encode(self, events: Iterable[Event]) -> bytes:
-        """Packets of the chunk before this one (this one is held back for flows)."""
-        chunk: list[bytes] = []
-        slices: dict[tuple[Any, Any, float], int] = {}
-        bodies = self._bodies
+        """Packets of the chunk before this one (this one is held back for flows).
+
+        The loop is the hot path of a report: a slice whose track, name and category were
+        seen before costs a dict lookup and four appends.
+        """
+        chunk = _Chunk()
+        ts_a, ends_a, shapes_a, slices = chunk.ts, chunk.ends, chunk.shapes, chunk.slices
+        known = self._known
+        plain = not (self.annotate or self.bind_inside)
         for ev in events:
             ph = ev.ph
-            if ph == "X" or ph == "i" or ph == "I":
+            if ph == "X":
                 ts = ev.ts
                 if ts is None:
                     continue
-                uuid = self._track(ev.pid, ev.tid)
-                name = ev.name if type(ev.name) is str else str(ev.name)
-                extra: list[bytes] = []
-                n_iid = self._interned(self._names, name, b"\x12", extra)
-                c_iid = self._interned(self._cats, ev.cat or "", b"\x0a", extra)
-                start = round(ts * 1000)
-                if ph != "X":
-                    body = b"\x48\x03\x58" + varint(uuid) + b"\x50" + varint(n_iid)
-                    body += b"\x18" + varint(c_iid)
-                    chunk.append(self._packet(start, body, extra))
-                    continue
-                key = (uuid, n_iid, c_iid)
-                pair = bodies.get(key)
-                if pair is None:
-                    begin = b"\x48\x01\x58" + varint(uuid) + b"\x50" + varint(n_iid)
-                    pair = bodies[key] = (
-                        begin + b"\x18" + varint(c_iid),
-                        b"\x48\x02\x58" + varint(uuid),
-                    )
-                begin = pair[0]
-                if self.annotate and ev.args:
-                    begin += b"".join(_annotation(k, v) for k, v in ev.args.items())
-                slices[(ev.pid, hashable(ev.tid), ts)] = len(chunk)
-                if self.bind_inside:
-                    where = (ev.pid, hashable(ev.tid))
-                    self._spans.setdefault(where, []).append((ts, ts + (ev.dur or 0.0), len(chunk)))
-                chunk.append(self._packet(start, begin, extra))
-                chunk.append(self._packet(round((ts + (ev.dur or 0.0)) * 1000), pair[1], []))
-                self.slices += 1
+                tid = ev.tid
+                if type(tid) is not int and type(tid) is not str:
+                    tid = hashable(tid)
+                name = ev.name
+                if type(name) is not str:
+                    name = _text(name)
+                key = (ev.pid, tid, name, ev.cat)
+                shape = known.get(key) if plain else None
+                at = len(ts_a)
+                if shape is None:
+                    shape = self._slice_shape(ev, key, chunk, at)
+                ts_a.append(ts)
+                ends_a.append(ts + (ev.dur or 0.0))
+                shapes_a.append(shape)
+                slices[(key[0], tid, ts)] = at
             elif ph in FLOW_PHASES:
-                self._bind_flow(ev, chunk, slices)
+                self._bind_flow(ev, chunk)
+            elif ph == "i" or ph == "I":
+                self._instant(ev, chunk)
             elif ph == "M":
                 self._meta(ev)
-        out = b"".join(self._held)
-        self._held, self._held_slices = chunk, slices
+        self.slices += len(ts_a)
+        out = self._held.bytes(self) if self._held is not None else b""
+        self._held = chunk
         return out
+
+    def one_flow(self, shape: tuple[bytes, bytes, bytes, bytes]) -> tuple[bytes, bytes, bytes]:
+        """A begin packet's bytes around its timestamp and one 10-byte flow field, cached."""
+        found = self._one_flow.get(shape)
+        if found is None:
+            body = _begin_body(shape)
+            size = 1 + 8 + 1 + len(varint(len(body) + 10)) + len(body) + 10 + len(self.seq_tail)
+            pre = _PACKET + varint(size) + b"\x40"
+            found = self._one_flow[shape] = (
+                pre,
+                b"\x5a" + varint(len(body) + 10) + body,
+                self.seq_tail,
+            )
+        return found
+
+    def _slice_shape(
+        self, ev: Event, key: tuple[Any, Any, Any, Any], chunk: _Chunk, at: int
+    ) -> tuple[bytes, bytes, bytes, bytes]:
+        """The cached bytes of a slice's packets; interns its strings the first time."""
+        uuid = self._track(ev.pid, key[1])
+        extra: list[bytes] = []
+        n_iid = self._interned(self._names, _text(ev.name), b"\x12", extra)
+        c_iid = self._interned(self._cats, ev.cat or "", b"\x0a", extra)
+        shape = self._shapes(uuid, n_iid, c_iid)
+        args = ev.args if self.annotate else None
+        if extra or self._opening or args:
+            body = _begin_body(shape)
+            if args:
+                body += b"".join(_annotation(k, v) for k, v in args.items())
+            chunk.odd.append((at, body, extra))
+        self._opening = False
+        if self.bind_inside:
+            ts = ev.ts or 0.0
+            self._spans.setdefault(key[:2], []).append((ts, ts + (ev.dur or 0.0), at))
+        if not extra:
+            self._known[key] = shape
+        return shape
+
+    def _instant(self, ev: Event, chunk: _Chunk) -> None:
+        if ev.ts is None:
+            return
+        uuid = self._track(ev.pid, hashable(ev.tid))
+        extra: list[bytes] = []
+        n_iid = self._interned(self._names, _text(ev.name), b"\x12", extra)
+        c_iid = self._interned(self._cats, ev.cat or "", b"\x0a", extra)
+        body = b"\x48\x03\x58" + varint(uuid) + b"\x50" + varint(n_iid) + b"\x18" + varint(c_iid)
+        chunk.odd.append((len(chunk.ts), body, extra))
+        chunk.add(ev.ts, ev.ts, None)
+        self._opening = False
 
     def finish(self) -> bytes:
         """The packets still held back."""
-        out = b"".join(self._held)
-        self._held, self._held_slices = [], {}
+        out = self._held.bytes(self) if self._held is not None else b""
+        self._held = None
         return out
 
-    def _packet(self, ts_ns: int, track_event: bytes, extra: list[bytes]) -> bytes:
+    def packet_of(
+        self, ts_ns: int, track_event: bytes, extra: list[bytes], *, first: bool
+    ) -> bytes:
+        """One packet, built field by field."""
         body = b"\x40" + varint(ts_ns) + b"\x5a" + varint(len(track_event)) + track_event
-        if self._first:
-            body += (
-                b"\x50"
-                + varint(self._sequence_id)
-                + b"\x68"
-                + varint(SEQ_CLEARED | SEQ_NEEDS_STATE)
-            )
-            self._first = False
+        if first:
+            body += b"\x50" + varint(self._sequence_id)
+            body += b"\x68" + varint(SEQ_CLEARED | SEQ_NEEDS_STATE)
         else:
             body += self.seq_tail
         if extra:
             body += _len_field(b"\x62", b"".join(extra))
         return _PACKET + varint(len(body)) + body
 
-    def _bind_flow(
-        self, ev: Event, chunk: list[bytes], slices: Mapping[tuple[Any, Any, float], int]
-    ) -> None:
+    def _bind_flow(self, ev: Event, chunk: _Chunk) -> None:
         ident = ev.id
         if type(ident) is not int or ev.ts is None:
             self.unbound_flows += 1
             return
         key = (ev.pid, hashable(ev.tid), ev.ts)
-        field = b"\x81\x03" if ev.ph == "f" else b"\xf9\x02"
-        at, target = slices.get(key), chunk
+        field = (b"\x81\x03" if ev.ph == "f" else b"\xf9\x02") + _fixed64(ident)
+        at, target = chunk.slices.get(key), chunk
         if at is None and self.bind_inside:
             around = [
                 (end - start, pos)
@@ -276,12 +336,12 @@ class ProtoEncoder:
                 if start <= ev.ts <= end
             ]
             at = min(around)[1] if around else None
-        if at is None:
-            at, target = self._held_slices.get(key), self._held
+        if at is None and self._held is not None:
+            at, target = self._held.slices.get(key), self._held
         if at is None:
             self.unbound_flows += 1
             return
-        target[at] = _add_to_track_event(target[at], field + _fixed64(ident))
+        target.flows[at] = target.flows.get(at, b"") + field
 
     def _meta(self, ev: Event) -> None:
         args = ev.args or {}
@@ -293,24 +353,93 @@ class ProtoEncoder:
             self.thread_names[(ev.pid, hashable(ev.tid))] = str(args.get("name", ""))
 
 
-def _add_to_track_event(entry: bytes, field: bytes) -> bytes:
-    """A ``Trace.packet`` entry with ``field`` appended inside its TrackEvent."""
-    body = _strip_len(entry[1:])
-    # the packet starts with timestamp (0x40 varint), then the track event (0x5a len ...)
-    pos = 1
-    while body[pos] & 0x80:
-        pos += 1
-    pos += 1
-    assert body[pos] == 0x5A
-    size, after = _read_varint(body, pos + 1)
-    event = body[after : after + size] + field
-    body = body[: pos + 1] + varint(len(event)) + event + body[after + size :]
-    return _PACKET + varint(len(body)) + body
+class _Chunk:
+    """One chunk's packets, kept as columns until written (flows may still bind to them)."""
+
+    def __init__(self) -> None:
+        self.ts: list[float] = []
+        self.ends: list[float] = []
+        self.shapes: list[tuple[bytes, bytes, bytes, bytes] | None] = []
+        self.slices: dict[tuple[Any, Any, float], int] = {}
+        self.flows: dict[int, bytes] = {}
+        self.odd: list[tuple[int, bytes, list[bytes]]] = []
+        """Packets written the slow way: (position, track event body, interned data)."""
+
+    def add(self, ts: float, end: float, shape: tuple[bytes, bytes, bytes, bytes] | None) -> None:
+        self.ts.append(ts)
+        self.ends.append(end)
+        self.shapes.append(shape)
+
+    def bytes(self, encoder: ProtoEncoder) -> bytes:
+        """The chunk's packets. The fast path joins cached bytes around 8-byte timestamps that
+        numpy wrote for the whole chunk; packets with flows, interned strings, args, or the
+        sequence's first flags are built one by one."""
+        if not self.ts:
+            return b""
+        starts = _fixed_varints(np.rint(np.array(self.ts) * 1000).astype(np.int64))
+        ends = _fixed_varints(np.rint(np.array(self.ends) * 1000).astype(np.int64))
+        odd = {pos: (body, extra) for pos, body, extra in self.odd}
+        out: list[bytes] = []
+        append = out.append
+        flows = self.flows
+        for i, shape in enumerate(self.shapes):
+            lo = 8 * i
+            special = odd.get(i)
+            flow = flows.get(i) if flows else None
+            if special is None and shape is not None and flow is None:
+                append(shape[0])
+                append(starts[lo : lo + 8])
+                append(shape[1])
+            elif special is None and shape is not None and flow is not None and len(flow) == 10:
+                pre, post, tail = encoder.one_flow(shape)
+                append(pre)
+                append(starts[lo : lo + 8])
+                append(post)
+                append(flow)
+                append(tail)
+            else:
+                if special is not None:
+                    body, extra = special
+                else:
+                    assert shape is not None
+                    body, extra = _begin_body(shape), []
+                body += flows.get(i, b"")
+                first, encoder.unwritten = encoder.unwritten, False
+                append(encoder.packet_of(round(self.ts[i] * 1000), body, extra, first=first))
+            if shape is not None:
+                append(shape[2])
+                append(ends[lo : lo + 8])
+                append(shape[3])
+        return b"".join(out)
 
 
-def _strip_len(data: bytes) -> bytes:
-    _, start = _read_varint(data, 0)
-    return data[start:]
+def _text(name: Any) -> str:
+    return name if type(name) is str else str(name)
+
+
+def _fixed_varints(values: npt.NDArray[np.int64]) -> bytes:
+    """Each value (0 ≤ v < 2**56) as an 8-byte varint, padded: protobuf parsers accept
+    varints longer than they need, and a fixed width lets numpy write them all at once."""
+    v = values.astype(np.uint64)
+    out = np.empty((v.size, 8), dtype=np.uint8)
+    for k in range(8):
+        group = (v >> np.uint64(7 * k)) & np.uint64(0x7F)
+        out[:, k] = group | np.uint64(0x80 if k < 7 else 0)
+    return out.tobytes()
+
+
+def _around(body: bytes, tail: bytes) -> tuple[bytes, bytes]:
+    """A packet with ``body`` as its track event, cut around its 8-byte timestamp."""
+    inner = b"\x5a" + varint(len(body)) + body + tail
+    size = 1 + 8 + len(inner)
+    return _PACKET + varint(size) + b"\x40", inner
+
+
+def _begin_body(shape: tuple[bytes, bytes, bytes, bytes]) -> bytes:
+    """The track event body inside a cached begin packet's bytes (after its length)."""
+    inner = shape[1]
+    size, start = _read_varint(inner, 1)
+    return inner[start : start + size]
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -299,7 +299,7 @@ def slim_trace_file(
         )
     strip = _stripped(options, plan)
     kept = flows = removed = 0
-    with TraceReader(src, name=src.name) as reader, TraceWriter(dst, header) as writer:
+    with TraceReader(src, name=src.name) as reader, TraceWriter(dst, header, tight=True) as writer:
         i = 0
         for chunk in reader.chunks():
             out = []
