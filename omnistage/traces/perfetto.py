@@ -159,7 +159,8 @@ class ProtoEncoder:
     # -- tracks ------------------------------------------------------------------------------
 
     def _track(self, pid: Any, tid: Any) -> int:
-        key = (pid, hashable(tid))
+        """The uuid of a thread's track (``tid`` already hashable), new ones numbered."""
+        key = (pid, tid)
         uuid = self._tracks.get(key)
         if uuid is None:
             uuid = self._tracks[key] = (self._sequence_id << 32) | (len(self._tracks) + 1)
@@ -181,8 +182,22 @@ class ProtoEncoder:
             name = self.process_names.get(pid, f"pid {pid}")
             rank = self.process_ranks.get(pid)
             out.append(track_descriptor(uuid, name, parent=root, rank=rank, explicit_children=True))
-        for rank, ((pid, tid), uuid) in enumerate(self._tracks.items()):
-            name = self.thread_names.get((pid, tid)) or f"thread {tid}"
+        first: dict[tuple[Any, Any], int] = {}  # where each thread first appeared
+        for pid, tid in self._tracks:
+            base = tid[0] if type(tid) is tuple and tid[-1:] == (PYTHON,) else tid
+            first.setdefault((pid, base), len(first))
+
+        def place(item: tuple[tuple[Any, Any], int]) -> tuple[int, bool]:
+            (pid, tid), _ = item
+            python = type(tid) is tuple and tid[-1:] == (PYTHON,)
+            return first[(pid, tid[0] if python else tid)], python
+
+        order = sorted(self._tracks.items(), key=place)  # a thread's Python track after it
+        for rank, ((pid, tid), uuid) in enumerate(order):
+            python = type(tid) is tuple and tid[-1:] == (PYTHON,)
+            thread = tid[0] if python else tid
+            name = self.thread_names.get((pid, thread)) or f"thread {thread}"
+            name += " · Python" if python else ""
             out.append(track_descriptor(uuid, name, parent=self.process_tracks[pid], rank=rank))
         return b"".join(out)
 
@@ -270,7 +285,11 @@ class ProtoEncoder:
         self, ev: Event, key: tuple[Any, Any, Any, Any], chunk: _Chunk, at: int
     ) -> tuple[bytes, bytes, bytes, bytes]:
         """The cached bytes of a slice's packets; interns its strings the first time."""
-        uuid = self._track(ev.pid, key[1])
+        # Python frames get a track of their own beside their thread's ops: torch's traces
+        # with stacks have record_function annotations that start inside one frame and end
+        # inside another, and slices on one track must nest
+        python = ev.cat == "python_function"
+        uuid = self._track(ev.pid, (key[1], PYTHON) if python else key[1])
         extra: list[bytes] = []
         n_iid = self._interned(self._names, _text(ev.name), b"\x12", extra)
         c_iid = self._interned(self._cats, ev.cat or "", b"\x0a", extra)
@@ -411,6 +430,10 @@ class _Chunk:
                 append(ends[lo : lo + 8])
                 append(shape[3])
         return b"".join(out)
+
+
+PYTHON = "python"
+"""Marks the track of a thread's Python frames."""
 
 
 def _text(name: Any) -> str:
