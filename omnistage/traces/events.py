@@ -11,6 +11,7 @@ The categories are compared case-insensitively: older Kineto versions wrote ``Op
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,86 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
     s: str | None = None
     cname: str | None = None
     args: dict[str, Any] | None = None
+
+
+NO_ARGS = msgspec.Raw(b"null")
+
+
+class RawEvent(msgspec.Struct, omit_defaults=True, gc=False):
+    """An :class:`Event` whose ``args`` stay undecoded JSON text (a third faster to read, and
+    written back byte for byte). What the merge reads; :func:`links` gets what it needs."""
+
+    ph: str = ""
+    cat: str | None = None
+    name: Any = None
+    pid: Any = None
+    tid: Any = None
+    ts: float | None = None
+    dur: float | None = None
+    id: Any = None
+    id2: Any = None
+    bp: str | None = None
+    s: str | None = None
+    cname: str | None = None
+    args: msgspec.Raw = NO_ARGS
+
+
+class _Links(msgspec.Struct):
+    external_id: Any = msgspec.field(default=None, name="External id")
+    correlation: Any = None
+
+
+_LINKS = msgspec.json.Decoder(_Links)
+
+
+def links(args: Any) -> tuple[int, int]:
+    """An event's ``External id`` and ``correlation`` (-1 where absent), from either kind of
+    args: a dict, or undecoded text."""
+    if args is None or args is NO_ARGS:
+        return -1, -1
+    if type(args) is msgspec.Raw:
+        try:
+            found = _LINKS.decode(args)
+        except msgspec.MsgspecError:
+            return -1, -1
+        ext, corr = found.external_id, found.correlation
+    else:
+        ext, corr = args.get("External id"), args.get("correlation")
+    return (ext if type(ext) is int else -1), (corr if type(corr) is int else -1)
+
+
+def args_of(args: Any) -> dict[str, Any]:
+    """An event's args as a dict, from either kind (empty when absent or not an object)."""
+    if type(args) is msgspec.Raw:
+        if args is NO_ARGS:
+            return {}
+        try:
+            args = msgspec.json.decode(args)
+        except msgspec.DecodeError:
+            return {}
+    return args if isinstance(args, dict) else {}
+
+
+_LINKS_LIST = msgspec.json.Decoder(list[_Links | None])
+
+
+def links_of(events: Sequence[Event | RawEvent]) -> list[tuple[int, int]]:
+    """:func:`links` of many events: undecoded args are read in one call, not one each."""
+    raws = [ev.args for ev in events if type(ev.args) is msgspec.Raw]
+    if len(raws) != len(events):  # dict args (or a mix): one by one
+        return [links(ev.args) for ev in events]
+    try:
+        found = _LINKS_LIST.decode(b"[" + b",".join(raws) + b"]")
+    except msgspec.MsgspecError:
+        return [links(ev.args) for ev in events]
+    out = []
+    for item in found:
+        if item is None:
+            out.append((-1, -1))
+            continue
+        ext, corr = item.external_id, item.correlation
+        out.append(((ext if type(ext) is int else -1), (corr if type(corr) is int else -1)))
+    return out
 
 
 class TraceError(ValueError):
@@ -80,7 +161,7 @@ def classify(cat: Any, host: frozenset[str] = HOST_OP_CATEGORIES) -> int:
     return SKIP
 
 
-def flow_key(ev: Event) -> tuple[str, str]:
+def flow_key(ev: Event | RawEvent) -> tuple[str, str]:
     """What identifies a flow: its category and its id (``id``, else ``id2``)."""
     ident = ev.id if ev.id is not None else ev.id2
     return ev.cat or "", ident if type(ident) is str else repr(ident)

@@ -30,6 +30,7 @@ from omnistage.traces.events import (
     PROCESS_META,
     Event,
     TraceError,
+    args_of,
     hashable,
     strip_trace_suffix,
 )
@@ -117,7 +118,7 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
     builder = OpTableBuilder()
     pid_base = (job.number + 1) * PID_BLOCK
     flow_base = (job.number + 2) << 48
-    with TraceReader(job.path, name=job.rel) as reader:
+    with TraceReader(job.path, name=job.rel, raw_args=True) as reader:
         base = reader.base_ns
         if base is None:
             result.warnings.append(
@@ -148,7 +149,7 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
                 if ph == "M":
                     name = ev.name
                     if name in PROCESS_META:
-                        args = ev.args or {}
+                        args = args_of(ev.args)
                         if name == "process_name":
                             names[pid] = str(args.get("name", ""))
                         elif name == "process_labels":
@@ -164,11 +165,11 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
                 if ts is None:
                     untimed += 1
                     continue
-                t = round(ts + shift_us, 3)
+                t = ts + shift_us
                 if t < 0:
                     early += 1
                     t = 0.0
-                ev.ts = t
+                ev.ts = int(t * 1000.0 + 0.5) / 1000.0  # whole ns (round(t, 3) is 6× slower)
                 if ph == "X":
                     if ev.dur is None or ev.dur < 0:
                         no_dur += 1

@@ -43,9 +43,11 @@ from omnistage.traces.events import (
     RUNTIME,
     SKIP,
     Event,
+    RawEvent,
     classify,
     describe,
     hashable,
+    links_of,
 )
 from omnistage.traces.nesting import parents, sort_order, tolerance
 from omnistage.traces.reader import TraceReader, to_events
@@ -100,10 +102,12 @@ class OpTableBuilder:
         self._d_name, self._d_ext, self._d_corr = array("q"), array("q"), array("q")
         self._d_ts, self._d_dur = array("d"), array("d")
 
-    def add(self, events: Iterable[Event]) -> None:
+    def add(self, events: Iterable[Event | RawEvent]) -> None:
+        """Add a chunk's events. Their ``External id`` and ``correlation`` are read for the
+        whole chunk at once (:func:`~omnistage.traces.events.links_of`)."""
         kinds, names, threads, host = self._kinds, self._names, self._threads, self._host_cats
-        th_a, name_a, ext_a, corr_a = self._th, self._name, self._ext, self._corr
-        ts_a, dur_a = self._ts, self._dur
+        picked: list[Event | RawEvent] = []
+        kind_of: list[int] = []
         for ev in events:
             if ev.ph != "X":
                 continue
@@ -116,17 +120,19 @@ class OpTableBuilder:
             ts, dur = ev.ts, ev.dur
             if ts is None or dur is None or not (0.0 <= dur < _INF and -_INF < ts < _INF):
                 continue
-            args = ev.args or {}
-            ext = args.get("External id")
-            corr = args.get("correlation")
-            ext = ext if type(ext) is int else -1
-            corr = corr if type(corr) is int else -1
+            picked.append(ev)
+            kind_of.append(kind)
+        if not picked:
+            return
+        th_a, name_a, ext_a, corr_a = self._th, self._name, self._ext, self._corr
+        ts_a, dur_a = self._ts, self._dur
+        for ev, kind, (ext, corr) in zip(picked, kind_of, links_of(picked), strict=True):
             if kind == DEVICE:
                 self._d_name.append(self._name_id(ev.name))
                 self._d_ext.append(ext)
                 self._d_corr.append(corr)
-                self._d_ts.append(ts)
-                self._d_dur.append(dur)
+                self._d_ts.append(ev.ts)  # type: ignore[arg-type]
+                self._d_dur.append(ev.dur)  # type: ignore[arg-type]
                 continue
             if kind == RUNTIME:
                 if corr < 0:
@@ -136,7 +142,8 @@ class OpTableBuilder:
                 name = ev.name
                 found = names.get(name) if type(name) is str else None
                 name_id = self._name_id(name) if found is None else found
-            key = (hashable(ev.pid), hashable(ev.tid))
+            tid = ev.tid
+            key = (ev.pid, tid if type(tid) is int else hashable(tid))
             th = threads.get(key)
             if th is None:
                 th = threads[key] = len(threads)
@@ -144,8 +151,8 @@ class OpTableBuilder:
             name_a.append(name_id)
             ext_a.append(ext)
             corr_a.append(corr)
-            ts_a.append(ts)
-            dur_a.append(dur)
+            ts_a.append(ev.ts)  # type: ignore[arg-type]
+            dur_a.append(ev.dur)  # type: ignore[arg-type]
 
     def _name_id(self, name: Any) -> int:
         text = name if type(name) is str else ("<unnamed>" if name is None else str(name))
@@ -264,7 +271,7 @@ def op_stats(trace: Path | Mapping[str, Any], **kwargs: Any) -> list[OpStat]:
             )
         builder.add(to_events(events))
         return builder.stats()
-    with TraceReader(trace) as reader:
+    with TraceReader(trace, raw_args=True) as reader:
         for chunk in reader.chunks():
             builder.add(chunk)
     return builder.stats()

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from omnistage.traces.events import FLOW_PHASES, Event, hashable
+from omnistage.traces.events import FLOW_PHASES, Event, args_of, hashable
 
 SEQ_CLEARED = 1
 SEQ_NEEDS_STATE = 2
@@ -294,7 +294,7 @@ class ProtoEncoder:
         n_iid = self._interned(self._names, _text(ev.name), b"\x12", extra)
         c_iid = self._interned(self._cats, ev.cat or "", b"\x0a", extra)
         shape = self._shapes(uuid, n_iid, c_iid)
-        args = ev.args if self.annotate else None
+        args = args_of(ev.args) if self.annotate else None
         if extra or self._opening or args:
             body = _begin_body(shape)
             if args:
@@ -363,7 +363,7 @@ class ProtoEncoder:
         target.flows[at] = target.flows.get(at, b"") + field
 
     def _meta(self, ev: Event) -> None:
-        args = ev.args or {}
+        args = args_of(ev.args)
         if ev.name == "process_name":
             self.process_names[ev.pid] = str(args.get("name", ""))
         elif ev.name == "process_sort_index" and type(args.get("sort_index")) is int:

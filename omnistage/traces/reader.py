@@ -30,7 +30,7 @@ from typing import IO, Any
 import msgspec
 from isal import igzip
 
-from omnistage.traces.events import Event, TraceError, describe
+from omnistage.traces.events import Event, RawEvent, TraceError, describe
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ CHUNK_BYTES = 4 << 20
 _HEADER_LIMIT = 64 << 20
 _KEY_RE = re.compile(rb'"traceEvents"\s*:\s*\[')
 _DECODER = msgspec.json.Decoder(list[Event])
+_RAW_DECODER = msgspec.json.Decoder(list[RawEvent])
 _ANY = msgspec.json.Decoder()
 _CUT_TRIES = 64
 
@@ -49,8 +50,18 @@ class TraceReader:
     trace, or a truncated gzip; :class:`OSError` when it cannot be opened.
     """
 
-    def __init__(self, path: Path, *, chunk_bytes: int = CHUNK_BYTES, name: str = "") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+        name: str = "",
+        raw_args: bool = False,
+    ) -> None:
         self.path = Path(path)
+        self._decoder = _RAW_DECODER if raw_args else _DECODER
+        """With ``raw_args``, chunks hold :class:`RawEvent` s (``args`` left as JSON text),
+        except that a chunk with odd events is decoded as :class:`Event` s."""
         self.name = name or str(path)
         self.chunk_bytes = chunk_bytes
         self.header: dict[str, Any] = {}
@@ -88,7 +99,7 @@ class TraceReader:
         base = self.header.get("baseTimeNanoseconds")
         return base if type(base) is int else None
 
-    def chunks(self) -> Iterator[list[Event]]:
+    def chunks(self) -> Iterator[list[Any]]:
         """The events, a chunk at a time, in file order."""
         while True:
             self._fill()
@@ -173,7 +184,7 @@ class TraceReader:
             f"list or a JSON list of events, got {describe(data)}"
         )
 
-    def _decode_before(self, cut: int) -> tuple[list[Event], int]:
+    def _decode_before(self, cut: int) -> tuple[list[Any], int]:
         """Events of the longest decodable run of whole events before ``cut``, and its length."""
         buf = self._buf
         for _ in range(_CUT_TRIES):
@@ -193,10 +204,10 @@ class TraceReader:
         self.chunk_bytes *= 2  # one event longer than a chunk: read more
         return [], 0
 
-    def _decode(self, text: bytes) -> list[Event] | None:
+    def _decode(self, text: bytes) -> list[Any] | None:
         body = b"[" + text + b"]"
         try:
-            events = _DECODER.decode(body)
+            events = self._decoder.decode(body)
         except msgspec.ValidationError:
             return self._decode_loose(body)
         except msgspec.DecodeError as exc:
@@ -233,7 +244,7 @@ class TraceReader:
                 "%s has bytes that are not UTF-8; they were replaced with U+FFFD", self.name
             )
 
-    def _finish(self) -> list[Event]:
+    def _finish(self) -> list[Any]:
         """The last events and the keys after ``traceEvents`` (the buffer holds all the rest)."""
         buf = self._buf.rstrip()
         if not buf:

@@ -23,6 +23,7 @@ from typing import Any
 
 from omnistage.traces.clock import ClockEstimate
 from omnistage.traces.events import TraceError, slim_copy_path
+from omnistage.traces.parallel import run_all
 from omnistage.traces.slimming import SlimOptions, SlimStats, slim_trace_file
 from omnistage.traces.spans import RequestSpan, span_from_mapping
 from omnistage.traces.summary import stats_from_timeline, write_summary
@@ -151,18 +152,17 @@ def rebuild_report(
     say = progress or (lambda _msg: None)
     slimmed: dict[str, SlimStats] = {}
     if slim is not None:
-        for source in find_traces(session_dir):
-            if slim_copy_path(source.path) == source.path:
-                continue  # a slimmed copy whose original is gone
-            rel = source.path.relative_to(session_dir).as_posix()
-            say(f"slimming {rel}")
-            try:
-                slimmed[rel] = slim_trace_file(
-                    source.path, slim_copy_path(source.path), slim, only_if_smaller=True
-                )
-            except (OSError, TraceError) as exc:
-                logger.warning("could not slim %s: %s; the timeline uses the original", rel, exc)
-                slim_copy_path(source.path).unlink(missing_ok=True)
+        sources = [s for s in find_traces(session_dir) if slim_copy_path(s.path) != s.path]
+        jobs = [(s.path, s.path.relative_to(session_dir).as_posix(), slim) for s in sources]
+        say(f"slimming {len(jobs)} traces")
+
+        def done(job: tuple[Path, str, SlimOptions], result: SlimStats | str) -> None:
+            say(f"slimmed {job[1]}")
+
+        results = run_all(_slim_one, jobs, [s.path for s in sources], done=done)
+        for (_, rel, _), result in zip(jobs, results, strict=True):
+            if isinstance(result, SlimStats):
+                slimmed[rel] = result
     timeline = build_timeline(
         session_dir,
         spans=record.spans,
@@ -188,3 +188,14 @@ def rebuild_report(
         slim_stats=slimmed,
         slimmed=slim is not None,
     )
+
+
+def _slim_one(job: tuple[Path, str, SlimOptions]) -> SlimStats | str:
+    """Slim one trace (a worker's job): its stats, or why it could not be slimmed."""
+    path, rel, options = job
+    try:
+        return slim_trace_file(path, slim_copy_path(path), options, only_if_smaller=True)
+    except (OSError, TraceError) as exc:
+        logger.warning("could not slim %s: %s; the timeline uses the original", rel, exc)
+        slim_copy_path(path).unlink(missing_ok=True)
+        return str(exc)

@@ -50,6 +50,7 @@ from omnistage.traces.events import (
     KEPT_CATEGORIES,
     RUNTIME_CATEGORIES,
     Event,
+    RawEvent,
     flow_key,
     hashable,
 )
@@ -166,7 +167,7 @@ class _Plan:
         self.drop: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
         self.broken: set[tuple[str, str]] = set()
 
-    def scan(self, chunk: Sequence[Event]) -> None:
+    def scan(self, chunk: Sequence[Event | RawEvent]) -> None:
         for ev in chunk:
             i = self.events
             self.events += 1
@@ -286,7 +287,7 @@ def slim_trace_file(
     if dst.resolve() == src.resolve():
         raise ValueError(f"the slimmed copy of {src} cannot replace it: give another dst")
     plan = _Plan(options)
-    with TraceReader(src, name=src.name) as reader:
+    with TraceReader(src, name=src.name, raw_args=True) as reader:
         for chunk in reader.chunks():
             plan.scan(chunk)
         header = reader.header

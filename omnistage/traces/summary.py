@@ -117,7 +117,7 @@ def collect_stats(
         stats = stages.setdefault(source.key, StageTraceStats(source.key))
         builder = OpTableBuilder()
         try:
-            with TraceReader(source.path, name=source.path.name) as reader:
+            with TraceReader(source.path, name=source.path.name, raw_args=True) as reader:
                 for chunk in reader.chunks():
                     builder.add(chunk)
                 base = reader.base_ns or 0

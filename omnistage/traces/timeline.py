@@ -21,17 +21,15 @@ writing its own compressed parts, joined at the end into one gzip stream.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from omnistage.traces.clock import ClockEstimate, resolve_clock
 from omnistage.traces.events import TraceError, is_trace_file, slim_copy_path
 from omnistage.traces.merge import TraceJob, TraceResult, merge_trace
+from omnistage.traces.parallel import run_all, total_bytes
 from omnistage.traces.perfetto import ProtoEncoder, root_descriptor
 from omnistage.traces.reader import TraceReader
 from omnistage.traces.spans import ORCHESTRATOR_PID, RequestSpan, orchestrator_events
@@ -43,8 +41,6 @@ TIMELINE_NAME = "timeline.json.gz"
 PROTO_TIMELINE_NAME = "timeline.pftrace.gz"
 FRONTEND_MARK = ".async_llm."
 """vLLM's front-end (AsyncLLM) trace: ``<host>_<pid>.async_llm.<ns>.pt.trace.json.gz``."""
-PARALLEL_BYTES = 16 << 20
-"""Sessions with fewer trace bytes than this are merged in-process (workers cost a second)."""
 _MARGIN_NS = 1
 
 Progress = Callable[[str], None]
@@ -232,25 +228,14 @@ def _write(
 
 
 def _run(jobs: list[TraceJob], workers: int | None, say: Progress) -> list[TraceResult]:
-    """Merge every trace: largest first, in worker processes when the session is big."""
-    size = sum(_size(j.path) for j in jobs)
-    count = min(workers or os.cpu_count() or 1, len(jobs))
-    done: dict[int, TraceResult] = {}
-    if count <= 1 or size < PARALLEL_BYTES:
-        for job in jobs:
-            say(f"merging {job.rel} ({_size(job.path) / 1e6:.1f} MB)")
-            done[job.number] = merge_trace(job)
-            say(f"stage {job.label}: {done[job.number].events:,} events")
-        return [done[j.number] for j in jobs]
-    say(f"merging {len(jobs)} traces ({size / 1e6:.0f} MB) in {count} processes")
-    order = sorted(jobs, key=lambda j: -_size(j.path))
-    with ProcessPoolExecutor(count, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(merge_trace, job): job for job in order}
-        for future in as_completed(futures):
-            job = futures[future]
-            done[job.number] = future.result()
-            say(f"stage {job.label}: {done[job.number].events:,} events")
-    return [done[j.number] for j in jobs]
+    """Merge every trace (:mod:`omnistage.traces.parallel`: in workers when big)."""
+    paths = [j.path for j in jobs]
+    say(f"merging {len(jobs)} traces ({total_bytes(paths) / 1e6:.0f} MB)")
+
+    def done(job: TraceJob, result: TraceResult) -> None:
+        say(f"stage {job.label}: {result.events:,} events")
+
+    return run_all(merge_trace, jobs, paths, workers=workers, done=done)
 
 
 def _first_ns(path: Path) -> int | None:
@@ -266,13 +251,6 @@ def _first_ns(path: Path) -> int | None:
     except (TraceError, OSError) as exc:
         logger.debug("no start for %s: %s", path, exc)
     return None
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def _stage_order(
