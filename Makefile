@@ -32,10 +32,12 @@ test: model lint browser
 demo: model
 	$(PY) scripts/demo.py
 
-# About 15 minutes on 2 cores; bench/README.md says what it measures. Not part of `make test`.
+# About 30 minutes on 2 cores; bench/README.md says what it measures. Not part of `make test`.
 bench: model $(BENCH_STAMP)
 	$(PY) bench/compare.py
 	$(PY) bench/session_download.py
+	$(PY) bench/trace_scale.py
+	$(PY) bench/slim_thinker.py
 	$(PY) bench/render_docs.py
 
 # The benchmarks' extra (matplotlib for the plots, aiohttp for the OpenAI chain), installed

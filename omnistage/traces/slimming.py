@@ -86,6 +86,7 @@ calls, as they appear in its traces (0.32, CPU and CUDA alike). They are Python 
 traces recorded without ``torch_profiler_with_stack: true`` have none."""
 
 BOOKKEEPING_ARGS: tuple[str, ...] = ("Record function id", "Ev Idx")
+_PHASE_BITS = {"s": 1, "t": 2, "f": 4}
 LINK_ARG = "External id"
 _LINK_CATEGORIES = DEVICE_CATEGORIES | RUNTIME_CATEGORIES
 
@@ -161,11 +162,12 @@ class _Plan:
         self._kept_spots = array("q")  # hashes of where kept slices start
         self._threads: dict[tuple[Any, Any], int] = {}
         self._keys: list[tuple[Any, Any]] = []
-        self.flow_phases: dict[tuple[str, str], set[str]] = {}
-        self.flow_spots: dict[tuple[Any, Any, Any], list[tuple[str, str]]] = {}
+        # flows, as hashes: a CUDA trace has millions (one per kernel launch and kernel)
+        self._f_key, self._f_spot, self._f_phase = array("q"), array("q"), array("b")
         self.links_device = False
         self.drop: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
-        self.broken: set[tuple[str, str]] = set()
+        self.broken: set[int] = set()
+        """Hashes of the flows dropped whole."""
 
     def scan(self, chunk: Sequence[Event | RawEvent]) -> None:
         for ev in chunk:
@@ -174,10 +176,9 @@ class _Plan:
             ph = ev.ph
             cat = ev.cat.lower() if isinstance(ev.cat, str) else ""
             if ph in FLOW_PHASES:
-                key = flow_key(ev)
-                self.flow_phases.setdefault(key, set()).add(ph)
-                spot = (hashable(ev.pid), hashable(ev.tid), ev.ts)
-                self.flow_spots.setdefault(spot, []).append(key)
+                self._f_key.append(hash(flow_key(ev)))
+                self._f_spot.append(hash((hashable(ev.pid), hashable(ev.tid), ev.ts)))
+                self._f_phase.append(_PHASE_BITS[ph])
                 self.links_device = self.links_device or cat == "ac2g"
                 continue
             if ph != "X":
@@ -216,19 +217,35 @@ class _Plan:
             gone = np.array(subtree, dtype=bool) | (dur < self.options.min_duration_us)
             idx = np.frombuffer(self._idx, dtype=np.int64)[order]
             self.drop[idx[gone]] = True
-        self.broken = {k for k, seen in self.flow_phases.items() if not {"s", "f"} <= seen}
-        if self.flow_spots and th.size:
-            # a flow whose end sat on a dropped frame (and on no kept slice) goes whole
+        keys = np.frombuffer(self._f_key, dtype=np.int64)
+        if not keys.size:
+            return
+        # a flow without a start or an end goes whole
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        seen = np.bitwise_or.reduceat(np.frombuffer(self._f_phase, dtype=np.int8)[order], starts)
+        whole = _PHASE_BITS["s"] | _PHASE_BITS["f"]
+        self.broken = set(sorted_keys[starts][(seen & whole) != whole].tolist())
+        if th.size and gone.any():
+            # so does a flow whose end sat on a dropped frame (and on no kept slice)
+            lost = np.array(
+                [
+                    hash((*self._keys[t], start))
+                    for t, start in zip(th[gone].tolist(), ts[gone].tolist(), strict=True)
+                ],
+                dtype=np.int64,
+            )
+            spots = np.frombuffer(self._f_spot, dtype=np.int64)
             kept = np.frombuffer(self._kept_spots, dtype=np.int64)
-            for t, start in zip(th[gone].tolist(), ts[gone].tolist(), strict=True):
-                spot = (*self._keys[t], start)
-                if spot in self.flow_spots and not np.isin(hash(spot), kept):
-                    self.broken.update(self.flow_spots[spot])
+            lost = lost[np.isin(lost, spots) & ~np.isin(lost, kept)]
+            if lost.size:
+                self.broken.update(keys[np.isin(spots, lost)].tolist())
 
     def keep(self, ev: Event, i: int) -> bool:
         if self.drop[i]:
             return False
-        return ev.ph not in FLOW_PHASES or flow_key(ev) not in self.broken
+        return ev.ph not in FLOW_PHASES or hash(flow_key(ev)) not in self.broken
 
 
 def slim_events(
