@@ -63,6 +63,9 @@ class TraceJob:
     proto_part: Path
     rank_label: bool = False
     """Add the trace's rank to the label (several traces of one kind in one stage)."""
+    role: str = "all"
+    """``all``: the timeline's parts and the stats in one pass; ``timeline`` or ``stats``
+    alone, so that a big trace's two halves of the work run on two cores."""
 
 
 @dataclass
@@ -89,10 +92,25 @@ class TraceResult:
     unbound_flows: int = 0
 
 
+def combine(timeline: TraceResult, stats: TraceResult) -> TraceResult:
+    """One trace's result from its two halves (the timeline's problems are the trace's)."""
+    timeline.ops = stats.ops
+    timeline.host_busy, timeline.device_busy = stats.host_busy, stats.device_busy
+    timeline.first_us, timeline.last_us = stats.first_us, stats.last_us
+    timeline.error = timeline.error or stats.error
+    return timeline
+
+
 def merge_trace(job: TraceJob) -> TraceResult:
     """Merge one trace (see the module's docstring). Never raises for a bad trace: the result
     says what went wrong, and the parts of what was read are discarded."""
     result = TraceResult(job.number, job.rel, job.label)
+    if job.role == "stats":
+        try:
+            _stats_only(job, result)
+        except (TraceError, OSError) as exc:
+            result.error = str(exc) if job.rel in str(exc) else f"{job.rel}: {exc}"
+        return result
     json_part = DeflatePart(job.json_part)
     proto_part = DeflatePart(job.proto_part)
     try:
@@ -115,7 +133,7 @@ def merge_trace(job: TraceJob) -> TraceResult:
 
 def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: DeflatePart) -> None:
     encoder = ProtoEncoder(job.number + 2)
-    builder = OpTableBuilder()
+    builder = OpTableBuilder() if job.role == "all" else None
     pid_base = (job.number + 1) * PID_BLOCK
     flow_base = (job.number + 2) << 48
     with TraceReader(job.path, name=job.rel, raw_args=True) as reader:
@@ -135,7 +153,8 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
         untimed = no_dur = early = 0
         wrote = False
         for chunk in reader.chunks():
-            builder.add(chunk)
+            if builder is not None:
+                builder.add(chunk)
             out = []
             for ev in chunk:
                 key = ev.pid
@@ -228,8 +247,23 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
     result.descriptors = encoder.descriptors()
     result.unbound_flows = encoder.unbound_flows
     result.pids = sorted(set(pids.values()) | {main})
+    if builder is not None:
+        _keep_stats(builder, result, (base - job.offset_ns) / 1000)
+
+
+def _stats_only(job: TraceJob, result: TraceResult) -> None:
+    """Only the op table and the busy time of a trace (the other half of a big trace's work)."""
+    builder = OpTableBuilder()
+    with TraceReader(job.path, name=job.rel, raw_args=True) as reader:
+        for chunk in reader.chunks():
+            builder.add(chunk)
+        base = reader.base_ns or 0
+    _keep_stats(builder, result, (base - job.offset_ns) / 1000)
+
+
+def _keep_stats(builder: OpTableBuilder, result: TraceResult, shift_unix: float) -> None:
+    """The op table, and the busy intervals on the orchestrator's unix µs."""
     result.ops = builder.stats()
-    shift_unix = (base - job.offset_ns) / 1000
     for attr, (starts, ends) in (
         ("host_busy", builder.host_intervals()),
         ("device_busy", builder.device_intervals()),

@@ -21,15 +21,16 @@ writing its own compressed parts, joined at the end into one gzip stream.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from omnistage.traces.clock import ClockEstimate, resolve_clock
 from omnistage.traces.events import TraceError, is_trace_file, slim_copy_path
-from omnistage.traces.merge import TraceJob, TraceResult, merge_trace
-from omnistage.traces.parallel import run_all, total_bytes
+from omnistage.traces.merge import TraceJob, TraceResult, combine, merge_trace
+from omnistage.traces.parallel import PARALLEL_BYTES, run_all, total_bytes
 from omnistage.traces.perfetto import ProtoEncoder, root_descriptor
 from omnistage.traces.reader import TraceReader
 from omnistage.traces.spans import ORCHESTRATOR_PID, RequestSpan, orchestrator_events
@@ -228,14 +229,29 @@ def _write(
 
 
 def _run(jobs: list[TraceJob], workers: int | None, say: Progress) -> list[TraceResult]:
-    """Merge every trace (:mod:`omnistage.traces.parallel`: in workers when big)."""
+    """Merge every trace (:mod:`omnistage.traces.parallel`: in workers when big).
+
+    In workers, each trace is two jobs: its timeline parts, and its op table with its busy
+    time. Each reads the trace, but the largest trace's work then spreads over two cores
+    instead of holding one while the others wait.
+    """
     paths = [j.path for j in jobs]
-    say(f"merging {len(jobs)} traces ({total_bytes(paths) / 1e6:.0f} MB)")
+    size = total_bytes(paths)
+    say(f"merging {len(jobs)} traces ({size / 1e6:.0f} MB)")
+    cores = workers or os.cpu_count() or 1
+    split = cores > 1 and size >= PARALLEL_BYTES
+    halves = (
+        [replace(j, role=role) for j in jobs for role in ("timeline", "stats")] if split else jobs
+    )
 
     def done(job: TraceJob, result: TraceResult) -> None:
-        say(f"stage {job.label}: {result.events:,} events")
+        if job.role != "stats":
+            say(f"stage {job.label}: {result.events:,} events")
 
-    return run_all(merge_trace, jobs, paths, workers=workers, done=done)
+    results = run_all(merge_trace, halves, [j.path for j in halves], workers=workers, done=done)
+    if not split:
+        return results
+    return [combine(a, b) for a, b in zip(results[::2], results[1::2], strict=True)]
 
 
 def _first_ns(path: Path) -> int | None:

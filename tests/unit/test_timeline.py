@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -316,3 +317,29 @@ def test_an_empty_session_gives_an_empty_timeline(tmp_path: Path) -> None:
     assert data["metadata"]["origin_unix_ns"] == 2_000_000
     (x,) = [e for e in data["traceEvents"] if e["name"] == "stage a"]
     assert (x["ts"], x["dur"]) == (0.0, 1000.0)
+
+
+def test_worker_processes_give_what_one_process_gives(
+    session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big sessions are merged by worker processes, each trace as two jobs (timeline parts;
+    op table and busy time): the files and the stats are those of the in-process merge."""
+    clocks = {"thinker": EXACT, "talker": EXACT}
+    alone = copy_session(session, tmp_path / "alone" / session.dir.name)
+    split = copy_session(session, tmp_path / "split" / session.dir.name)
+    one = build_timeline(alone.dir, spans=alone.spans, clocks=clocks)
+    monkeypatch.setattr("omnistage.traces.timeline.PARALLEL_BYTES", 0)
+    monkeypatch.setattr("omnistage.traces.parallel.PARALLEL_BYTES", 0)
+    many = build_timeline(split.dir, spans=split.spans, clocks=clocks, workers=2)
+
+    def key(e: dict[str, Any]) -> tuple[Any, ...]:
+        return (e["pid"], str(e["tid"]), e["ts"], e["ph"], str(e.get("name")))
+
+    a, b = read_json(one.path), read_json(many.path)
+    assert sorted(map(key, a["traceEvents"])) == sorted(map(key, b["traceEvents"]))
+    for (_, x), (_, y) in zip(one.traces, many.traces, strict=True):
+        assert x.ops == y.ops
+        assert (x.first_us, x.last_us) == (y.first_us, y.last_us)
+    assert any(x.ops for _, x in many.traces)
+    assert gzip.decompress(one.files[1].read_bytes()) == gzip.decompress(many.files[1].read_bytes())
+    assert not [p for p in split.dir.rglob("*.part")]
