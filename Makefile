@@ -36,6 +36,7 @@ demo: model
 bench: model $(BENCH_STAMP)
 	$(PY) bench/compare.py
 	$(PY) bench/session_download.py
+	$(PY) bench/trace_parsers.py
 	$(PY) bench/trace_scale.py
 	$(PY) bench/slim_thinker.py
 	$(PY) bench/render_docs.py

@@ -41,9 +41,9 @@ from typing import Any
 
 from bench_machine import align_table, machine_info
 
-from omnistage.traces.optable import OpStat, load_trace, op_stats
+from omnistage.traces import OpStat, load_trace, op_stats, slim_copy_path
 from omnistage.traces.report import ReportFiles, rebuild_report
-from omnistage.traces.slimming import VLLM_IDLE_PATTERNS, SlimOptions, SlimStats, slim_copy_path
+from omnistage.traces.slimming import VLLM_IDLE_PATTERNS, SlimOptions, SlimStats
 from omnistage.traces.timeline import find_traces
 
 ROOT = Path(__file__).resolve().parent.parent

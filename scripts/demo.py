@@ -75,7 +75,11 @@ def main() -> int:
             print(f"    {stage.stage}: {state}, {len(stage.files)} files in {stage.local_dir}")
             for item in stage.files:
                 print(f"      {item.name:<60} {item.size_bytes:>10,} bytes")
-        print(f"    merged timeline (open in ui.perfetto.dev): {report.timeline}")
+        print(f"    merged timeline (chrome://tracing, HTA, scripts): {report.timeline}")
+        for path in report.timelines[1:]:
+            print(f"    for the Perfetto UI (ui.perfetto.dev): {path}")
+        for warning in report.warnings:
+            print(f"    warning: {warning}")
         print(f"    summary: {report.summary}")
         return 0 if not report.failed else 1
     finally:
