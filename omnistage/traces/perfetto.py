@@ -32,91 +32,22 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from omnistage.traces.events import FLOW_PHASES, Event, args_of, hashable
-
-SEQ_CLEARED = 1
-SEQ_NEEDS_STATE = 2
-_BEGIN, _END, _INSTANT = 1, 2, 3
-_PACKET = b"\x0a"
-
-
-def varint(value: int) -> bytes:
-    """A protobuf varint (negative values as two's complement 64-bit, as protobuf does)."""
-    if value < 0:
-        value += 1 << 64
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _len_field(tag: bytes, payload: bytes) -> bytes:
-    return tag + varint(len(payload)) + payload
-
-
-def _fixed64(value: int) -> bytes:
-    return (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
-
-
-def packet(body: bytes) -> bytes:
-    """One ``Trace.packet`` entry: a whole serialized TracePacket ready to append."""
-    return _PACKET + varint(len(body)) + body
-
-
-def track_descriptor(
-    uuid: int,
-    name: str,
-    *,
-    parent: int = 0,
-    pid: int | None = None,
-    rank: int | None = None,
-    explicit_children: bool = False,
-) -> bytes:
-    """A TrackDescriptor packet: a process track when ``pid`` is given, else a named child."""
-    body = b"\x08" + varint(uuid)
-    if parent:
-        body += b"\x28" + varint(parent)
-    if pid is not None:
-        proc = b"\x08" + varint(pid) + _len_field(b"\x32", name.encode())
-        body += _len_field(b"\x1a", proc)
-    else:
-        body += _len_field(b"\x12", name.encode())
-    if explicit_children:
-        body += b"\x58\x03"  # child_ordering: EXPLICIT (by sibling_order_rank)
-    if rank is not None:
-        body += b"\x60" + varint(rank)
-    return packet(_len_field(b"\xe2\x03", body))
-
-
-ROOT_TRACK = 1 << 60
-"""The uuid of the track that holds every process of the timeline, in pipeline order."""
-
-
-def root_descriptor(name: str) -> bytes:
-    return track_descriptor(ROOT_TRACK, name, explicit_children=True)
-
-
-def _annotation(key: str, value: Any) -> bytes:
-    body = _len_field(b"\x52", key.encode())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        body += _len_field(b"\x32", str(value).encode())
-    elif isinstance(value, int):
-        body += b"\x20" + varint(value)
-    else:
-        body += b"\x29" + _float64(value)
-    return _len_field(b"\x22", body)
-
-
-def _float64(value: float) -> bytes:
-    import struct
-
-    return struct.pack("<d", value)
+from omnistage.traces.perfetto_wire import (
+    PACKET,
+    ROOT_TRACK,
+    SEQ_CLEARED,
+    SEQ_NEEDS_STATE,
+    annotation,
+    around,
+    begin_body,
+    fixed64,
+    fixed_varints,
+    len_field,
+    track_descriptor,
+    varint,
+)
 
 
 class ProtoEncoder:
@@ -207,8 +138,8 @@ class ProtoEncoder:
         iid = table.get(text)
         if iid is None:
             iid = table[text] = len(table) + 1
-            entry = b"\x08" + varint(iid) + _len_field(b"\x12", text.encode())
-            extra.append(_len_field(field, entry))
+            entry = b"\x08" + varint(iid) + len_field(b"\x12", text.encode())
+            extra.append(len_field(field, entry))
         return iid
 
     def _shapes(self, uuid: int, n_iid: int, c_iid: int) -> tuple[bytes, bytes, bytes, bytes]:
@@ -220,8 +151,8 @@ class ProtoEncoder:
             begin += b"\x18" + varint(c_iid)
             end = b"\x48\x02\x58" + varint(uuid)
             shape = self._bodies[key] = (
-                *_around(begin, self.seq_tail),
-                *_around(end, self.seq_tail),
+                *around(begin, self.seq_tail),
+                *around(end, self.seq_tail),
             )
         return shape
 
@@ -271,9 +202,9 @@ class ProtoEncoder:
         """A begin packet's bytes around its timestamp and one 10-byte flow field, cached."""
         found = self._one_flow.get(shape)
         if found is None:
-            body = _begin_body(shape)
+            body = begin_body(shape)
             size = 1 + 8 + 1 + len(varint(len(body) + 10)) + len(body) + 10 + len(self.seq_tail)
-            pre = _PACKET + varint(size) + b"\x40"
+            pre = PACKET + varint(size) + b"\x40"
             found = self._one_flow[shape] = (
                 pre,
                 b"\x5a" + varint(len(body) + 10) + body,
@@ -296,9 +227,9 @@ class ProtoEncoder:
         shape = self._shapes(uuid, n_iid, c_iid)
         args = args_of(ev.args) if self.annotate else None
         if extra or self._opening or args:
-            body = _begin_body(shape)
+            body = begin_body(shape)
             if args:
-                body += b"".join(_annotation(k, v) for k, v in args.items())
+                body += b"".join(annotation(k, v) for k, v in args.items())
             chunk.odd.append((at, body, extra))
         self._opening = False
         if self.bind_inside:
@@ -337,8 +268,8 @@ class ProtoEncoder:
         else:
             body += self.seq_tail
         if extra:
-            body += _len_field(b"\x62", b"".join(extra))
-        return _PACKET + varint(len(body)) + body
+            body += len_field(b"\x62", b"".join(extra))
+        return PACKET + varint(len(body)) + body
 
     def _bind_flow(self, ev: Event, chunk: _Chunk) -> None:
         ident = ev.id
@@ -346,7 +277,7 @@ class ProtoEncoder:
             self.unbound_flows += 1
             return
         key = (ev.pid, hashable(ev.tid), ev.ts)
-        field = (b"\x81\x03" if ev.ph == "f" else b"\xf9\x02") + _fixed64(ident)
+        field = (b"\x81\x03" if ev.ph == "f" else b"\xf9\x02") + fixed64(ident)
         at, target = chunk.slices.get(key), chunk
         if at is None and self.bind_inside:
             around = [
@@ -395,8 +326,8 @@ class _Chunk:
         sequence's first flags are built one by one."""
         if not self.ts:
             return b""
-        starts = _fixed_varints(np.rint(np.array(self.ts) * 1000).astype(np.int64))
-        ends = _fixed_varints(np.rint(np.array(self.ends) * 1000).astype(np.int64))
+        starts = fixed_varints(np.rint(np.array(self.ts) * 1000).astype(np.int64))
+        ends = fixed_varints(np.rint(np.array(self.ends) * 1000).astype(np.int64))
         odd = {pos: (body, extra) for pos, body, extra in self.odd}
         out: list[bytes] = []
         append = out.append
@@ -421,7 +352,7 @@ class _Chunk:
                     body, extra = special
                 else:
                     assert shape is not None
-                    body, extra = _begin_body(shape), []
+                    body, extra = begin_body(shape), []
                 body += flows.get(i, b"")
                 first, encoder.unwritten = encoder.unwritten, False
                 append(encoder.packet_of(round(self.ts[i] * 1000), body, extra, first=first))
@@ -438,39 +369,3 @@ PYTHON = "python"
 
 def _text(name: Any) -> str:
     return name if type(name) is str else str(name)
-
-
-def _fixed_varints(values: npt.NDArray[np.int64]) -> bytes:
-    """Each value (0 ≤ v < 2**56) as an 8-byte varint, padded: protobuf parsers accept
-    varints longer than they need, and a fixed width lets numpy write them all at once."""
-    v = values.astype(np.uint64)
-    out = np.empty((v.size, 8), dtype=np.uint8)
-    for k in range(8):
-        group = (v >> np.uint64(7 * k)) & np.uint64(0x7F)
-        out[:, k] = group | np.uint64(0x80 if k < 7 else 0)
-    return out.tobytes()
-
-
-def _around(body: bytes, tail: bytes) -> tuple[bytes, bytes]:
-    """A packet with ``body`` as its track event, cut around its 8-byte timestamp."""
-    inner = b"\x5a" + varint(len(body)) + body + tail
-    size = 1 + 8 + len(inner)
-    return _PACKET + varint(size) + b"\x40", inner
-
-
-def _begin_body(shape: tuple[bytes, bytes, bytes, bytes]) -> bytes:
-    """The track event body inside a cached begin packet's bytes (after its length)."""
-    inner = shape[1]
-    size, start = _read_varint(inner, 1)
-    return inner[start : start + size]
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return value, pos
-        shift += 7

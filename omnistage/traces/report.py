@@ -26,7 +26,8 @@ from omnistage.traces.events import TraceError, slim_copy_path
 from omnistage.traces.parallel import run_all
 from omnistage.traces.slimming import SlimOptions, SlimStats, slim_trace_file
 from omnistage.traces.spans import RequestSpan, span_from_mapping
-from omnistage.traces.summary import stats_from_timeline, write_summary
+from omnistage.traces.stats import stats_from_timeline
+from omnistage.traces.summary import write_summary
 from omnistage.traces.timeline import build_timeline, find_traces
 from omnistage.types import ProfileSlimming
 

@@ -19,122 +19,27 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from omnistage.traces.clock import ClockEstimate, resolve_clock
-from omnistage.traces.events import TraceError, slim_copy_path
-from omnistage.traces.nesting import union
-from omnistage.traces.optable import OpStat, OpTableBuilder, merge_stats
-from omnistage.traces.reader import TraceReader
+from omnistage.traces.events import slim_copy_path
+from omnistage.traces.optable import OpStat
 from omnistage.traces.slimming import SlimStats
 from omnistage.traces.spans import RequestSpan
+from omnistage.traces.stats import Intervals, StageTraceStats, collect_stats
 from omnistage.traces.timeline import (
     PROTO_TIMELINE_NAME,
     TIMELINE_NAME,
-    TraceSource,
-    find_traces,
 )
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.md"
 _NAME_WIDTH = 70
-Intervals = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
-_EMPTY: Intervals = (np.zeros(0), np.zeros(0))
-
-
-@dataclass
-class StageTraceStats:
-    """What one stage's (one replica's) traces hold; times are orchestrator-clock unix µs."""
-
-    key: str
-    files: list[str] = field(default_factory=list)
-    ops: dict[str, OpStat] = field(default_factory=dict)
-    host_busy: Intervals = _EMPTY
-    device_busy: Intervals = _EMPTY
-    first_us: float = math.inf
-    last_us: float = -math.inf
-    problems: list[str] = field(default_factory=list)
-
-    def add(
-        self,
-        file: str,
-        ops: Sequence[OpStat],
-        host: Intervals | None,
-        device: Intervals | None,
-        first_us: float,
-        last_us: float,
-    ) -> None:
-        self.files.append(file)
-        self.ops = merge_stats([list(self.ops.values()), ops])
-        self.host_busy = _join(self.host_busy, host)
-        self.device_busy = _join(self.device_busy, device)
-        self.first_us = min(self.first_us, first_us)
-        self.last_us = max(self.last_us, last_us)
-
-
-def _join(a: Intervals, b: Intervals | None) -> Intervals:
-    if b is None or b[0].size == 0:
-        return a
-    return union(np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]]))
-
-
-def stats_from_timeline(traces: Iterable[tuple[TraceSource, Any]]) -> dict[str, StageTraceStats]:
-    """Per stage key, what the timeline's merge found in its traces (no trace is read again)."""
-    stages: dict[str, StageTraceStats] = {}
-    for source, result in traces:
-        stats = stages.setdefault(source.key, StageTraceStats(source.key))
-        if result.error:
-            stats.problems.append(result.error)
-            continue
-        stats.add(
-            source.path.name,
-            result.ops,
-            result.host_busy,
-            result.device_busy,
-            result.first_us,
-            result.last_us,
-        )
-    return stages
-
-
-def collect_stats(
-    session_dir: Path,
-    clocks: Mapping[str, ClockEstimate],
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, StageTraceStats]:
-    """Read every trace of the session for its op table and busy time (slimmed copies where
-    they exist: same op tables)."""
-    stages: dict[str, StageTraceStats] = {}
-    for source in find_traces(session_dir, prefer_slim=True):
-        estimate, _ = resolve_clock(clocks, source.stage, source.replica)
-        stats = stages.setdefault(source.key, StageTraceStats(source.key))
-        builder = OpTableBuilder()
-        try:
-            with TraceReader(source.path, name=source.path.name, raw_args=True) as reader:
-                for chunk in reader.chunks():
-                    builder.add(chunk)
-                base = reader.base_ns or 0
-        except (OSError, TraceError) as exc:
-            logger.warning("summary: %s skipped: %s", source.path, exc)
-            stats.problems.append(str(exc))
-            continue
-        if progress is not None:
-            progress(f"stage {source.key}: read {source.path.name}")
-        shift = (base - (estimate.offset_ns if estimate else 0)) / 1000
-        host = union(*(a + shift for a in builder.host_intervals()))
-        device = union(*(a + shift for a in builder.device_intervals()))
-        spans = [x for x in (host, device) if x[0].size]
-        first = min((float(x[0][0]) for x in spans), default=math.inf)
-        last = max((float(x[1][-1]) for x in spans), default=-math.inf)
-        stats.add(source.path.name, builder.stats(), host, device, first, last)
-    return stages
 
 
 def write_summary(

@@ -31,7 +31,8 @@ from omnistage.traces.clock import ClockEstimate, resolve_clock
 from omnistage.traces.events import TraceError, is_trace_file, slim_copy_path
 from omnistage.traces.merge import TraceJob, TraceResult, combine, merge_trace
 from omnistage.traces.parallel import PARALLEL_BYTES, run_all, total_bytes
-from omnistage.traces.perfetto import ProtoEncoder, root_descriptor
+from omnistage.traces.perfetto import ProtoEncoder
+from omnistage.traces.perfetto_wire import root_descriptor
 from omnistage.traces.reader import TraceReader
 from omnistage.traces.spans import ORCHESTRATOR_PID, RequestSpan, orchestrator_events
 from omnistage.traces.writer import DeflatePart, Part, assemble, dumps, events_json
