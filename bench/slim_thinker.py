@@ -44,6 +44,7 @@ from typing import Any
 from bench_machine import align_table, machine_info
 from chain_systems import ChainSettings, kv_cache_env, omnistage_stage_flags, start_servers
 from profile_costs import TRACE_MARK, profiler_config
+from report_build import table_difference
 from stage_overhead import BenchSettings, GrpcTarget, progress, run_round
 
 from omnistage.launch import ServerProcess, stage_args
@@ -138,23 +139,6 @@ def event_mix(path: Path) -> dict[str, Any]:
         "by_category": dict(counts.most_common()),
         "python_function_share": counts["python_function"] / total if total else 0.0,
     }
-
-
-def table_difference(full: list[OpStat], slim: list[OpStat]) -> float:
-    """The largest relative difference between two top tables; inf if their rows differ
-    (`report_build.py`'s rule)."""
-    if [(o.name, o.calls) for o in full] != [(o.name, o.calls) for o in slim]:
-        return float("inf")
-    worst = 0.0
-    for a, b in zip(full, slim, strict=True):
-        for x, y in (
-            (a.self_cpu_us, b.self_cpu_us),
-            (a.total_cpu_us, b.total_cpu_us),
-            (a.self_device_us, b.self_device_us),
-        ):
-            if x != y:
-                worst = max(worst, abs(x - y) / max(abs(x), abs(y)))
-    return worst
 
 
 def finite(value: float) -> float | None:  # JSON has no infinity
