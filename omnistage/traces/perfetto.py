@@ -29,7 +29,7 @@ Perfetto would take for one thread moving between processes.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from omnistage.traces.perfetto_wire import (
     SEQ_NEEDS_STATE,
     annotation,
     around,
-    begin_body,
+    around_flow,
     fixed64,
     fixed_varints,
     len_field,
@@ -65,7 +65,6 @@ class ProtoEncoder:
         self.seq_tail = b"\x50" + varint(sequence_id) + b"\x68" + varint(SEQ_NEEDS_STATE)
         self.unwritten = True
         """No packet of this sequence written yet: the first one clears the incremental state."""
-        self._opening = True  # the sequence's first record: built the slow way
         self._sequence_id = sequence_id
         self.annotate = annotate
         self.bind_inside = bind_inside
@@ -79,13 +78,11 @@ class ProtoEncoder:
         self.process_names: dict[int, str] = {}
         self.process_ranks: dict[int, int] = {}
         self.thread_names: dict[tuple[Any, Any], str] = {}
-        self._bodies: dict[tuple[int, int, int], tuple[bytes, bytes, bytes, bytes]] = {}
-        self._known: dict[tuple[Any, Any, Any, Any], tuple[bytes, bytes, bytes, bytes]] = {}
+        self._shapes: dict[tuple[int, int, int], _Shape] = {}
+        self._known: dict[tuple[Any, Any, Any, Any], _Shape] = {}
         """(pid, tid, name, cat) → the slice's cached packet bytes."""
-        self._one_flow: dict[tuple[bytes, ...], tuple[bytes, bytes, bytes]] = {}
         self._held: _Chunk | None = None
         self.unbound_flows = 0
-        self.slices = 0
 
     # -- tracks ------------------------------------------------------------------------------
 
@@ -115,18 +112,16 @@ class ProtoEncoder:
             out.append(track_descriptor(uuid, name, parent=root, rank=rank, explicit_children=True))
         first: dict[tuple[Any, Any], int] = {}  # where each thread first appeared
         for pid, tid in self._tracks:
-            base = tid[0] if type(tid) is tuple and tid[-1:] == (PYTHON,) else tid
-            first.setdefault((pid, base), len(first))
+            first.setdefault((pid, _thread_of(tid)[0]), len(first))
 
         def place(item: tuple[tuple[Any, Any], int]) -> tuple[int, bool]:
             (pid, tid), _ = item
-            python = type(tid) is tuple and tid[-1:] == (PYTHON,)
-            return first[(pid, tid[0] if python else tid)], python
+            thread, python = _thread_of(tid)
+            return first[(pid, thread)], python
 
         order = sorted(self._tracks.items(), key=place)  # a thread's Python track after it
         for rank, ((pid, tid), uuid) in enumerate(order):
-            python = type(tid) is tuple and tid[-1:] == (PYTHON,)
-            thread = tid[0] if python else tid
+            thread, python = _thread_of(tid)
             name = self.thread_names.get((pid, thread)) or f"thread {thread}"
             name += " · Python" if python else ""
             out.append(track_descriptor(uuid, name, parent=self.process_tracks[pid], rank=rank))
@@ -142,16 +137,18 @@ class ProtoEncoder:
             extra.append(len_field(field, entry))
         return iid
 
-    def _shapes(self, uuid: int, n_iid: int, c_iid: int) -> tuple[bytes, bytes, bytes, bytes]:
-        """The constant bytes around a slice's two timestamps: begin's and end's (pre, post)."""
+    def _shape(self, uuid: int, n_iid: int, c_iid: int) -> _Shape:
+        """The constant bytes of a slice's two packets, cached per track, name and category."""
         key = (uuid, n_iid, c_iid)
-        shape = self._bodies.get(key)
+        shape = self._shapes.get(key)
         if shape is None:
             begin = b"\x48\x01\x58" + varint(uuid) + b"\x50" + varint(n_iid)
             begin += b"\x18" + varint(c_iid)
             end = b"\x48\x02\x58" + varint(uuid)
-            shape = self._bodies[key] = (
+            shape = self._shapes[key] = _Shape(
+                begin,
                 *around(begin, self.seq_tail),
+                *around_flow(begin, self.seq_tail),
                 *around(end, self.seq_tail),
             )
         return shape
@@ -193,28 +190,13 @@ class ProtoEncoder:
                 self._instant(ev, chunk)
             elif ph == "M":
                 self._meta(ev)
-        self.slices += len(ts_a)
         out = self._held.bytes(self) if self._held is not None else b""
         self._held = chunk
         return out
 
-    def one_flow(self, shape: tuple[bytes, bytes, bytes, bytes]) -> tuple[bytes, bytes, bytes]:
-        """A begin packet's bytes around its timestamp and one 10-byte flow field, cached."""
-        found = self._one_flow.get(shape)
-        if found is None:
-            body = begin_body(shape)
-            size = 1 + 8 + 1 + len(varint(len(body) + 10)) + len(body) + 10 + len(self.seq_tail)
-            pre = PACKET + varint(size) + b"\x40"
-            found = self._one_flow[shape] = (
-                pre,
-                b"\x5a" + varint(len(body) + 10) + body,
-                self.seq_tail,
-            )
-        return found
-
     def _slice_shape(
         self, ev: Event, key: tuple[Any, Any, Any, Any], chunk: _Chunk, at: int
-    ) -> tuple[bytes, bytes, bytes, bytes]:
+    ) -> _Shape:
         """The cached bytes of a slice's packets; interns its strings the first time."""
         # Python frames get a track of their own beside their thread's ops: torch's traces
         # with stacks have record_function annotations that start inside one frame and end
@@ -224,14 +206,13 @@ class ProtoEncoder:
         extra: list[bytes] = []
         n_iid = self._interned(self._names, _text(ev.name), b"\x12", extra)
         c_iid = self._interned(self._cats, ev.cat or "", b"\x0a", extra)
-        shape = self._shapes(uuid, n_iid, c_iid)
+        shape = self._shape(uuid, n_iid, c_iid)
         args = args_of(ev.args) if self.annotate else None
-        if extra or self._opening or args:
-            body = begin_body(shape)
+        if extra or args:
+            body = shape.begin
             if args:
                 body += b"".join(annotation(k, v) for k, v in args.items())
             chunk.odd.append((at, body, extra))
-        self._opening = False
         if self.bind_inside:
             ts = ev.ts or 0.0
             self._spans.setdefault(key[:2], []).append((ts, ts + (ev.dur or 0.0), at))
@@ -249,7 +230,6 @@ class ProtoEncoder:
         body = b"\x48\x03\x58" + varint(uuid) + b"\x50" + varint(n_iid) + b"\x18" + varint(c_iid)
         chunk.odd.append((len(chunk.ts), body, extra))
         chunk.add(ev.ts, ev.ts, None)
-        self._opening = False
 
     def finish(self) -> bytes:
         """The packets still held back."""
@@ -280,12 +260,12 @@ class ProtoEncoder:
         field = (b"\x81\x03" if ev.ph == "f" else b"\xf9\x02") + fixed64(ident)
         at, target = chunk.slices.get(key), chunk
         if at is None and self.bind_inside:
-            around = [
+            inside = [
                 (end - start, pos)
                 for start, end, pos in self._spans.get(key[:2], [])
                 if start <= ev.ts <= end
             ]
-            at = min(around)[1] if around else None
+            at = min(inside)[1] if inside else None
         if at is None and self._held is not None:
             at, target = self._held.slices.get(key), self._held
         if at is None:
@@ -303,19 +283,33 @@ class ProtoEncoder:
             self.thread_names[(ev.pid, hashable(ev.tid))] = str(args.get("name", ""))
 
 
+class _Shape(NamedTuple):
+    """A slice's packets, less their timestamps: what :class:`_Chunk` joins around them."""
+
+    begin: bytes
+    """The begin packet's track event."""
+    pre: bytes
+    post: bytes
+    flow_pre: bytes
+    flow_post: bytes
+    """The begin packet around a 10-byte flow field (``flow_post`` + flow + the tail)."""
+    end_pre: bytes
+    end_post: bytes
+
+
 class _Chunk:
     """One chunk's packets, kept as columns until written (flows may still bind to them)."""
 
     def __init__(self) -> None:
         self.ts: list[float] = []
         self.ends: list[float] = []
-        self.shapes: list[tuple[bytes, bytes, bytes, bytes] | None] = []
+        self.shapes: list[_Shape | None] = []
         self.slices: dict[tuple[Any, Any, float], int] = {}
         self.flows: dict[int, bytes] = {}
         self.odd: list[tuple[int, bytes, list[bytes]]] = []
         """Packets written the slow way: (position, track event body, interned data)."""
 
-    def add(self, ts: float, end: float, shape: tuple[bytes, bytes, bytes, bytes] | None) -> None:
+    def add(self, ts: float, end: float, shape: _Shape | None) -> None:
         self.ts.append(ts)
         self.ends.append(end)
         self.shapes.append(shape)
@@ -329,6 +323,9 @@ class _Chunk:
         starts = fixed_varints(np.rint(np.array(self.ts) * 1000).astype(np.int64))
         ends = fixed_varints(np.rint(np.array(self.ends) * 1000).astype(np.int64))
         odd = {pos: (body, extra) for pos, body, extra in self.odd}
+        shape = self.shapes[0]
+        if encoder.unwritten and 0 not in odd and shape is not None:
+            odd[0] = (shape.begin, [])  # the sequence's first packet: built with its flags
         out: list[bytes] = []
         append = out.append
         flows = self.flows
@@ -337,34 +334,40 @@ class _Chunk:
             special = odd.get(i)
             flow = flows.get(i) if flows else None
             if special is None and shape is not None and flow is None:
-                append(shape[0])
+                append(shape.pre)
                 append(starts[lo : lo + 8])
-                append(shape[1])
+                append(shape.post)
             elif special is None and shape is not None and flow is not None and len(flow) == 10:
-                pre, post, tail = encoder.one_flow(shape)
-                append(pre)
+                append(shape.flow_pre)
                 append(starts[lo : lo + 8])
-                append(post)
+                append(shape.flow_post)
                 append(flow)
-                append(tail)
+                append(encoder.seq_tail)
             else:
                 if special is not None:
                     body, extra = special
                 else:
                     assert shape is not None
-                    body, extra = begin_body(shape), []
+                    body, extra = shape.begin, []
                 body += flows.get(i, b"")
                 first, encoder.unwritten = encoder.unwritten, False
                 append(encoder.packet_of(round(self.ts[i] * 1000), body, extra, first=first))
             if shape is not None:
-                append(shape[2])
+                append(shape.end_pre)
                 append(ends[lo : lo + 8])
-                append(shape[3])
+                append(shape.end_post)
         return b"".join(out)
 
 
 PYTHON = "python"
 """Marks the track of a thread's Python frames."""
+
+
+def _thread_of(tid: Any) -> tuple[Any, bool]:
+    """A track's thread, and whether the track holds that thread's Python frames."""
+    if type(tid) is tuple and tid[-1:] == (PYTHON,):
+        return tid[0], True
+    return tid, False
 
 
 def _text(name: Any) -> str:

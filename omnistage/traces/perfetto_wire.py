@@ -112,19 +112,9 @@ def around(body: bytes, tail: bytes) -> tuple[bytes, bytes]:
     return PACKET + varint(size) + b"\x40", inner
 
 
-def begin_body(shape: tuple[bytes, bytes, bytes, bytes]) -> bytes:
-    """The track event body inside a cached begin packet's bytes (after its length)."""
-    inner = shape[1]
-    size, start = read_varint(inner, 1)
-    return inner[start : start + size]
-
-
-def read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
+def around_flow(body: bytes, tail: bytes) -> tuple[bytes, bytes]:
+    """:func:`around`, with room for one 10-byte flow field at the end of the track event:
+    the packet is ``pre + timestamp + post + flow + tail``."""
+    post = b"\x5a" + varint(len(body) + 10) + body
+    size = 1 + 8 + len(post) + 10 + len(tail)
+    return PACKET + varint(size) + b"\x40", post
