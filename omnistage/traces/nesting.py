@@ -8,7 +8,7 @@ for traces with huge absolute timestamps, whose floats cannot hold nanoseconds),
 child ending exactly where its parent ends stays a child.
 
 The op table (:mod:`omnistage.traces.optable`) and slimming (:mod:`omnistage.traces.slimming`)
-both nest with :func:`parents`; :func:`union_length` measures busy time.
+both nest with :func:`parents`; :func:`union` measures busy time.
 """
 
 from __future__ import annotations
@@ -126,8 +126,3 @@ def union(
     first = np.flatnonzero(new)
     last = np.append(first[1:] - 1, s.size - 1)
     return s[first], reach[last]
-
-
-def union_length(starts: npt.NDArray[np.float64], ends: npt.NDArray[np.float64]) -> float:
-    s, e = union(starts, ends)
-    return float(np.sum(e - s))

@@ -248,12 +248,6 @@ class OpTableBuilder:
         calls += np.bincount(targets[alone], minlength=n_names)
 
 
-def op_stats_of(events: Iterable[Event], **kwargs: Any) -> list[OpStat]:
-    builder = OpTableBuilder(**kwargs)
-    builder.add(events)
-    return builder.stats()
-
-
 def op_stats(trace: Path | Mapping[str, Any], **kwargs: Any) -> list[OpStat]:
     """The op table of a trace file, read as a stream (see the module's docstring), or of a
     trace already in memory as JSON data (``{"traceEvents": [...]}``, small traces).

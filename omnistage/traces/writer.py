@@ -128,23 +128,16 @@ def _copy(src: Any, dst: Any) -> None:
 class TraceWriter:
     """Streams one trace (``{header..., "traceEvents": [...], trailer...}``) into a gzip file.
 
-    The header keys come before the events, as Kineto writes them, so that a reader knows
-    ``baseTimeNanoseconds`` before the first event. It writes ``<name>.tmp`` and moves it into
-    place on :meth:`close`; if the ``with`` block fails, nothing is left behind.
+    Every top-level key comes before the events, as Kineto writes them, so that a reader knows
+    ``baseTimeNanoseconds`` before the first event. The file is moved into place whole on
+    :meth:`close` (:func:`assemble`); if the ``with`` block fails, nothing is left behind.
     """
 
     def __init__(
-        self,
-        path: Path,
-        header: Mapping[str, Any] | None = None,
-        *,
-        level: int = LEVEL,
-        tight: bool = False,
+        self, path: Path, header: Mapping[str, Any] | None = None, *, tight: bool = False
     ) -> None:
         self.path = Path(path)
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
-        part = self.path.with_name(self.path.name + ".part")
-        self._part = DeflatePart(part, level=level, tight=tight)
+        self._part = DeflatePart(self.path.with_name(self.path.name + ".part"), tight=tight)
         start = b"{"
         for key, value in (header or {}).items():
             if key != "traceEvents":
@@ -161,20 +154,9 @@ class TraceWriter:
             self._empty = False
             self.events += len(events)
 
-    def write_json(self, items: bytes, count: int) -> None:
-        """Events already encoded as list items (``{...},{...}``)."""
-        if items:
-            self._part.write(items if self._empty else b"," + items)
-            self._empty = False
-            self.events += count
-
-    def close(self, trailer: Mapping[str, Any] | None = None) -> Path:
-        """Add the keys that come after the events, finish, move into place."""
-        end = b"]"
-        for key, value in (trailer or {}).items():
-            if key != "traceEvents":
-                end += b"," + dumps(key) + b":" + dumps(value)
-        self._part.write(end + b"}")
+    def close(self) -> Path:
+        """Finish the file and move it into place."""
+        self._part.write(b"]}")
         assemble(self.path, [self._part.close()])
         self._closed = True
         return self.path
@@ -187,4 +169,3 @@ class TraceWriter:
     ) -> None:
         if not self._closed:
             self._part.abort()
-            self._tmp.unlink(missing_ok=True)
