@@ -33,21 +33,10 @@ import msgspec
 from bench_machine import align_table, machine_info
 from isal import isal_zlib
 
-from omnistage.traces.events import Event
+from omnistage.traces.events import Event, RawEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "trace_parsers.json"
-
-
-class RawArgsEvent(msgspec.Struct, gc=False):
-    ph: str = ""
-    cat: str | None = None
-    name: Any = None
-    pid: Any = None
-    tid: Any = None
-    ts: float | None = None
-    dur: float | None = None
-    args: msgspec.Raw = msgspec.Raw(b"{}")
 
 
 def make_block(mb: float, seed: int = 7) -> bytes:
@@ -112,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     typed = msgspec.json.Decoder(list[Event])
     seconds, events = best(lambda: typed.decode(block))
     add("parse", "msgspec → Event structs (used)", seconds)
-    raw = msgspec.json.Decoder(list[RawArgsEvent])
-    add("parse", "msgspec → structs, args raw", best(lambda: raw.decode(block))[0])
+    raw = msgspec.json.Decoder(list[RawEvent])
+    add("parse", "msgspec → RawEvent structs, args raw (merge)", best(lambda: raw.decode(block))[0])
     if importlib.util.find_spec("orjson") is not None:
         import orjson
 

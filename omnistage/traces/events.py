@@ -18,8 +18,8 @@ from typing import Any
 import msgspec
 
 
-class Event(msgspec.Struct, omit_defaults=True, gc=False):
-    """One trace event. Fields a trace leaves out stay None and are not written back."""
+class _Fields(msgspec.Struct, omit_defaults=True, gc=False):
+    """The fields of a trace event that both kinds of events decode the same way."""
 
     ph: str = ""
     cat: str | None = None
@@ -33,28 +33,21 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
     bp: str | None = None
     s: str | None = None
     cname: str | None = None
+
+
+class Event(_Fields, omit_defaults=True, gc=False):
+    """One trace event. Fields a trace leaves out stay None and are not written back."""
+
     args: dict[str, Any] | None = None
 
 
 NO_ARGS = msgspec.Raw(b"null")
 
 
-class RawEvent(msgspec.Struct, omit_defaults=True, gc=False):
+class RawEvent(_Fields, omit_defaults=True, gc=False):
     """An :class:`Event` whose ``args`` stay undecoded JSON text (a third faster to read, and
     written back byte for byte). What the merge reads; :func:`links` gets what it needs."""
 
-    ph: str = ""
-    cat: str | None = None
-    name: Any = None
-    pid: Any = None
-    tid: Any = None
-    ts: float | None = None
-    dur: float | None = None
-    id: Any = None
-    id2: Any = None
-    bp: str | None = None
-    s: str | None = None
-    cname: str | None = None
     args: msgspec.Raw = NO_ARGS
 
 
@@ -76,9 +69,12 @@ def links(args: Any) -> tuple[int, int]:
             found = _LINKS.decode(args)
         except msgspec.MsgspecError:
             return -1, -1
-        ext, corr = found.external_id, found.correlation
-    else:
-        ext, corr = args.get("External id"), args.get("correlation")
+        return _ids(found.external_id, found.correlation)
+    return _ids(args.get("External id"), args.get("correlation"))
+
+
+def _ids(ext: Any, corr: Any) -> tuple[int, int]:
+    """``External id`` and ``correlation`` as ints, -1 where absent or not an int."""
     return (ext if type(ext) is int else -1), (corr if type(corr) is int else -1)
 
 
@@ -106,14 +102,9 @@ def links_of(events: Sequence[Event | RawEvent]) -> list[tuple[int, int]]:
         found = _LINKS_LIST.decode(b"[" + b",".join(raws) + b"]")
     except msgspec.MsgspecError:
         return [links(ev.args) for ev in events]
-    out = []
-    for item in found:
-        if item is None:
-            out.append((-1, -1))
-            continue
-        ext, corr = item.external_id, item.correlation
-        out.append(((ext if type(ext) is int else -1), (corr if type(corr) is int else -1)))
-    return out
+    return [
+        (-1, -1) if item is None else _ids(item.external_id, item.correlation) for item in found
+    ]
 
 
 class TraceError(ValueError):

@@ -188,7 +188,7 @@ class TraceReader:
         """Events of the longest decodable run of whole events before ``cut``, and its length."""
         buf = self._buf
         for _ in range(_CUT_TRIES):
-            while cut > 0 and buf[:cut].rstrip()[-1:] != b"}":
+            while cut > 0 and not _after_object(buf, cut):
                 cut = buf.rfind(b",", 0, cut)
             if cut <= 0:
                 break
@@ -228,12 +228,8 @@ class TraceReader:
             items = _ANY.decode(body.decode("utf-8", errors="replace").encode())
         if not isinstance(items, list):
             return None
-        events = []
-        for item in items:
-            try:
-                events.append(msgspec.convert(item, Event))
-            except msgspec.ValidationError:
-                self.bad_events += 1
+        events = to_events(items)
+        self.bad_events += len(items) - len(events)
         self.events_read += len(events)
         return events
 
@@ -278,6 +274,12 @@ class TraceReader:
             f"{self.name}: it ends inside its traceEvents list, or is not valid JSON there: "
             "truncated?"
         )
+
+
+def _after_object(buf: bytes, cut: int) -> bool:
+    """Whether the comma at ``cut`` follows a ``}`` (whitespace between), looking back only a
+    little: copying the whole buffer up to each comma tried would cost a chunk per comma."""
+    return buf[max(0, cut - 256) : cut].rstrip()[-1:] == b"}"
 
 
 def to_events(items: Iterable[Any]) -> list[Event]:
