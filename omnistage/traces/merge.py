@@ -29,8 +29,10 @@ from omnistage.traces.events import (
     FLOW_PHASES,
     PROCESS_META,
     Event,
+    RawEvent,
     TraceError,
     args_of,
+    flow_key,
     hashable,
     strip_trace_suffix,
 )
@@ -103,13 +105,17 @@ def combine(timeline: TraceResult, stats: TraceResult) -> TraceResult:
 
 def merge_trace(job: TraceJob) -> TraceResult:
     """Merge one trace (see the module's docstring). Never raises for a bad trace: the result
-    says what went wrong, and the parts of what was read are discarded."""
+    says what went wrong, and the parts of what was read are discarded.
+
+    Each piece of the JSON part starts with a comma: the timeline's own events (the
+    orchestrator's process, always named) come before every trace's.
+    """
     result = TraceResult(job.number, job.rel, job.label)
     if job.role == "stats":
         try:
-            _stats_only(job, result)
+            read_stats(job.path, job.rel, job.offset_ns, result)
         except (TraceError, OSError) as exc:
-            result.error = str(exc) if job.rel in str(exc) else f"{job.rel}: {exc}"
+            result.error = _problem(job, exc)
         return result
     json_part = DeflatePart(job.json_part)
     proto_part = DeflatePart(job.proto_part)
@@ -118,7 +124,7 @@ def merge_trace(job: TraceJob) -> TraceResult:
     except (TraceError, OSError) as exc:
         json_part.abort()
         proto_part.abort()
-        result.error = str(exc) if job.rel in str(exc) else f"{job.rel}: {exc}"
+        result.error = _problem(job, exc)
         result.events = 0
         logger.warning("timeline: %s", result.error)
         return result
@@ -131,11 +137,16 @@ def merge_trace(job: TraceJob) -> TraceResult:
     return result
 
 
+def _problem(job: TraceJob, exc: Exception) -> str:
+    """What went wrong with a trace, naming its file (once)."""
+    return str(exc) if job.rel in str(exc) else f"{job.rel}: {exc}"
+
+
 def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: DeflatePart) -> None:
     encoder = ProtoEncoder(job.number + 2)
     builder = OpTableBuilder() if job.role == "all" else None
     pid_base = (job.number + 1) * PID_BLOCK
-    flow_base = (job.number + 2) << 48
+    flows = _FlowIds(job.number)
     with TraceReader(job.path, name=job.rel, raw_args=True) as reader:
         base = reader.base_ns
         if base is None:
@@ -149,9 +160,7 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
         names: dict[int, str] = {}
         labels: dict[int, str] = {}
         seen_meta: set[tuple[Any, ...]] = set()
-        flow_ids: dict[tuple[str, Any], int] = {}
         untimed = no_dur = early = 0
-        wrote = False
         for chunk in reader.chunks():
             if builder is not None:
                 builder.add(chunk)
@@ -195,21 +204,11 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
                         continue
                     counts[pid] = counts.get(pid, 0) + 1
                 elif ph in FLOW_PHASES:
-                    ident = ev.id if ev.id is not None else ev.id2
-                    fkey = (ev.cat or "", ident if type(ident) in (int, str) else repr(ident))
-                    new = flow_ids.get(fkey)
-                    if new is None:
-                        new = flow_ids[fkey] = flow_base | len(flow_ids)
-                        if len(flow_ids) > 1 << 22:  # bounded memory: start a new range
-                            flow_ids.clear()
-                            flow_base += 1 << 40
-                    ev.id = new
+                    ev.id = flows.new_id(ev)
                     ev.id2 = None
                 out.append(ev)
-            text = events_json(out)
-            if text:
-                json_part.write(text if not wrote else b"," + text)
-                wrote = True
+            if out:  # after the orchestrator's events, which always come first: a comma
+                json_part.write(b"," + events_json(out))
             proto.write(encoder.encode(out))
             result.events += len(out)
         for count, what in (
@@ -240,8 +239,7 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
         meta.append(_meta("process_sort_index", pid, {"sort_index": job.sort_index}))
         encoder.process_names[pid] = name
         encoder.process_ranks[pid] = rank_in
-    tail = events_json([Event(**m) for m in meta])
-    json_part.write(tail if not wrote else b"," + tail)
+    json_part.write(b"," + events_json(meta))
     result.events += len(meta)
     proto.write(encoder.finish())
     result.descriptors = encoder.descriptors()
@@ -251,14 +249,19 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
         _keep_stats(builder, result, (base - job.offset_ns) / 1000)
 
 
-def _stats_only(job: TraceJob, result: TraceResult) -> None:
-    """Only the op table and the busy time of a trace (the other half of a big trace's work)."""
+def read_stats(path: Path, rel: str, offset_ns: int, result: TraceResult) -> None:
+    """Only the op table and the busy time of a trace, into ``result``: the other half of a
+    big trace's work, and the summary's when there is no timeline.
+
+    Raises:
+        TraceError: the trace cannot be read. OSError: it cannot be opened.
+    """
     builder = OpTableBuilder()
-    with TraceReader(job.path, name=job.rel, raw_args=True) as reader:
+    with TraceReader(path, name=rel, raw_args=True) as reader:
         for chunk in reader.chunks():
             builder.add(chunk)
         base = reader.base_ns or 0
-    _keep_stats(builder, result, (base - job.offset_ns) / 1000)
+    _keep_stats(builder, result, (base - offset_ns) / 1000)
 
 
 def _keep_stats(builder: OpTableBuilder, result: TraceResult, shift_unix: float) -> None:
@@ -282,5 +285,33 @@ def _rank(header: dict[str, Any], job: TraceJob) -> str:
     return strip_trace_suffix(job.path.name)
 
 
-def _meta(kind: str, pid: int, args: dict[str, Any]) -> dict[str, Any]:
-    return {"ph": "M", "name": kind, "pid": pid, "tid": 0, "ts": 0.0, "args": args}
+def _meta(kind: str, pid: int, args: dict[str, Any]) -> Event:
+    return Event(ph="M", name=kind, pid=pid, tid=0, ts=0.0, args=args)
+
+
+class _FlowIds:
+    """New flow ids, unique to one trace: ``(number + 2) << 48 | category << 40 | id``.
+
+    Kineto's ids are ints (a launch's correlation): they keep their value, in a range of the
+    trace's and the category's own, so no table of every flow is needed. Other ids (strings,
+    or ints past 40 bits) are numbered in the last category range, with a table of those.
+    """
+
+    def __init__(self, number: int) -> None:
+        self._base = (number + 2) << 48
+        self._cats: dict[str, int] = {}
+        self._others: dict[tuple[str, str], int] = {}
+
+    def new_id(self, ev: Event | RawEvent) -> int:
+        ident = ev.id if ev.id is not None else ev.id2
+        cat = ev.cat or ""
+        index = self._cats.get(cat)
+        if index is None and len(self._cats) < 255:
+            index = self._cats[cat] = len(self._cats)
+        if index is not None and type(ident) is int and 0 <= ident < 1 << 40:
+            return self._base | index << 40 | ident
+        key = flow_key(ev)
+        found = self._others.get(key)
+        if found is None:
+            found = self._others[key] = self._base | 255 << 40 | len(self._others)
+        return found

@@ -38,7 +38,7 @@ def run_all(
     sizes = [_size(p) for p in paths]
     count = min(workers or os.cpu_count() or 1, len(jobs))
     results: dict[int, R] = {}
-    if count <= 1 or sum(sizes) < PARALLEL_BYTES:
+    if not in_workers(paths, workers) or count <= 1:
         for i, job in enumerate(jobs):
             results[i] = fn(job)
             if done is not None:
@@ -53,6 +53,11 @@ def run_all(
             if done is not None:
                 done(jobs[i], results[i])
     return [results[i] for i in range(len(jobs))]
+
+
+def in_workers(paths: Sequence[Path], workers: int | None = None) -> bool:
+    """Whether :func:`run_all` would use worker processes for these traces."""
+    return (workers or os.cpu_count() or 1) > 1 and total_bytes(paths) >= PARALLEL_BYTES
 
 
 def total_bytes(paths: Sequence[Path]) -> int:

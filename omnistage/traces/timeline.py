@@ -21,7 +21,6 @@ writing its own compressed parts, joined at the end into one gzip stream.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 from omnistage.traces.clock import ClockEstimate, resolve_clock
 from omnistage.traces.events import TraceError, is_trace_file, slim_copy_path
 from omnistage.traces.merge import TraceJob, TraceResult, combine, merge_trace
-from omnistage.traces.parallel import PARALLEL_BYTES, run_all, total_bytes
+from omnistage.traces.parallel import in_workers, run_all, total_bytes
 from omnistage.traces.perfetto import ProtoEncoder
 from omnistage.traces.perfetto_wire import root_descriptor
 from omnistage.traces.reader import TraceReader
@@ -201,16 +200,9 @@ def _write(
     session_dir: Path, own: list[Any], results: Sequence[TraceResult], metadata: dict[str, Any]
 ) -> list[Path]:
     head = DeflatePart(session_dir / ".timeline.head.part")
-    head.write(b'{"traceEvents":[' + events_json(own))
+    head.write(b'{"traceEvents":[' + events_json(own))  # never empty: see merge_trace
     parts: list[Part] = [head.close()]
-    for result in results:
-        if result.json_part is None:
-            continue
-        if result.events:
-            comma = DeflatePart(result.json_part.path.with_suffix(".comma"))
-            comma.write(b",")
-            parts.append(comma.close())
-        parts.append(result.json_part)
+    parts += [r.json_part for r in results if r.json_part is not None]
     tail = DeflatePart(session_dir / ".timeline.tail.part")
     tail.write(b'],"displayTimeUnit":"ms","metadata":' + dumps(metadata) + b"}")
     parts.append(tail.close())
@@ -237,10 +229,8 @@ def _run(jobs: list[TraceJob], workers: int | None, say: Progress) -> list[Trace
     instead of holding one while the others wait.
     """
     paths = [j.path for j in jobs]
-    size = total_bytes(paths)
-    say(f"merging {len(jobs)} traces ({size / 1e6:.0f} MB)")
-    cores = workers or os.cpu_count() or 1
-    split = cores > 1 and size >= PARALLEL_BYTES
+    say(f"merging {len(jobs)} traces ({total_bytes(paths) / 1e6:.0f} MB)")
+    split = in_workers(paths, workers)
     halves = (
         [replace(j, role=role) for j in jobs for role in ("timeline", "stats")] if split else jobs
     )
@@ -256,13 +246,13 @@ def _run(jobs: list[TraceJob], workers: int | None, say: Progress) -> list[Trace
 
 
 def _first_ns(path: Path) -> int | None:
-    """The earliest event of a trace's first chunk, unix ns on its host's clock."""
+    """The earliest event of a trace's first chunk, unix ns on its host's clock (metadata
+    events count only where their ts is set)."""
     try:
-        with TraceReader(path, chunk_bytes=1 << 20) as reader:
+        with TraceReader(path, chunk_bytes=1 << 20, raw_args=True) as reader:
             base = reader.base_ns or 0
             for chunk in reader.chunks():
-                stamps = [ev.ts for ev in chunk if ev.ts is not None and ev.ph != "M"]
-                stamps += [ev.ts for ev in chunk if ev.ts is not None and ev.ph == "M" and ev.ts]
+                stamps = [ev.ts for ev in chunk if ev.ts is not None and (ev.ph != "M" or ev.ts)]
                 if stamps:
                     return base + int(min(stamps) * 1000)
     except (TraceError, OSError) as exc:

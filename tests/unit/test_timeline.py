@@ -328,7 +328,6 @@ def test_worker_processes_give_what_one_process_gives(
     alone = copy_session(session, tmp_path / "alone" / session.dir.name)
     split = copy_session(session, tmp_path / "split" / session.dir.name)
     one = build_timeline(alone.dir, spans=alone.spans, clocks=clocks)
-    monkeypatch.setattr("omnistage.traces.timeline.PARALLEL_BYTES", 0)
     monkeypatch.setattr("omnistage.traces.parallel.PARALLEL_BYTES", 0)
     many = build_timeline(split.dir, spans=split.spans, clocks=clocks, workers=2)
 
