@@ -268,8 +268,7 @@ def slim_events(
             flows += ev.ph in FLOW_PHASES
             continue
         args = raw.get("args")
-        if strip and type(args) is dict and not strip.isdisjoint(args):
-            slim = {k: v for k, v in args.items() if k not in strip}
+        if isinstance(args, dict) and (slim := _without(args, strip)) is not None:
             removed += len(args) - len(slim)
             if in_place:
                 raw["args"] = slim
@@ -278,6 +277,13 @@ def slim_events(
         kept.append(raw)
     stats = SlimStats(len(events), len(kept), flow_events_dropped=flows, args_removed=removed)
     return kept, stats
+
+
+def _without(args: dict[str, Any], strip: set[str]) -> dict[str, Any] | None:
+    """``args`` less the ``strip`` keys; None when it has none of them (nothing to copy)."""
+    if not strip or strip.isdisjoint(args):
+        return None
+    return {k: v for k, v in args.items() if k not in strip}
 
 
 def _stripped(options: SlimOptions, plan: _Plan) -> set[str]:
@@ -304,7 +310,9 @@ def slim_trace_file(
     if dst.resolve() == src.resolve():
         raise ValueError(f"the slimmed copy of {src} cannot replace it: give another dst")
     plan = _Plan(options)
-    with TraceReader(src, name=src.name, raw_args=True) as reader:
+    # both passes decode alike (args as dicts): events are matched by their place, and an
+    # event that only undecoded args would accept must not count in one pass and not the other
+    with TraceReader(src, name=src.name) as reader:
         for chunk in reader.chunks():
             plan.scan(chunk)
         header = reader.header
@@ -323,10 +331,8 @@ def slim_trace_file(
             out = []
             for ev in chunk:
                 if plan.keep(ev, i):
-                    args = ev.args
-                    if strip and args and not strip.isdisjoint(args):
-                        slim = {k: v for k, v in args.items() if k not in strip}
-                        removed += len(args) - len(slim)
+                    if ev.args and (slim := _without(ev.args, strip)) is not None:
+                        removed += len(ev.args) - len(slim)
                         ev.args = slim
                     out.append(ev)
                 elif ev.ph in FLOW_PHASES:

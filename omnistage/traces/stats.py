@@ -11,16 +11,15 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from omnistage.traces.clock import ClockEstimate, resolve_clock
 from omnistage.traces.events import TraceError
+from omnistage.traces.merge import TraceResult, read_stats
 from omnistage.traces.nesting import union
-from omnistage.traces.optable import OpStat, OpTableBuilder, merge_stats
-from omnistage.traces.reader import TraceReader
+from omnistage.traces.optable import OpStat, merge_stats
 from omnistage.traces.timeline import TraceSource, find_traces
 
 logger = logging.getLogger(__name__)
@@ -65,7 +64,9 @@ def _join(a: Intervals, b: Intervals | None) -> Intervals:
     return union(np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]]))
 
 
-def stats_from_timeline(traces: Iterable[tuple[TraceSource, Any]]) -> dict[str, StageTraceStats]:
+def stats_from_timeline(
+    traces: Iterable[tuple[TraceSource, TraceResult]],
+) -> dict[str, StageTraceStats]:
     """Per stage key, what the timeline's merge found in its traces (no trace is read again)."""
     stages: dict[str, StageTraceStats] = {}
     for source, result in traces:
@@ -90,28 +91,18 @@ def collect_stats(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, StageTraceStats]:
     """Read every trace of the session for its op table and busy time (slimmed copies where
-    they exist: same op tables)."""
-    stages: dict[str, StageTraceStats] = {}
+    they exist: same op tables), as the timeline's merge would have."""
+    traces: list[tuple[TraceSource, TraceResult]] = []
     for source in find_traces(session_dir, prefer_slim=True):
         estimate, _ = resolve_clock(clocks, source.stage, source.replica)
-        stats = stages.setdefault(source.key, StageTraceStats(source.key))
-        builder = OpTableBuilder()
+        result = TraceResult(len(traces), source.path.name, source.key)
         try:
-            with TraceReader(source.path, name=source.path.name, raw_args=True) as reader:
-                for chunk in reader.chunks():
-                    builder.add(chunk)
-                base = reader.base_ns or 0
+            read_stats(source.path, source.path.name, estimate.offset_ns if estimate else 0, result)
         except (OSError, TraceError) as exc:
             logger.warning("summary: %s skipped: %s", source.path, exc)
-            stats.problems.append(str(exc))
-            continue
-        if progress is not None:
-            progress(f"stage {source.key}: read {source.path.name}")
-        shift = (base - (estimate.offset_ns if estimate else 0)) / 1000
-        host = union(*(a + shift for a in builder.host_intervals()))
-        device = union(*(a + shift for a in builder.device_intervals()))
-        spans = [x for x in (host, device) if x[0].size]
-        first = min((float(x[0][0]) for x in spans), default=math.inf)
-        last = max((float(x[1][-1]) for x in spans), default=-math.inf)
-        stats.add(source.path.name, builder.stats(), host, device, first, last)
-    return stages
+            result.error = str(exc)
+        else:
+            if progress is not None:
+                progress(f"stage {source.key}: read {source.path.name}")
+        traces.append((source, result))
+    return stats_from_timeline(traces)
