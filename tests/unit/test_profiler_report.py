@@ -156,7 +156,8 @@ def test_an_offset_measured_through_get_info_is_recovered(session: Session, tmp_
     events = timeline["traceEvents"]
     assert tef_problems(events) == []
     error_us = saved["clocks"]["talker"]["error_ns"] / 1000
-    assert misplaced_ops(events, error_us + TOLERANCE_US) == []
+    slack_us = error_us + TOLERANCE_US + session.torch_clock_error_us()
+    assert misplaced_ops(events, slack_us) == []
     assert (
         timeline["metadata"]["clock_offsets"]["talker"]["offset_ns"]
         == (saved["clocks"]["talker"]["offset_ns"])

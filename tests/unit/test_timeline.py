@@ -118,10 +118,11 @@ def test_each_stage_and_front_end_is_its_own_sorted_process(session: Session) ->
 
 def test_ops_fall_inside_the_spans_of_their_requests(session: Session) -> None:
     events = _build(session, {"thinker": EXACT, "talker": EXACT})["traceEvents"]
-    assert misplaced_ops(events, TOLERANCE_US) == []
+    assert misplaced_ops(events, TOLERANCE_US + session.torch_clock_error_us()) == []
 
 
-def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
+def test_injected_clock_offset_is_recovered(session: Session, fresh: Session) -> None:
+    slack_us = TOLERANCE_US + session.torch_clock_error_us()  # before the shift below
     shift_base_time(fresh.stages["talker"].trace, SHIFT_NS)
     shift_base_time(fresh.stages["talker"].frontend, SHIFT_NS)
     # an estimate that is 0.15 ms off, within its stated error of 0.2 ms
@@ -129,7 +130,7 @@ def test_injected_clock_offset_is_recovered(fresh: Session) -> None:
         offset_ns=SHIFT_NS + 150_000, error_ns=200_000, rtt_ns=400_000, samples=5
     )
     data = _build(fresh, {"thinker": EXACT, "talker": estimate})
-    assert misplaced_ops(data["traceEvents"], estimate.error_ns / 1000 + TOLERANCE_US) == []
+    assert misplaced_ops(data["traceEvents"], estimate.error_ns / 1000 + slack_us) == []
     offsets = data["metadata"]["clock_offsets"]
     assert offsets["talker"] == {
         "offset_ns": SHIFT_NS + 150_000,
