@@ -1,18 +1,37 @@
 """One exception root for omnistage, with a subclass per meaning.
 
 Each subclass names its gRPC status code as a string, so engines and core logic can raise
-these without importing grpc. `services.status` and the client map them to and from the wire.
+these without importing grpc. `omnistage.server.errors` and the client map them to and from the
+wire. An instance may carry a code of its own: the code a remote peer answered with, which no
+class need stand for (`PERMISSION_DENIED`, `DATA_LOSS`), so that it passes on unchanged.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+STATUS_CODES = frozenset(
+    {
+        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+        "UNAUTHENTICATED",
+    }
+)  # fmt: skip
 
 
 class OmnistageError(Exception):
-    """The root of every error omnistage raises on purpose."""
+    """The root of every error omnistage raises on purpose.
 
-    code: ClassVar[str] = "INTERNAL"
+    `code` is the gRPC status code's name: the class's own, or the one given to the instance.
+    """
+
+    code: str = "INTERNAL"
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            if code not in STATUS_CODES:
+                raise ValueError(f"{code!r} is not a gRPC status code's name")
+            self.code = code
 
 
 class InvalidRequestError(OmnistageError):
@@ -72,13 +91,9 @@ class UnauthenticatedError(OmnistageError):
 def reworded(error: OmnistageError, message: str) -> OmnistageError:
     """The same kind of error with a new message, `error` as its cause.
 
-    It keeps the status code the far side answered with (`grpc_code`, which the client sets
-    for any code, even one no error class stands for), so a caller that rewords a stage's
-    error still passes that code on unchanged.
+    It keeps the status code the far side answered with, even one no error class stands
+    for, so a caller that rewords a stage's error still passes that code on unchanged.
     """
-    renamed = type(error)(message)
-    code = getattr(error, "grpc_code", None)
-    if code is not None:
-        renamed.grpc_code = code  # type: ignore[attr-defined]
+    renamed = type(error)(message, code=error.code)
     renamed.__cause__ = error
     return renamed

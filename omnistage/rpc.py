@@ -52,12 +52,10 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[errors.OmnistageError]] = {
 def error_from_rpc(exc: grpc.RpcError, *, address: str = "") -> errors.OmnistageError:
     """The omnistage error for a failed call, keeping the server's message."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     cls = _ERRORS_BY_CODE.get(code, errors.OmnistageError)
     where = f" ({address})" if address else ""
-    error = cls(f"{details}{where}{_tls_hint(code, details)}{_api_hint(code)}")
-    error.grpc_code = code.name  # type: ignore[attr-defined]
-    return error
+    return cls(f"{details}{where}{_tls_hint(code, details)}{_api_hint(code)}", code=code.name)
 
 
 def _api_hint(code: grpc.StatusCode) -> str:

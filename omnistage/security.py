@@ -239,7 +239,7 @@ def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.Cli
     )
 
 
-class _AioTokenUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _AioTokenUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str) -> None:
         self._token = token
 
@@ -247,7 +247,7 @@ class _AioTokenUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore
         return await continuation(_with_token(details, self._token), request)
 
 
-class _AioTokenUnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class _AioTokenUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     def __init__(self, token: str) -> None:
         self._token = token
 
@@ -264,12 +264,12 @@ class _SyncCallDetails(
     collections.namedtuple(
         "_SyncCallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready")
     ),
-    grpc.ClientCallDetails,  # type: ignore[misc]
+    grpc.ClientCallDetails,
 ):
     pass
 
 
-class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     def __init__(self, token: str) -> None:
         self._entry = bearer(token)
 

@@ -26,12 +26,12 @@ from omnistage.traces.report import rebuild_report
 from omnistage.traces.slimming import SlimOptions
 from omnistage.traces.spans import RequestSpan
 from omnistage.types import ProfileOptions, ProfileReport, StopProgress
+from omnistage.validation import validate_profile_options
 from orchestrator.collect import Progress, StageCollector, replica_dir
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import SERVING, StagePool, StageReplica
 from orchestrator.runner import StageEvent
 from orchestrator.sessions import CollectedSessions
-from services.validation import validate_profile_options
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from dataclasses import replace
 
 from omnistage.errors import InvalidRequestError, OmnistageError
 from omnistage.types import GenerateInput, SamplingOptions, TensorData
+from omnistage.validation import validate_sampling
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool
 from orchestrator.processors import EdgeProcessor, StageOutput, resolve_processor
 from orchestrator.stage_call import StageEvent, StageTiming, call_stage, closing, name_stage
 from orchestrator.streaming import StreamedStage
-from services.validation import validate_sampling
 
 __all__ = ["PipelineRunner", "StageEvent", "StageTiming", "name_stage"]
 

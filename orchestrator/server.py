@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from omnistage.security import ServerSecurity
+from omnistage.server import GrpcServer, serve_until_signalled
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool
@@ -19,7 +18,6 @@ from orchestrator.profiling import PipelineProfiler
 from orchestrator.runner import PipelineRunner
 from orchestrator.servicer import OrchestratorServicer
 from orchestrator.sessions import CollectedSessions
-from services.serving import GrpcServer
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +119,5 @@ async def serve(
 ) -> None:
     """Run the orchestrator until SIGTERM or SIGINT."""
     server = OrchestratorServer(pipeline, config)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await server.start()
-    if on_bound is not None:
-        on_bound(server.port)
-    try:
-        await stopping.wait()
-    finally:
-        await server.stop()
+    started = None if on_bound is None else (lambda: on_bound(server.port))
+    await serve_until_signalled(server.start, server.stop, on_started=started)

@@ -7,8 +7,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-import grpc
-
 from omnistage.convert import (
     delta_to_pb,
     generate_input_from_pb,
@@ -18,16 +16,16 @@ from omnistage.convert import (
 )
 from omnistage.convert_sessions import progress_to_pb, session_list_to_pb
 from omnistage.errors import InvalidRequestError
+from omnistage.server import Context
 from omnistage.traces.slimming import VLLM_IDLE_PATTERNS, SlimOptions
 from omnistage.types import StopProgress
 from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from omnistage.validation import validate_generate_input
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.runner import PipelineRunner, StageEvent
 from orchestrator.sessions import CollectedSessions
-from services.status import grpc_errors
-from services.validation import validate_generate_input
 
 PROGRESS_QUEUE = 256  # progress events waiting for a slow caller
 
@@ -49,149 +47,144 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
         self._sessions = sessions
 
     async def Generate(
-        self, request: orchestrator_pb2.PipelineRequest, context: grpc.aio.ServicerContext
+        self, request: orchestrator_pb2.PipelineRequest, context: Context
     ) -> AsyncIterator[orchestrator_pb2.PipelineResponse]:
-        async with grpc_errors(context, "Generate"):
-            generate_input = generate_input_from_pb(request)
-            validate_generate_input(generate_input)
-            overrides = {k: sampling_from_pb(v) for k, v in request.stage_sampling.items()}
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            events = self._runner.run(generate_input, stage_sampling=overrides, deadline=deadline)
-            async for event in events:
-                yield _event_to_pb(event)
+        generate_input = generate_input_from_pb(request)
+        validate_generate_input(generate_input)
+        overrides = {k: sampling_from_pb(v) for k, v in request.stage_sampling.items()}
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        events = self._runner.run(generate_input, stage_sampling=overrides, deadline=deadline)
+        async for event in events:
+            yield _event_to_pb(event)
 
     async def StartProfile(
         self,
         request: orchestrator_pb2.PipelineStartProfileRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> orchestrator_pb2.PipelineStartProfileResponse:
-        async with grpc_errors(context, "StartProfile"):
-            session_id, started = await self._profiler.start(
-                list(request.stages), profile_options_from_pb(request)
-            )
-            return orchestrator_pb2.PipelineStartProfileResponse(
-                session_id=session_id,
-                stages=[
-                    orchestrator_pb2.StageProfileStart(stage=name, session_id=sid)
-                    for name, sids in started.items()
-                    for sid in sids
-                ],
-            )
-        raise AssertionError("unreachable")
+        session_id, started = await self._profiler.start(
+            list(request.stages), profile_options_from_pb(request)
+        )
+        return orchestrator_pb2.PipelineStartProfileResponse(
+            session_id=session_id,
+            stages=[
+                orchestrator_pb2.StageProfileStart(stage=name, session_id=sid)
+                for name, sids in started.items()
+                for sid in sids
+            ],
+        )
 
     async def StopProfile(
         self,
         request: orchestrator_pb2.PipelineStopProfileRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> orchestrator_pb2.ProfileReport:
-        async with grpc_errors(context, "StopProfile"):
-            report = await self._profiler.stop(
-                list(request.stages), request.output_dir, slim=_slim(request)
-            )
-            return report_to_pb(report)
-        raise AssertionError("unreachable")
+        report = await self._profiler.stop(
+            list(request.stages), request.output_dir, slim=_slim(request)
+        )
+        return report_to_pb(report)
 
     async def StopProfileStream(
         self,
         request: orchestrator_pb2.PipelineStopProfileRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> AsyncIterator[orchestrator_pb2.StopProfileProgress]:
-        async with grpc_errors(context, "StopProfileStream"):
-            events: asyncio.Queue[StopProgress] = asyncio.Queue(PROGRESS_QUEUE)
+        events: asyncio.Queue[StopProgress] = asyncio.Queue(PROGRESS_QUEUE)
 
-            def progress(event: StopProgress) -> None:
-                # Byte counts are coalesced when the caller reads slower than the pulls run;
-                # phase changes are few (a handful per stage) and always kept.
-                if event.phase == "pulling" and events.qsize() >= PROGRESS_QUEUE // 2:
-                    return
-                with contextlib.suppress(asyncio.QueueFull):
-                    events.put_nowait(event)
+        def progress(event: StopProgress) -> None:
+            # Byte counts are coalesced when the caller reads slower than the pulls run;
+            # phase changes are few (a handful per stage) and always kept.
+            if event.phase == "pulling" and events.qsize() >= PROGRESS_QUEUE // 2:
+                return
+            with contextlib.suppress(asyncio.QueueFull):
+                events.put_nowait(event)
 
-            stop = asyncio.ensure_future(
-                self._profiler.stop(
-                    list(request.stages), request.output_dir, slim=_slim(request), progress=progress
-                )
+        stop = asyncio.ensure_future(
+            self._profiler.stop(
+                list(request.stages), request.output_dir, slim=_slim(request), progress=progress
             )
-            try:
-                while not stop.done() or not events.empty():
-                    getter = asyncio.ensure_future(events.get())
-                    await asyncio.wait([getter, stop], return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield progress_to_pb(getter.result())
-                    else:
-                        getter.cancel()
-                report = stop.result()
-            finally:
-                stop.cancel()  # the profiler finishes the stop on its own; see its `stop`
-            done = StopProgress(phase="done", message="session collected", report=report)
-            yield progress_to_pb(done)
+        )
+        try:
+            while not stop.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait([getter, stop], return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield progress_to_pb(getter.result())
+                else:
+                    getter.cancel()
+            report = stop.result()
+        finally:
+            stop.cancel()  # the profiler finishes the stop on its own; see its `stop`
+        done = StopProgress(phase="done", message="session collected", report=report)
+        yield progress_to_pb(done)
 
     async def ListSessions(
-        self, request: orchestrator_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.ListSessionsRequest,
+        context: Context,
     ) -> orchestrator_pb2.SessionList:
-        async with grpc_errors(context, "ListSessions"):
-            return session_list_to_pb(await self._sessions.listing())
-        raise AssertionError("unreachable")
+        return session_list_to_pb(await self._sessions.listing())
 
     async def FetchSessionFile(
-        self, request: orchestrator_pb2.FetchSessionFileRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.FetchSessionFileRequest,
+        context: Context,
     ) -> AsyncIterator[common_pb2.FileChunk]:
-        async with grpc_errors(context, "FetchSessionFile"):
-            chunks = self._sessions.read_chunks(
-                request.session_id,
-                request.name,
-                chunk_size=request.chunk_size,
-                offset=request.offset,
-            )
-            async for offset, data, total in chunks:
-                yield common_pb2.FileChunk(data=data, offset=offset, total_size=total)
+        chunks = self._sessions.read_chunks(
+            request.session_id,
+            request.name,
+            chunk_size=request.chunk_size,
+            offset=request.offset,
+        )
+        async for offset, data, total in chunks:
+            yield common_pb2.FileChunk(data=data, offset=offset, total_size=total)
 
     async def DeleteSession(
-        self, request: orchestrator_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.DeleteSessionRequest,
+        context: Context,
     ) -> orchestrator_pb2.DeleteSessionResponse:
-        async with grpc_errors(context, "DeleteSession"):
-            freed = await self._sessions.delete(
-                request.session_id, active=self._profiler.active_session_id
-            )
-            return orchestrator_pb2.DeleteSessionResponse(
-                session_id=request.session_id, bytes_freed=freed
-            )
-        raise AssertionError("unreachable")
+        freed = await self._sessions.delete(
+            request.session_id, active=self._profiler.active_session_id
+        )
+        return orchestrator_pb2.DeleteSessionResponse(
+            session_id=request.session_id, bytes_freed=freed
+        )
 
     async def GetPipeline(
-        self, request: orchestrator_pb2.GetPipelineRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.GetPipelineRequest,
+        context: Context,
     ) -> orchestrator_pb2.PipelineInfo:
-        async with grpc_errors(context, "GetPipeline"):
-            profiling = set(self._profiler.profiling_stages())
-            stages = []
-            await self._pool.refresh()
-            for index, spec in enumerate(self._pipeline.stages):
-                replicas = self._pool.replicas(spec.name)
-                healths = [r.health for r in replicas]
-                status = orchestrator_pb2.StageStatus(
-                    name=spec.name,
-                    index=index,
-                    addresses=[r.address for r in replicas],
-                    health=",".join(healths),
-                    profiling_active=spec.name in profiling,
-                )
-                if not replicas:
-                    status.error = self._pool.describe_unready(spec.name)
-                if "SERVING" in healths:
-                    try:
-                        info = await replicas[healths.index("SERVING")].client.info(timeout=5)
-                        status.engine, status.model = info.engine, info.model
-                    except Exception as exc:  # noqa: BLE001 - reported, not raised
-                        status.error = str(exc)
-                stages.append(status)
-            return orchestrator_pb2.PipelineInfo(
-                name=self._pipeline.name,
-                stages=stages,
-                profiling_active=bool(profiling),
-                profile_session_id=self._profiler.active_session_id,
+        profiling = set(self._profiler.profiling_stages())
+        stages = []
+        await self._pool.refresh()
+        for index, spec in enumerate(self._pipeline.stages):
+            replicas = self._pool.replicas(spec.name)
+            healths = [r.health for r in replicas]
+            status = orchestrator_pb2.StageStatus(
+                name=spec.name,
+                index=index,
+                addresses=[r.address for r in replicas],
+                health=",".join(healths),
+                profiling_active=spec.name in profiling,
             )
-        raise AssertionError("unreachable")
+            if not replicas:
+                status.error = self._pool.describe_unready(spec.name)
+            if "SERVING" in healths:
+                try:
+                    info = await replicas[healths.index("SERVING")].client.info(timeout=5)
+                    status.engine, status.model = info.engine, info.model
+                except Exception as exc:  # noqa: BLE001 - reported, not raised
+                    status.error = str(exc)
+            stages.append(status)
+        return orchestrator_pb2.PipelineInfo(
+            name=self._pipeline.name,
+            stages=stages,
+            profiling_active=bool(profiling),
+            profile_session_id=self._profiler.active_session_id,
+        )
 
 
 def _event_to_pb(event: StageEvent) -> orchestrator_pb2.PipelineResponse:

@@ -49,8 +49,8 @@ class StageEvent:
 def name_stage(error: OmnistageError, stage: str) -> OmnistageError:
     """The same kind of error, its message prefixed with the stage.
 
-    It keeps the status code the stage answered with (`grpc_code`, set by the client for any
-    code, even one no error class stands for), so the orchestrator passes it on unchanged.
+    It keeps the status code the stage answered with (the error's `code`, even one no error
+    class stands for), so the orchestrator passes it on unchanged.
     """
     return reworded(error, f"stage {stage!r}: {error}")
 

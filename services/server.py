@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
 
 from grpc_health.v1 import health_pb2
 
+from omnistage.server import GrpcServer, serve_until_signalled
 from omnistage.v1 import stage_pb2, stage_pb2_grpc
 from services.config import StageConfig
 from services.engines.base import Engine
 from services.profiling.sessions import ProfileSessionStore
 from services.servicer import StageServicer
-from services.serving import GrpcServer
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,9 @@ class StageServer:
     def __init__(self, config: StageConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
-        self._grpc = GrpcServer(STAGE_SERVICE, security=config.security)
+        self._grpc = GrpcServer(
+            STAGE_SERVICE, security=config.security, on_unavailable=self._mark_not_serving
+        )
         self.server, self.health = self._grpc.server, self._grpc.health
         root = config.profiler.directory if config.profiler.enabled else None
         self.sessions = ProfileSessionStore(
@@ -54,7 +55,6 @@ class StageServer:
             name=config.name,
             engine=engine,
             sessions=self.sessions,
-            on_engine_dead=self._mark_not_serving,
         )
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
         self.port = self._grpc.bind(config.host, config.port)
@@ -106,20 +106,6 @@ async def build_server(config: StageConfig) -> tuple[StageServer, int]:
 async def serve(config: StageConfig, *, on_bound: Callable[[int], None] | None = None) -> None:
     """Run a stage until SIGTERM or SIGINT, then shut it down gracefully."""
     stage, port = await build_server(config)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     if on_bound is not None:
         on_bound(port)
-    try:
-        starting = asyncio.create_task(stage.start())
-        stop_wait = asyncio.create_task(stopping.wait())
-        await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            starting.result()
-            await stop_wait
-        else:
-            starting.cancel()
-    finally:
-        await stage.stop()
+    await serve_until_signalled(stage.start, stage.stop)

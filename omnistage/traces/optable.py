@@ -131,8 +131,8 @@ class OpTableBuilder:
                 self._d_name.append(self._name_id(ev.name))
                 self._d_ext.append(ext)
                 self._d_corr.append(corr)
-                self._d_ts.append(ev.ts)  # type: ignore[arg-type]
-                self._d_dur.append(ev.dur)  # type: ignore[arg-type]
+                self._d_ts.append(ev.ts or 0.0)  # never None here: checked above
+                self._d_dur.append(ev.dur or 0.0)  # never None here: checked above
                 continue
             if kind == RUNTIME:
                 if corr < 0:
@@ -151,8 +151,8 @@ class OpTableBuilder:
             name_a.append(name_id)
             ext_a.append(ext)
             corr_a.append(corr)
-            ts_a.append(ev.ts)  # type: ignore[arg-type]
-            dur_a.append(ev.dur)  # type: ignore[arg-type]
+            ts_a.append(ev.ts or 0.0)  # never None here: checked above
+            dur_a.append(ev.dur or 0.0)  # never None here: checked above
 
     def _name_id(self, name: Any) -> int:
         text = name if type(name) is str else ("<unnamed>" if name is None else str(name))

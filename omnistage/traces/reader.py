@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,6 +41,7 @@ _DECODER = msgspec.json.Decoder(list[Event])
 _RAW_DECODER = msgspec.json.Decoder(list[RawEvent])
 _ANY = msgspec.json.Decoder()
 _CUT_TRIES = 64
+_gzip_open: Callable[..., IO[bytes]] = igzip.open  # isal ships no type hints
 
 
 class TraceReader:
@@ -71,11 +72,7 @@ class TraceReader:
         self.json_bytes = 0
         with self.path.open("rb") as raw:
             self.gzipped = raw.read(2) == b"\x1f\x8b"
-        self._fh: IO[bytes] = (
-            igzip.open(self.path, "rb")  # type: ignore[no-untyped-call]
-            if self.gzipped
-            else self.path.open("rb")
-        )
+        self._fh: IO[bytes] = _gzip_open(self.path, "rb") if self.gzipped else self.path.open("rb")
         self._buf = b""
         self._eof = False
         self._array_only = False

@@ -28,8 +28,8 @@ from omnistage.profile_files import (
 )
 from omnistage.traces.optable import build_op_table
 from omnistage.types import ProfileFileInfo, ProfileManifest, ProfileOptions
+from omnistage.validation import validate_profile_options
 from services.engines.base import Engine
-from services.validation import validate_profile_options
 
 logger = logging.getLogger(__name__)
 

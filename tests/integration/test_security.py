@@ -193,7 +193,7 @@ def test_plaintext_client_to_tls_server_is_unavailable(stages: Stages) -> None:
         pytest.raises(errors.StageUnavailableError) as caught,
     ):
         audio_samples(client)
-    assert getattr(caught.value, "grpc_code", "") == "UNAVAILABLE"
+    assert caught.value.code == "UNAVAILABLE"
     assert "if the server uses TLS, pass the CA that signed its certificate" in str(caught.value)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from omnistage import errors
 from omnistage.rpc import error_from_rpc
-from services.status import status_code
+from omnistage.server.errors import status_code
 
 ALL = [
     errors.InvalidRequestError,

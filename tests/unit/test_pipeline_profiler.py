@@ -264,12 +264,11 @@ def test_a_stage_that_refused_keeps_its_own_session(tmp_path: Path) -> None:
 
 def test_a_refusal_keeps_the_stages_own_status_code(tmp_path: Path) -> None:
     clients = three()
-    refusal = OmnistageError("method not implemented")
-    refusal.grpc_code = "UNIMPLEMENTED"  # type: ignore[attr-defined]
+    refusal = OmnistageError("method not implemented", code="UNIMPLEMENTED")
     clients[0].start_error = refusal
     with pytest.raises(OmnistageError) as info:
         asyncio.run(profiler(clients, tmp_path).start([], ProfileOptions()))
-    assert info.value.grpc_code == "UNIMPLEMENTED"  # type: ignore[attr-defined]
+    assert info.value.code == "UNIMPLEMENTED"
     assert "'thinker'" in str(info.value) and "method not implemented" in str(info.value)
 
 

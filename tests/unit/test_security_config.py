@@ -16,9 +16,9 @@ from omnistage.security import (
     ServerSecurity,
     read_token,
 )
+from omnistage.server.auth import presented_token, protects
 from orchestrator.config import PipelineConfigError, load_pipeline, parse_pipeline
 from orchestrator.security import stage_client_security
-from services.auth import presented_token, protects
 from services.config import StageConfig
 from tests.pki import Pki, make_pki
 

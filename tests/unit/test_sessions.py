@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from omnistage.errors import InvalidRequestError
+from omnistage.server.errors import abort_for
 from omnistage.types import EngineInfo, GenerateInput, ProfileOptions
 from omnistage.v1 import common_pb2, stage_pb2, stage_pb2_grpc
 from services.config import ProfilerSettings, StageConfig
@@ -201,7 +202,7 @@ class _Aborted(Exception):
 
 
 class _Context:
-    """Records the status `grpc_errors` aborts with, as a grpc.aio context would send it."""
+    """Records the status the servers' error mapping aborts with, as grpc.aio would send it."""
 
     def __init__(self) -> None:
         self.status: tuple[grpc.StatusCode, str] | None = None
@@ -216,15 +217,18 @@ def _fetch(
 ) -> tuple[list[common_pb2.FileChunk], tuple[grpc.StatusCode, str] | None]:
     """Run the servicer's FetchProfileFile: the chunks sent, and the status it aborted with."""
     engine: Any = TraceOnlyEngine()
-    servicer = StageServicer(name="s", engine=engine, sessions=store, on_engine_dead=lambda: None)
+    servicer = StageServicer(name="s", engine=engine, sessions=store)
     request = stage_pb2.FetchProfileFileRequest(session_id=session_id, name=name, **fields)
 
     async def run() -> tuple[list[common_pb2.FileChunk], tuple[grpc.StatusCode, str] | None]:
         context = _Context()
         chunks = []
         try:
-            async for chunk in servicer.FetchProfileFile(request, context):  # type: ignore[arg-type]
-                chunks.append(chunk)
+            try:
+                async for chunk in servicer.FetchProfileFile(request, context):  # type: ignore[arg-type]
+                    chunks.append(chunk)
+            except Exception as exc:
+                await abort_for(context, "FetchProfileFile", exc)  # type: ignore[arg-type]
         except _Aborted:
             pass
         return chunks, context.status

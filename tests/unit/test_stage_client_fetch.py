@@ -117,7 +117,7 @@ def test_a_failed_rpc_deletes_a_new_file_and_keeps_a_resumed_one(
     stage = _Stage(fail_after=2)
     with pytest.raises(OmnistageError, match="the stage went away") as info:
         _fetch(stage, dest, offset=offset)
-    assert info.value.grpc_code == "UNAVAILABLE"  # type: ignore[attr-defined]
+    assert info.value.code == "UNAVAILABLE"
     assert (dest.read_bytes() if dest.exists() else None) == left
     assert stage.calls[0].cancelled
 

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from omnistage.errors import OmnistageError
 from omnistage.rpc import error_from_rpc
+from omnistage.server.errors import abort_for, status_code
 from omnistage.types import GenerateInput, OutputDelta
 from orchestrator.config import parse_pipeline
 from orchestrator.runner import PipelineRunner
-from services.status import grpc_errors, status_code
 
 from .test_errors import _FakeRpcError
 
@@ -100,9 +101,11 @@ def test_stage_failing_mid_stream_keeps_its_status(code: grpc.StatusCode) -> Non
     seen: list[str] = []
 
     async def serve() -> None:
-        async with grpc_errors(context, "Generate"):  # type: ignore[arg-type]
+        try:
             async for event in runner.run(GenerateInput(request_id="r1", prompt="hi")):
                 seen.append(event.stage)
+        except Exception as exc:
+            await abort_for(context, "Generate", exc)  # type: ignore[arg-type]
 
     with pytest.raises(Aborted):
         asyncio.run(serve())
@@ -119,4 +122,5 @@ def test_stage_failing_mid_stream_keeps_its_status(code: grpc.StatusCode) -> Non
 def test_status_code_prefers_the_remote_code() -> None:
     error = error_from_rpc(_FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "no"))
     assert status_code(error) is grpc.StatusCode.PERMISSION_DENIED
-    assert error.code == "INTERNAL"  # no error class stands for it
+    assert type(error) is OmnistageError  # no error class stands for it
+    assert error.code == "PERMISSION_DENIED"  # the instance keeps the code

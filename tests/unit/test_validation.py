@@ -6,7 +6,7 @@ import pytest
 
 from omnistage.errors import InvalidRequestError
 from omnistage.types import ChatTurn, GenerateInput, SamplingOptions
-from services.validation import validate_generate_input, validate_sampling
+from omnistage.validation import validate_generate_input, validate_sampling
 
 
 @pytest.mark.parametrize(

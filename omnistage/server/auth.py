@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -18,6 +18,8 @@ from omnistage.security import AUTHORIZATION_KEY, CLIENT_TOKEN_ENV, AuthScope
 from omnistage.v1 import orchestrator_pb2, stage_pb2
 
 logger = logging.getLogger(__name__)
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 _STAGE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 _ORCHESTRATOR = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
@@ -55,7 +57,7 @@ def presented_token(metadata: Any) -> str | None:
     return None
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses protected calls without the right token, with UNAUTHENTICATED."""
 
     def __init__(self, token: str, *, scope: AuthScope) -> None:
@@ -64,9 +66,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         method = str(details.method)
         if handler is None or not protects(method, self._scope):
@@ -84,10 +86,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: Handler, message: str) -> Handler:
     """A handler of the same call kind as `handler` that aborts with UNAUTHENTICATED."""
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(request: Any, context: Context) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kinds = {

@@ -1,9 +1,14 @@
-"""What every omnistage gRPC server shares: message limits, health, reflection, binding, and
-transport security (TLS or mTLS, a bearer token, a plaintext health-only port)."""
+"""What every omnistage gRPC server shares: message limits, health, reflection, binding, the
+error mapping, transport security (TLS or mTLS, a bearer token, a plaintext health-only port),
+and the serve loop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,7 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from omnistage.rpc import SERVER_OPTIONS
 from omnistage.security import ServerSecurity
-from services.auth import BearerTokenInterceptor
+from omnistage.server.auth import BearerTokenInterceptor
+from omnistage.server.errors import ErrorInterceptor
 
 logger = logging.getLogger(__name__)
 
@@ -19,14 +25,23 @@ logger = logging.getLogger(__name__)
 class GrpcServer:
     """A grpc.aio server serving `service` beside the health service and reflection."""
 
-    def __init__(self, service: str, *, security: ServerSecurity | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        *,
+        security: ServerSecurity | None = None,
+        on_unavailable: Callable[[], None] | None = None,
+    ) -> None:
         self.service = service
         self.security = security or ServerSecurity()
-        interceptors = []
+        # The token is checked first, before a request is even decoded; then every error of
+        # an RPC body becomes its status.
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.security.token:
             interceptors.append(
                 BearerTokenInterceptor(self.security.token, scope=self.security.auth_scope)
             )
+        interceptors.append(ErrorInterceptor(on_unavailable=on_unavailable))
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -77,3 +92,31 @@ class GrpcServer:
         """The status of the server as a whole and of its service."""
         for name in ("", self.service):
             await self.health.set(name, status)
+
+
+async def serve_until_signalled(
+    start: Callable[[], Coroutine[Any, Any, None]],
+    stop: Callable[[], Coroutine[Any, Any, None]],
+    *,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    """Run a server until SIGTERM or SIGINT, then stop it. A signal during `start` (an engine
+    loading) cancels the start; `stop` runs in every case."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        starting = asyncio.create_task(start())
+        stop_wait = asyncio.create_task(stopping.wait())
+        await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            if on_started is not None:
+                on_started()
+            await stop_wait
+        else:
+            starting.cancel()
+            stop_wait.cancel()
+    finally:
+        await stop()
