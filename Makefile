@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 BENCH_STAMP := $(VENV)/.omnistage-bench
 
-.PHONY: setup model protos lint browser test demo bench clean
+.PHONY: setup model protos lint browser docs test demo bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,7 +26,12 @@ lint: setup
 browser: setup
 	@bash scripts/browser_setup.sh
 
-test: model lint browser
+# The docs site (mkdocs.yml; docs/index.md says why MkDocs), built in strict mode: a broken link,
+# a missing anchor or a page left out of the nav fails it. build/ is ignored by git.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
+test: model lint browser docs
 	$(BIN)/pytest
 
 demo: model
@@ -49,4 +54,4 @@ $(BENCH_STAMP): pyproject.toml | setup
 	@touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/site

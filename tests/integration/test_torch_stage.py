@@ -1,4 +1,4 @@
-"""Real torch stages: the code2wav vocoder and the README's custom latent decoder in
+"""Real torch stages: the code2wav vocoder and docs/stages.md's custom latent decoder in
 subprocesses, plus the engine in process.
 
 The code2wav stage batches up to 4 requests, waiting 100 ms after the first, so that
@@ -127,7 +127,7 @@ def torch_stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSta
 
 @pytest.fixture(scope="module")
 def decoder_stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStage]:
-    """The README's own-stage example: a model with an input_spec and no checks of its own."""
+    """docs/stages.md's own-stage example: a model with an input_spec and no checks of its own."""
     process = ServerProcess(
         "stage 'decoder'",
         stage_args(
