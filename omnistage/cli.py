@@ -22,7 +22,8 @@ logger = logging.getLogger("omnistage")
 def _stage_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from services.config import StageConfig, describe_validation_error, parse_profiler_config
+    from omnistage.settings import describe_validation_error, parse_profiler_config
+    from services.config import StageConfig
     from services.server import serve
 
     try:
@@ -94,9 +95,9 @@ def _health(args: argparse.Namespace) -> int:
 def _orchestrator_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from omnistage.settings import describe_validation_error
     from orchestrator.config import load_pipeline
     from orchestrator.server import OrchestratorServerConfig, serve
-    from services.config import describe_validation_error
 
     pipeline = load_pipeline(Path(args.pipeline))
     try:

@@ -17,22 +17,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
-
 from omnistage.convert import (
     pipeline_output_from_pb,
+    pipeline_status_from_pb,
     report_from_pb,
     sampling_to_pb,
 )
 from omnistage.convert_sessions import progress_from_pb, session_list_from_pb
 from omnistage.download import RESUME_FOR_S, FileProgressFn, download_session
 from omnistage.errors import NotFoundError, OmnistageError
-from omnistage.rpc import LoopThread, error_from_rpc
+from omnistage.rpc import LoopThread, rpc_errors
 from omnistage.security import ClientSecurity, aio_channel
 from omnistage.stage_client import AsyncStageClient, StageClient, make_request, with_token
 from omnistage.types import (
     ChatTurn,
     PipelineOutput,
+    PipelineStatus,
     ProfileReport,
     SamplingOptions,
     SessionList,
@@ -118,13 +118,9 @@ class AsyncClient:
         for name, options in (stage_sampling or {}).items():
             request.stage_sampling[name].CopyFrom(sampling_to_pb(_sampling(options)))
         call = self._stub.Generate(request, timeout=timeout)
-        try:
+        with rpc_errors(self.address, call):
             async for msg in call:
                 yield pipeline_output_from_pb(msg)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
-        finally:
-            call.cancel()
 
     async def start_profile(
         self,
@@ -195,16 +191,12 @@ class AsyncClient:
     ) -> ProfileReport:
         call = self._stub.StopProfileStream(request, timeout=timeout)
         report = None
-        try:
+        with rpc_errors(self.address, call):
             async for msg in call:
                 event = progress_from_pb(msg)
                 if progress is not None:
                     progress(event)
                 report = event.report or report
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
-        finally:
-            call.cancel()
         if report is None:
             raise OmnistageError("the orchestrator ended StopProfileStream without a report")
         return report
@@ -244,13 +236,9 @@ class AsyncClient:
             session_id=session_id, name=name, offset=offset
         )
         call = self._stub.FetchSessionFile(request, timeout=FETCH_TIMEOUT_S)
-        try:
+        with rpc_errors(self.address, call):
             async for chunk in call:
                 yield chunk.offset, chunk.data, chunk.total_size
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
-        finally:
-            call.cancel()
 
     async def delete_session(self, session_id: str) -> int:
         """Delete a kept session on the orchestrator; return the bytes freed."""
@@ -258,19 +246,16 @@ class AsyncClient:
         reply = await self._call(self._stub.DeleteSession(request, timeout=60))
         return int(reply.bytes_freed)
 
-    async def pipeline(self) -> orchestrator_pb2.PipelineInfo:
+    async def pipeline(self) -> PipelineStatus:
         """Every stage's addresses, health and profiling state."""
         request = orchestrator_pb2.GetPipelineRequest()
         reply = await self._call(self._stub.GetPipeline(request, timeout=30))
-        assert isinstance(reply, orchestrator_pb2.PipelineInfo)
-        return reply
+        return pipeline_status_from_pb(reply)
 
     async def _call(self, call: Awaitable[T]) -> T:
         """Await one unary call, its failure as the omnistage error for its status."""
-        try:
+        with rpc_errors(self.address):
             return await call
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
 
 
 class Client:
@@ -297,7 +282,7 @@ class Client:
     def stop_profile(self, output_dir: str = "", **kwargs: Any) -> ProfileReport:
         return self._loop.run(self._async.stop_profile(output_dir, **kwargs))
 
-    def pipeline(self) -> orchestrator_pb2.PipelineInfo:
+    def pipeline(self) -> PipelineStatus:
         return self._loop.run(self._async.pipeline())
 
     def sessions(self) -> SessionList:

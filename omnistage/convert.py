@@ -7,9 +7,11 @@ from typing import Any
 
 from omnistage.types import (
     ChatTurn,
+    EngineInfo,
     GenerateInput,
     OutputDelta,
     PipelineOutput,
+    PipelineStatus,
     ProfileFileInfo,
     ProfileManifest,
     ProfileOptions,
@@ -20,6 +22,7 @@ from omnistage.types import (
     StageDescription,
     StageMetrics,
     StageProfileResult,
+    StageStatus,
     TensorData,
 )
 from omnistage.v1 import common_pb2, orchestrator_pb2, stage_pb2
@@ -171,6 +174,70 @@ def stage_description_to_pb(desc: StageDescription) -> stage_pb2.StageInfo:
         max_model_len=desc.engine.max_model_len,
         device=desc.engine.device,
         profiler_dir=desc.profiler_dir,
+    )
+
+
+def stage_description_from_pb(msg: stage_pb2.StageInfo) -> StageDescription:
+    engine = EngineInfo(
+        engine=msg.engine,
+        model=msg.model,
+        running_requests=msg.running_requests,
+        engine_version=msg.engine_version,
+        max_model_len=msg.max_model_len,
+        device=msg.device,
+    )
+    return StageDescription(
+        name=msg.name,
+        engine=engine,
+        profiling_enabled=msg.profiling_enabled,
+        profiling_active=msg.profiling_active,
+        profile_session_id=msg.profile_session_id,
+        server_time_unix_ns=msg.server_time_unix_ns,
+        version=msg.version,
+        profiler_dir=msg.profiler_dir,
+    )
+
+
+def pipeline_status_to_pb(status: PipelineStatus) -> orchestrator_pb2.PipelineInfo:
+    return orchestrator_pb2.PipelineInfo(
+        name=status.name,
+        stages=[
+            orchestrator_pb2.StageStatus(
+                name=s.name,
+                index=s.index,
+                addresses=s.addresses,
+                health=s.health,
+                profiling_active=s.profiling_active,
+                engine=s.engine,
+                model=s.model,
+                error=s.error,
+            )
+            for s in status.stages
+        ],
+        profiling_active=status.profiling_active,
+        profile_session_id=status.profile_session_id,
+    )
+
+
+def pipeline_status_from_pb(msg: orchestrator_pb2.PipelineInfo) -> PipelineStatus:
+    stages = tuple(
+        StageStatus(
+            name=s.name,
+            index=s.index,
+            addresses=tuple(s.addresses),
+            health=s.health,
+            profiling_active=s.profiling_active,
+            engine=s.engine,
+            model=s.model,
+            error=s.error,
+        )
+        for s in msg.stages
+    )
+    return PipelineStatus(
+        name=msg.name,
+        stages=stages,
+        profiling_active=msg.profiling_active,
+        profile_session_id=msg.profile_session_id,
     )
 
 

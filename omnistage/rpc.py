@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -56,6 +57,20 @@ def error_from_rpc(exc: grpc.RpcError, *, address: str = "") -> errors.Omnistage
     cls = _ERRORS_BY_CODE.get(code, errors.OmnistageError)
     where = f" ({address})" if address else ""
     return cls(f"{details}{where}{_tls_hint(code, details)}{_api_hint(code)}", code=code.name)
+
+
+@contextlib.contextmanager
+def rpc_errors(address: str, call: Any = None) -> Iterator[None]:
+    """The one client-side translation: a `grpc.RpcError` raised inside becomes the omnistage
+    error for its status, naming `address`. A streaming `call` is cancelled on the way out, so
+    a caller that stops reading (or fails) stops the server sending."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc, address=address) from exc
+    finally:
+        if call is not None:
+            call.cancel()
 
 
 def _api_hint(code: grpc.StatusCode) -> str:

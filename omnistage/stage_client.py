@@ -14,9 +14,10 @@ from omnistage.convert import (
     delta_from_pb,
     generate_input_to_pb,
     manifest_from_pb,
+    stage_description_from_pb,
 )
 from omnistage.errors import InvalidRequestError
-from omnistage.rpc import STOP_PROFILE_TIMEOUT_S, LoopThread, error_from_rpc
+from omnistage.rpc import STOP_PROFILE_TIMEOUT_S, LoopThread, rpc_errors
 from omnistage.security import ClientSecurity, aio_channel
 from omnistage.types import (
     ChatTurn,
@@ -24,6 +25,7 @@ from omnistage.types import (
     OutputDelta,
     ProfileManifest,
     SamplingOptions,
+    StageDescription,
 )
 from omnistage.v1 import stage_pb2, stage_pb2_grpc
 
@@ -95,13 +97,9 @@ class AsyncStageClient:
         self, request: GenerateInput, *, timeout: float | None = None
     ) -> AsyncIterator[OutputDelta]:
         call = self._stub.Generate(generate_input_to_pb(request), timeout=timeout)
-        try:
+        with rpc_errors(self.address, call):
             async for msg in call:
                 yield delta_from_pb(msg)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
-        finally:
-            call.cancel()
 
     async def start_profile(
         self, *, label: str = "", delay_iterations: int = 0, max_iterations: int = 0
@@ -150,7 +148,8 @@ class AsyncStageClient:
         written = 0
         call = self._stub.FetchProfileFile(request, timeout=600)
         try:
-            with dest.open("r+b" if offset else "wb") as handle:
+            # cancelled on the way out: a write that failed mid-stream stops the stage sending
+            with rpc_errors(self.address, call), dest.open("r+b" if offset else "wb") as handle:
                 if offset:
                     handle.truncate(offset)
                 async for chunk in call:
@@ -159,24 +158,21 @@ class AsyncStageClient:
                     written += len(chunk.data)
                     if on_bytes is not None:
                         on_bytes(len(chunk.data))
-        except BaseException as exc:
+        except BaseException:
             if not offset:
                 dest.unlink(missing_ok=True)  # a disk that filled up leaves no half-written file
-            if isinstance(exc, grpc.RpcError):
-                raise error_from_rpc(exc, address=self.address) from exc
             raise
-        finally:
-            call.cancel()  # a write that failed mid-stream stops the stage sending
         return written
 
-    async def info(self, *, timeout: float = 10.0) -> stage_pb2.StageInfo:
-        return await self._call(self._stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout))
+    async def info(self, *, timeout: float = 10.0) -> StageDescription:
+        """The stage's engine, model, profiling state and wall clock (GetInfo)."""
+        request = stage_pb2.GetInfoRequest()
+        reply = await self._call(self._stub.GetInfo(request, timeout=timeout))
+        return stage_description_from_pb(reply)
 
     async def _call(self, call: Awaitable[T]) -> T:
-        try:
+        with rpc_errors(self.address):
             return await call
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, address=self.address) from exc
 
 
 class StageClient:
@@ -219,7 +215,7 @@ class StageClient:
             self._async.fetch_file(session_id, name, dest, offset=offset, on_bytes=on_bytes)
         )
 
-    def info(self) -> stage_pb2.StageInfo:
+    def info(self) -> StageDescription:
         return self._loop.run(self._async.info())
 
     def close(self) -> None:

@@ -145,6 +145,30 @@ class StageDescription:
 
 
 @dataclass(frozen=True)
+class StageStatus:
+    """One stage of a pipeline as the orchestrator sees it (GetPipeline)."""
+
+    name: str
+    index: int
+    addresses: tuple[str, ...]
+    health: str  # each replica's, comma-separated: "SERVING,UNAVAILABLE"
+    profiling_active: bool
+    engine: str = ""
+    model: str = ""
+    error: str = ""  # why no replica is ready, or why its GetInfo failed
+
+
+@dataclass(frozen=True)
+class PipelineStatus:
+    """A pipeline's stages, their health and its profiling state (GetPipeline)."""
+
+    name: str
+    stages: tuple[StageStatus, ...]
+    profiling_active: bool
+    profile_session_id: str
+
+
+@dataclass(frozen=True)
 class StageProfileResult:
     """What one stage (one replica of it) gave back when a pipeline profile stopped."""
 

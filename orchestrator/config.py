@@ -6,10 +6,7 @@ the line and the key path of every problem, e.g.
 
 from __future__ import annotations
 
-import difflib
 import re
-import string
-import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,19 +24,23 @@ from pydantic import (
 )
 
 from omnistage.errors import InvalidRequestError
+from omnistage.settings import STAGE_NAME_PATTERN, ProfilerSettings
 from omnistage.types import SamplingOptions
+from orchestrator.addresses import address_problems, join_host_port
+from orchestrator.config_lines import (
+    KeyPath,
+    LineMap,
+    StrPath,
+    format_key_path,
+    line_of,
+    map_lines,
+    pydantic_message,
+    template_problems,
+)
 from orchestrator.security import StageSecurityConfig
 from orchestrator.sessions import DEFAULT_MAX_BYTES, DEFAULT_MAX_SESSIONS, SessionStoreConfig
-from services.config import STAGE_NAME_PATTERN, ProfilerSettings
 
 BUILTIN_PROCESSORS = ("text", "token_ids", "chat")
-# An address that stands for every address its name resolves to, each a replica (gRPC's form).
-DNS_SCHEME = "dns:///"
-TEMPLATE_FIELDS = ("text", "prompt")
-
-KeyPath = tuple[str | int, ...]
-StrPath = tuple[str, ...]
-LineMap = dict[StrPath, int]
 
 
 class PipelineConfigError(InvalidRequestError):
@@ -56,24 +57,6 @@ class _Problems(ValueError):
     def __init__(self, problems: list[tuple[KeyPath, str]]) -> None:
         self.problems = problems
         super().__init__("; ".join(f"{format_key_path(p)}: {m}" for p, m in problems))
-
-
-def format_key_path(path: Sequence[str | int]) -> str:
-    """`("stages", 1, "sampling")` -> `stages[1].sampling`."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part):
-            out += f".{part}" if out else part
-        else:
-            out += f"[{part!r}]"
-    return out or "(top level)"
-
-
-def template_fields(template: str) -> list[str]:
-    """The `{field}` names a str.format template uses; ValueError when it is malformed."""
-    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
 
 
 class SamplingConfig(BaseModel):
@@ -125,25 +108,12 @@ class InputConfig(BaseModel):
             if name == "token_ids":
                 problems.append((("template",), "the token_ids processor takes no template"))
             else:
-                problems.extend((("template",), m) for m in _template_problems(self.template))
+                problems.extend((("template",), m) for m in template_problems(self.template))
         if builtin and name != "chat" and self.system is not None:
             problems.append((("system",), f"system is for the chat processor, not {name!r}"))
         if problems:
             raise _Problems(problems)
         return self
-
-
-def _template_problems(template: str) -> list[str]:
-    allowed = ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS)
-    try:
-        fields = template_fields(template)
-    except ValueError as exc:
-        return [f"malformed template ({exc}); write a literal brace as {{{{ or }}}}"]
-    return [
-        f"unknown template field {{{f}}}; allowed: {allowed}"
-        for f in dict.fromkeys(fields)
-        if f not in TEMPLATE_FIELDS
-    ]
 
 
 class StageSpec(BaseModel):
@@ -173,9 +143,9 @@ class StageSpec(BaseModel):
             raise _Problems([(("addresses",), "set address or addresses, not both")])
         problems: list[tuple[KeyPath, str]] = []
         if self.address is not None:
-            problems += [(("address",), why) for why in _address_problems(self.address)]
+            problems += [(("address",), why) for why in address_problems(self.address)]
         for i, address in enumerate(self.addresses):
-            problems += [(("addresses", i), why) for why in _address_problems(address)]
+            problems += [(("addresses", i), why) for why in address_problems(address)]
         if problems:
             raise _Problems(problems)
         return self
@@ -183,36 +153,6 @@ class StageSpec(BaseModel):
     @property
     def all_addresses(self) -> list[str]:
         return [self.address] if self.address is not None else list(self.addresses)
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` -> (host, port); ValueError says what is wrong."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{address!r} has no port; write host:port")
-    if not (port.isascii() and port.isdecimal() and 0 < int(port) < 65536):
-        raise ValueError(f"{address!r}: the port must be 1 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def join_host_port(host: str, port: int) -> str:
-    """(host, port) -> `host:port`, or `[v6]:port` for an IPv6 address."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _address_problems(address: str) -> list[str]:
-    plain = address.removeprefix(DNS_SCHEME)
-    if "://" in plain or plain.startswith("dns:"):
-        return [
-            f"{address!r}: write host:port, or {DNS_SCHEME}name:port for every address of a name"
-        ]
-    try:
-        split_host_port(plain)
-    except ValueError as exc:
-        return [str(exc)]
-    return []
 
 
 class LaunchStage(BaseModel):
@@ -241,7 +181,7 @@ class LaunchStage(BaseModel):
                 ProfilerSettings.model_validate(value)
             except ValidationError as exc:
                 raise _Problems(
-                    [(tuple(e["loc"]), _message(e, ProfilerSettings)) for e in exc.errors()]
+                    [(tuple(e["loc"]), pydantic_message(e, ProfilerSettings)) for e in exc.errors()]
                 ) from None
         return value
 
@@ -406,7 +346,7 @@ def parse_pipeline(text: str, *, source: str = "<string>") -> PipelineConfig:
         raise PipelineConfigError([f"{source}: the pipeline file is empty"])
     lines: LineMap = {}
     duplicates: list[StrPath] = []
-    _map_lines(node, (), lines, duplicates, set())
+    map_lines(node, (), lines, duplicates, set())
     problems = [
         (lines[d], f"{source}:{lines[d]}: {format_key_path(d)}: duplicate key") for d in duplicates
     ]
@@ -415,10 +355,10 @@ def parse_pipeline(text: str, *, source: str = "<string>") -> PipelineConfig:
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             located = error.get("ctx", {}).get("error")
-            found = [((), _message(error, PipelineConfig))]
+            found = [((), pydantic_message(error, PipelineConfig))]
             for rel, message in located.problems if isinstance(located, _Problems) else found:
                 path: KeyPath = (*error["loc"], *rel)
-                line = _line_of(path, lines)
+                line = line_of(path, lines)
                 problems.append((line, f"{source}:{line}: {format_key_path(path)}: {message}"))
     else:
         problems += _processor_problems(config, lines, source)
@@ -441,73 +381,6 @@ def _processor_problems(
             resolve_processor(stage.input)
         except InvalidRequestError as exc:
             path: KeyPath = ("stages", index, "input", "processor")
-            line = _line_of(path, lines)
+            line = line_of(path, lines)
             problems.append((line, f"{source}:{line}: {format_key_path(path)}: {exc}"))
     return problems
-
-
-def _map_lines(
-    node: yaml.Node, path: StrPath, lines: LineMap, dup: list[StrPath], active: set[int]
-) -> None:
-    """Record the 1-based line of every key and item in `lines`, and duplicate keys in `dup`."""
-    lines.setdefault(path, node.start_mark.line + 1)
-    if id(node) in active:  # a recursive alias
-        return
-    active.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            name = str(key.value)
-            child = (*path, name)
-            if name in seen:
-                dup.append(child)
-            seen.add(name)
-            lines[child] = key.start_mark.line + 1
-            _map_lines(value, child, lines, dup, active)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _map_lines(item, (*path, str(index)), lines, dup, active)
-    active.discard(id(node))
-
-
-def _line_of(path: KeyPath, lines: LineMap) -> int:
-    """The line of `path`, or of its nearest parent that has one."""
-    keys = tuple(str(p) for p in path)
-    for end in range(len(keys), -1, -1):
-        if keys[:end] in lines:
-            return lines[keys[:end]]
-    return 1
-
-
-def _message(error: Any, root: type[BaseModel]) -> str:
-    """A pydantic error's message, reworded where that says better what to fix."""
-    loc = tuple(error["loc"])
-    if error["type"] == "extra_forbidden" and loc:
-        allowed = _allowed_keys(root, loc[:-1])
-        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
-        return f"unknown key{did_you_mean} (allowed: {', '.join(allowed)})"
-    if error["type"] == "missing":
-        return "required key is missing"
-    if error["type"] == "model_type":
-        return f"expected a mapping of keys, got {type(error['input']).__name__}"
-    return re.sub(r"^Value error, ", "", str(error["msg"]))
-
-
-def _allowed_keys(root: type[BaseModel], loc: KeyPath) -> list[str]:
-    """The keys of the model found at `loc` below `root` (list items and dict values included)."""
-    kind: Any = root
-    for part in (*loc, None):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
-            kind = args[0]  # X | None -> X
-        if part is None:
-            break
-        if typing.get_origin(kind) in (list, dict):
-            kind = typing.get_args(kind)[-1]
-        elif isinstance(kind, type) and issubclass(kind, BaseModel):
-            field = kind.model_fields.get(str(part))
-            kind = ProfilerSettings if part == "profiler_config" else field and field.annotation
-        else:
-            return []
-    return list(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else []

@@ -18,13 +18,8 @@ from dataclasses import dataclass, replace
 from omnistage.errors import StageUnavailableError
 from omnistage.security import ClientSecurity
 from omnistage.stage_client import AsyncStageClient
-from orchestrator.config import (
-    DNS_SCHEME,
-    PipelineConfig,
-    StageSpec,
-    join_host_port,
-    split_host_port,
-)
+from orchestrator.addresses import DNS_SCHEME, join_host_port, split_host_port
+from orchestrator.config import PipelineConfig, StageSpec
 from orchestrator.security import stage_client_security
 
 logger = logging.getLogger(__name__)

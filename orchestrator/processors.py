@@ -17,7 +17,8 @@ from typing import Protocol
 
 from omnistage.errors import InvalidRequestError
 from omnistage.types import ChatTurn, GenerateInput, TensorData
-from orchestrator.config import InputConfig, template_fields
+from orchestrator.config import InputConfig
+from orchestrator.config_lines import template_fields
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator
 from omnistage.convert import (
     delta_to_pb,
     generate_input_from_pb,
+    pipeline_status_to_pb,
     profile_options_from_pb,
     report_to_pb,
     sampling_from_pb,
 )
 from omnistage.convert_sessions import progress_to_pb, session_list_to_pb
-from omnistage.errors import InvalidRequestError
+from omnistage.errors import InvalidRequestError, OmnistageError
 from omnistage.server import Context
 from omnistage.traces.slimming import VLLM_IDLE_PATTERNS, SlimOptions
-from omnistage.types import StopProgress
+from omnistage.types import PipelineStatus, StageStatus, StopProgress
 from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from omnistage.validation import validate_generate_input
 from orchestrator.config import PipelineConfig
@@ -153,37 +154,43 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
         )
 
     async def GetPipeline(
-        self,
-        request: orchestrator_pb2.GetPipelineRequest,
-        context: Context,
+        self, request: orchestrator_pb2.GetPipelineRequest, context: Context
     ) -> orchestrator_pb2.PipelineInfo:
         profiling = set(self._profiler.profiling_stages())
-        stages = []
         await self._pool.refresh()
-        for index, spec in enumerate(self._pipeline.stages):
-            replicas = self._pool.replicas(spec.name)
-            healths = [r.health for r in replicas]
-            status = orchestrator_pb2.StageStatus(
-                name=spec.name,
-                index=index,
-                addresses=[r.address for r in replicas],
-                health=",".join(healths),
-                profiling_active=spec.name in profiling,
-            )
-            if not replicas:
-                status.error = self._pool.describe_unready(spec.name)
-            if "SERVING" in healths:
-                try:
-                    info = await replicas[healths.index("SERVING")].client.info(timeout=5)
-                    status.engine, status.model = info.engine, info.model
-                except Exception as exc:  # noqa: BLE001 - reported, not raised
-                    status.error = str(exc)
-            stages.append(status)
-        return orchestrator_pb2.PipelineInfo(
+        stages = [
+            await self._stage_status(index, spec.name, spec.name in profiling)
+            for index, spec in enumerate(self._pipeline.stages)
+        ]
+        status = PipelineStatus(
             name=self._pipeline.name,
-            stages=stages,
+            stages=tuple(stages),
             profiling_active=bool(profiling),
             profile_session_id=self._profiler.active_session_id,
+        )
+        return pipeline_status_to_pb(status)
+
+    async def _stage_status(self, index: int, name: str, profiling: bool) -> StageStatus:
+        """A stage's replicas and health; its engine and model from a serving replica."""
+        replicas = self._pool.replicas(name)
+        healths = [r.health for r in replicas]
+        engine = model = ""
+        error = "" if replicas else self._pool.describe_unready(name)
+        if "SERVING" in healths:
+            try:
+                info = await replicas[healths.index("SERVING")].client.info(timeout=5)
+                engine, model = info.engine.engine, info.engine.model
+            except OmnistageError as exc:  # reported, not raised
+                error = str(exc)
+        return StageStatus(
+            name=name,
+            index=index,
+            addresses=tuple(r.address for r in replicas),
+            health=",".join(healths),
+            profiling_active=profiling,
+            engine=engine,
+            model=model,
+            error=error,
         )
 
 

@@ -21,8 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from omnistage.errors import ProfilerStateError
+from omnistage.settings import ProfilerSettings
 from omnistage.types import ProfileOptions
-from services.config import ProfilerSettings
 
 logger = logging.getLogger(__name__)
 

@@ -170,7 +170,7 @@ def test_get_pipeline_shows_stages(pipeline: omnistage.Client, stage: RunningSta
         (0, "thinker", "SERVING"),
         (1, "rewriter", "SERVING"),
     ]
-    assert info.stages[0].addresses == [stage.address]
+    assert info.stages[0].addresses == (stage.address,)
     assert info.stages[0].engine == "vllm" and not info.profiling_active
 
 

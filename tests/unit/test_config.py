@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from omnistage.errors import InvalidRequestError
-from services.config import ProfilerSettings, StageConfig, parse_profiler_config
+from omnistage.settings import ProfilerSettings, parse_profiler_config
+from services.config import StageConfig
 
 # A value other than vLLM's default for every key a stage can use, to see each one arrive.
 NON_DEFAULT_KEYS: dict[str, Any] = {

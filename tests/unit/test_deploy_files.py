@@ -24,9 +24,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from omnistage.settings import parse_profiler_config
 from orchestrator.config import parse_pipeline
 from orchestrator.server import OrchestratorServerConfig
-from services.config import parse_profiler_config
 from tests.deploy_render import (
     KustomizeError,
     apply_json6902,
