@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+
+from omnistage.client_base import AsyncRpcClient, SyncRpcClient
 from omnistage.convert import (
     pipeline_output_from_pb,
     pipeline_status_from_pb,
@@ -26,9 +29,9 @@ from omnistage.convert import (
 from omnistage.convert_sessions import progress_from_pb, session_list_from_pb
 from omnistage.download import RESUME_FOR_S, FileProgressFn, download_session
 from omnistage.errors import NotFoundError, OmnistageError
-from omnistage.rpc import LoopThread, rpc_errors
-from omnistage.security import ClientSecurity, aio_channel
-from omnistage.stage_client import AsyncStageClient, StageClient, make_request, with_token
+from omnistage.rpc import rpc_errors
+from omnistage.security import ClientSecurity
+from omnistage.stage_client import AsyncStageClient, StageClient, make_request
 from omnistage.types import (
     ChatTurn,
     PipelineOutput,
@@ -41,14 +44,8 @@ from omnistage.types import (
 )
 from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
-__all__ = [
-    "AsyncClient",
-    "AsyncStageClient",
-    "Client",
-    "ClientSecurity",
-    "StageClient",
-    "make_request",
-]
+__all__ = ["AsyncClient", "AsyncStageClient", "Client", "ClientSecurity", "StageClient"]
+__all__ += ["make_request"]  # the stage client's, re-exported for scripts that use both
 
 T = TypeVar("T")
 STOP_TIMEOUT_S = 900.0  # stopping profiles waits for every stage's flush and the file pulls
@@ -66,30 +63,14 @@ def _sampling(options: Mapping[str, Any] | SamplingOptions | None) -> SamplingOp
     return SamplingOptions(**values)
 
 
-class AsyncClient:
+class AsyncClient(AsyncRpcClient):
     """Talks to an orchestrator with grpc.aio; `security` sets TLS, mTLS and the token
     (`token=` alone is the shorthand for a token over plaintext)."""
 
-    def __init__(
-        self,
-        address: str = "localhost:50050",
-        *,
-        security: ClientSecurity | None = None,
-        token: str | None = None,
-    ) -> None:
-        self.address = address
-        self.security = with_token(security, token)
-        self._channel = aio_channel(address, self.security)
-        self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+    default_address = "localhost:50050"
 
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def _connected(self, channel: grpc.aio.Channel) -> None:
+        self._stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
 
     async def generate(
         self,
@@ -252,26 +233,11 @@ class AsyncClient:
         reply = await self._call(self._stub.GetPipeline(request, timeout=30))
         return pipeline_status_from_pb(reply)
 
-    async def _call(self, call: Awaitable[T]) -> T:
-        """Await one unary call, its failure as the omnistage error for its status."""
-        with rpc_errors(self.address):
-            return await call
 
-
-class Client:
+class Client(SyncRpcClient[AsyncClient]):
     """The synchronous face of `AsyncClient`."""
 
-    def __init__(
-        self,
-        address: str = "localhost:50050",
-        *,
-        security: ClientSecurity | None = None,
-        token: str | None = None,
-    ) -> None:
-        security = with_token(security, token)  # checks the files before a thread starts
-        self._loop = LoopThread()
-        self._async = self._loop.run(_make(address, security))
-        self.address = address
+    async_class = AsyncClient
 
     def generate(self, prompt: str = "", **kwargs: Any) -> Iterator[PipelineOutput]:
         return self._loop.iterate(self._async.generate(prompt, **kwargs))
@@ -293,17 +259,3 @@ class Client:
 
     def delete_session(self, session_id: str) -> int:
         return self._loop.run(self._async.delete_session(session_id))
-
-    def close(self) -> None:
-        self._loop.run(self._async.close())
-        self._loop.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-async def _make(address: str, security: ClientSecurity | None) -> AsyncClient:
-    return AsyncClient(address, security=security)

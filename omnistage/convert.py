@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from omnistage.types import (
     ChatTurn,
@@ -26,6 +27,8 @@ from omnistage.types import (
     TensorData,
 )
 from omnistage.v1 import common_pb2, orchestrator_pb2, stage_pb2
+
+T = TypeVar("T")
 
 
 def sampling_from_pb(msg: common_pb2.SamplingParams) -> SamplingOptions:
@@ -85,24 +88,26 @@ def generate_input_to_pb(request: GenerateInput) -> stage_pb2.GenerateRequest:
     return msg
 
 
+def fields_of(obj: Any, *, leave: tuple[str, ...] = (), **overrides: Any) -> dict[str, Any]:
+    """A plain dataclass's fields by name (those in `overrides` replaced, those in `leave`
+    left out), for a message or another dataclass of the same field names."""
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in leave}
+    return values | overrides
+
+
+def from_fields(msg: Any, cls: type[T], **overrides: Any) -> T:
+    """A plain dataclass `cls` from a message holding fields of the same names."""
+    kind: Any = cls
+    names = [f.name for f in dataclasses.fields(kind) if f.name not in overrides]
+    return cls(**{name: getattr(msg, name) for name in names}, **overrides)
+
+
 def metrics_to_pb(metrics: RequestMetrics) -> common_pb2.RequestMetrics:
-    return common_pb2.RequestMetrics(
-        queue_time_s=metrics.queue_time_s,
-        time_to_first_token_s=metrics.time_to_first_token_s,
-        prompt_tokens=metrics.prompt_tokens,
-        generated_tokens=metrics.generated_tokens,
-        duration_s=metrics.duration_s,
-    )
+    return common_pb2.RequestMetrics(**fields_of(metrics))
 
 
 def metrics_from_pb(msg: common_pb2.RequestMetrics) -> RequestMetrics:
-    return RequestMetrics(
-        queue_time_s=msg.queue_time_s,
-        time_to_first_token_s=msg.time_to_first_token_s,
-        prompt_tokens=msg.prompt_tokens,
-        generated_tokens=msg.generated_tokens,
-        duration_s=msg.duration_s,
-    )
+    return from_fields(msg, RequestMetrics)
 
 
 def delta_to_pb(delta: OutputDelta) -> stage_pb2.GenerateResponse:
@@ -142,207 +147,80 @@ def profile_options_from_pb(msg: Any) -> ProfileOptions:
 
 
 def manifest_to_pb(manifest: ProfileManifest) -> stage_pb2.StopProfileResponse:
-    return stage_pb2.StopProfileResponse(
-        session_id=manifest.session_id,
-        profile_dir=manifest.profile_dir,
-        stop_seconds=manifest.stop_seconds,
-        files=files_to_pb(manifest.files),
-    )
+    return stage_pb2.StopProfileResponse(**fields_of(manifest, files=files_to_pb(manifest.files)))
 
 
 def manifest_from_pb(msg: stage_pb2.StopProfileResponse) -> ProfileManifest:
-    return ProfileManifest(
-        session_id=msg.session_id,
-        profile_dir=msg.profile_dir,
-        stop_seconds=msg.stop_seconds,
-        files=files_from_pb(msg.files),
-    )
+    return from_fields(msg, ProfileManifest, files=files_from_pb(msg.files))
 
 
 def stage_description_to_pb(desc: StageDescription) -> stage_pb2.StageInfo:
+    # the message is flat: the engine's fields beside the stage's, `engine` its kind
     return stage_pb2.StageInfo(
-        name=desc.name,
-        engine=desc.engine.engine,
-        model=desc.engine.model,
-        profiling_enabled=desc.profiling_enabled,
-        profiling_active=desc.profiling_active,
-        profile_session_id=desc.profile_session_id,
-        running_requests=desc.engine.running_requests,
-        server_time_unix_ns=desc.server_time_unix_ns,
-        version=desc.version,
-        engine_version=desc.engine.engine_version,
-        max_model_len=desc.engine.max_model_len,
-        device=desc.engine.device,
-        profiler_dir=desc.profiler_dir,
+        **(fields_of(desc.engine) | fields_of(desc, engine=desc.engine.engine))
     )
 
 
 def stage_description_from_pb(msg: stage_pb2.StageInfo) -> StageDescription:
-    engine = EngineInfo(
-        engine=msg.engine,
-        model=msg.model,
-        running_requests=msg.running_requests,
-        engine_version=msg.engine_version,
-        max_model_len=msg.max_model_len,
-        device=msg.device,
-    )
-    return StageDescription(
-        name=msg.name,
-        engine=engine,
-        profiling_enabled=msg.profiling_enabled,
-        profiling_active=msg.profiling_active,
-        profile_session_id=msg.profile_session_id,
-        server_time_unix_ns=msg.server_time_unix_ns,
-        version=msg.version,
-        profiler_dir=msg.profiler_dir,
-    )
+    return from_fields(msg, StageDescription, engine=from_fields(msg, EngineInfo))
 
 
 def pipeline_status_to_pb(status: PipelineStatus) -> orchestrator_pb2.PipelineInfo:
-    return orchestrator_pb2.PipelineInfo(
-        name=status.name,
-        stages=[
-            orchestrator_pb2.StageStatus(
-                name=s.name,
-                index=s.index,
-                addresses=s.addresses,
-                health=s.health,
-                profiling_active=s.profiling_active,
-                engine=s.engine,
-                model=s.model,
-                error=s.error,
-            )
-            for s in status.stages
-        ],
-        profiling_active=status.profiling_active,
-        profile_session_id=status.profile_session_id,
-    )
+    stages = [orchestrator_pb2.StageStatus(**fields_of(s)) for s in status.stages]
+    return orchestrator_pb2.PipelineInfo(**fields_of(status, stages=stages))
 
 
 def pipeline_status_from_pb(msg: orchestrator_pb2.PipelineInfo) -> PipelineStatus:
-    stages = tuple(
-        StageStatus(
-            name=s.name,
-            index=s.index,
-            addresses=tuple(s.addresses),
-            health=s.health,
-            profiling_active=s.profiling_active,
-            engine=s.engine,
-            model=s.model,
-            error=s.error,
-        )
-        for s in msg.stages
-    )
-    return PipelineStatus(
-        name=msg.name,
-        stages=stages,
-        profiling_active=msg.profiling_active,
-        profile_session_id=msg.profile_session_id,
-    )
+    stages = tuple(from_fields(s, StageStatus, addresses=tuple(s.addresses)) for s in msg.stages)
+    return from_fields(msg, PipelineStatus, stages=stages)
 
 
 def pipeline_output_from_pb(msg: orchestrator_pb2.PipelineResponse) -> PipelineOutput:
-    metrics = None
-    if msg.HasField("metrics"):
-        metrics = StageMetrics(
-            queue_time_s=msg.metrics.queue_time_s,
-            time_to_first_output_s=msg.metrics.time_to_first_output_s,
-            duration_s=msg.metrics.duration_s,
-            handoff_s=msg.metrics.handoff_s,
-            stage_time_s=msg.metrics.stage_time_s,
-        )
-    return PipelineOutput(
-        stage=msg.stage,
-        stage_index=msg.stage_index,
-        request_id=msg.request_id,
-        text=msg.text,
+    return from_fields(
+        msg,
+        PipelineOutput,
         token_ids=tuple(msg.token_ids),
-        finished=msg.finished,
-        final=msg.final,
-        finish_reason=msg.finish_reason,
-        metrics=metrics,
+        metrics=from_fields(msg.metrics, StageMetrics) if msg.HasField("metrics") else None,
         tensor=tensor_from_pb(msg.tensor) if msg.HasField("tensor") else None,
-        replica=msg.replica,
     )
 
 
 def files_to_pb(files: tuple[ProfileFileInfo, ...]) -> list[common_pb2.ProfileFile]:
-    return [
-        common_pb2.ProfileFile(name=f.name, size_bytes=f.size_bytes, sha256=f.sha256) for f in files
-    ]
+    return [common_pb2.ProfileFile(**fields_of(f)) for f in files]
 
 
 def files_from_pb(files: Any) -> tuple[ProfileFileInfo, ...]:
-    return tuple(ProfileFileInfo(f.name, f.size_bytes, f.sha256) for f in files)
+    return tuple(from_fields(f, ProfileFileInfo) for f in files)
 
 
 def report_to_pb(report: ProfileReport) -> orchestrator_pb2.ProfileReport:
     slim = report.slimming
+    stages = [
+        orchestrator_pb2.StageProfileResult(**fields_of(r, files=files_to_pb(r.files)))
+        for r in report.stages
+    ]
     return orchestrator_pb2.ProfileReport(
-        session_id=report.session_id,
-        output_dir=report.output_dir,
-        timeline=report.timeline,
-        summary=report.summary,
-        slimming=None
-        if slim is None
-        else orchestrator_pb2.ProfileSlimming(
-            bytes_before=slim.bytes_before,
-            bytes_after=slim.bytes_after,
-            events_before=slim.events_before,
-            events_after=slim.events_after,
-            traces=slim.traces,
-            copies_written=slim.copies_written,
-        ),
-        stages=[
-            orchestrator_pb2.StageProfileResult(
-                stage=r.stage,
-                ok=r.ok,
-                error=r.error,
-                replica=r.replica,
-                stage_session_id=r.stage_session_id,
-                local_dir=r.local_dir,
-                stop_seconds=r.stop_seconds,
-                files=files_to_pb(r.files),
-            )
-            for r in report.stages
-        ],
-        session_files=files_to_pb(report.session_files),
-        timelines=list(report.timelines),
-        warnings=list(report.warnings),
+        **fields_of(
+            report,
+            leave=("downloaded_to",),  # the caller's own copy: never on the wire
+            slimming=None if slim is None else orchestrator_pb2.ProfileSlimming(**fields_of(slim)),
+            stages=stages,
+            session_files=files_to_pb(report.session_files),
+        )
     )
 
 
 def report_from_pb(msg: orchestrator_pb2.ProfileReport) -> ProfileReport:
-    slim = msg.slimming
-    return ProfileReport(
-        session_id=msg.session_id,
-        output_dir=msg.output_dir,
-        timeline=msg.timeline,
-        summary=msg.summary,
-        slimming=ProfileSlimming(
-            bytes_before=slim.bytes_before,
-            bytes_after=slim.bytes_after,
-            events_before=slim.events_before,
-            events_after=slim.events_after,
-            traces=slim.traces,
-            copies_written=slim.copies_written,
-        )
-        if msg.HasField("slimming")
-        else None,
-        stages=tuple(
-            StageProfileResult(
-                stage=r.stage,
-                replica=r.replica,
-                ok=r.ok,
-                error=r.error,
-                files=files_from_pb(r.files),
-                stage_session_id=r.stage_session_id,
-                local_dir=r.local_dir,
-                stop_seconds=r.stop_seconds,
-            )
-            for r in msg.stages
-        ),
+    stages = tuple(
+        from_fields(r, StageProfileResult, files=files_from_pb(r.files)) for r in msg.stages
+    )
+    return from_fields(
+        msg,
+        ProfileReport,
+        slimming=from_fields(msg.slimming, ProfileSlimming) if msg.HasField("slimming") else None,
+        stages=stages,
         session_files=files_from_pb(msg.session_files),
         timelines=tuple(msg.timelines),
         warnings=tuple(msg.warnings),
+        downloaded_to="",
     )

@@ -1,73 +1,55 @@
-"""Conversions of the orchestrator's session messages: streamed stop progress and listings."""
+"""Conversions of the session messages: streamed stop progress, listings and file chunks."""
 
 from __future__ import annotations
 
-from omnistage.convert import files_from_pb, files_to_pb, report_from_pb, report_to_pb
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from omnistage.convert import (
+    fields_of,
+    files_from_pb,
+    files_to_pb,
+    from_fields,
+    report_from_pb,
+    report_to_pb,
+)
 from omnistage.types import SessionList, SessionSummary, StopProgress
-from omnistage.v1 import orchestrator_pb2
+from omnistage.v1 import common_pb2, orchestrator_pb2
 
 
 def progress_to_pb(event: StopProgress) -> orchestrator_pb2.StopProfileProgress:
-    msg = orchestrator_pb2.StopProfileProgress(
-        phase=event.phase,
-        stage=event.stage,
-        replica=event.replica,
-        file=event.file,
-        bytes_done=event.bytes_done,
-        bytes_total=event.bytes_total,
-        seconds=event.seconds,
-        message=event.message,
-    )
+    msg = orchestrator_pb2.StopProfileProgress(**fields_of(event, leave=("report",)))
     if event.report is not None:
         msg.report.CopyFrom(report_to_pb(event.report))
     return msg
 
 
 def progress_from_pb(msg: orchestrator_pb2.StopProfileProgress) -> StopProgress:
-    return StopProgress(
-        phase=msg.phase,
-        stage=msg.stage,
-        replica=msg.replica,
-        file=msg.file,
-        bytes_done=msg.bytes_done,
-        bytes_total=msg.bytes_total,
-        seconds=msg.seconds,
-        message=msg.message,
-        report=report_from_pb(msg.report) if msg.HasField("report") else None,
-    )
+    report = report_from_pb(msg.report) if msg.HasField("report") else None
+    return from_fields(msg, StopProgress, report=report)
 
 
 def session_list_to_pb(listing: SessionList) -> orchestrator_pb2.SessionList:
-    return orchestrator_pb2.SessionList(
-        profile_root=listing.profile_root,
-        max_sessions=listing.max_sessions,
-        max_total_bytes=listing.max_total_bytes,
-        sessions=[
-            orchestrator_pb2.SessionSummary(
-                session_id=s.session_id,
-                path=s.path,
-                modified_unix_ns=s.modified_unix_ns,
-                total_bytes=s.total_bytes,
-                files=files_to_pb(s.files),
-            )
-            for s in listing.sessions
-        ],
-    )
+    sessions = [
+        orchestrator_pb2.SessionSummary(**fields_of(s, files=files_to_pb(s.files)))
+        for s in listing.sessions
+    ]
+    return orchestrator_pb2.SessionList(**fields_of(listing, sessions=sessions))
 
 
 def session_list_from_pb(msg: orchestrator_pb2.SessionList) -> SessionList:
-    return SessionList(
-        profile_root=msg.profile_root,
-        max_sessions=msg.max_sessions,
-        max_total_bytes=msg.max_total_bytes,
-        sessions=tuple(
-            SessionSummary(
-                session_id=s.session_id,
-                path=s.path,
-                modified_unix_ns=s.modified_unix_ns,
-                total_bytes=s.total_bytes,
-                files=files_from_pb(s.files),
-            )
-            for s in msg.sessions
-        ),
+    sessions = tuple(
+        from_fields(s, SessionSummary, files=files_from_pb(s.files)) for s in msg.sessions
     )
+    return from_fields(msg, SessionList, sessions=sessions)
+
+
+async def file_chunks_to_pb(
+    read_chunks: Callable[..., AsyncIterator[tuple[int, bytes, int]]], request: Any
+) -> AsyncIterator[common_pb2.FileChunk]:
+    """A Fetch*File request served from a session store's `read_chunks`."""
+    chunks = read_chunks(
+        request.session_id, request.name, chunk_size=request.chunk_size, offset=request.offset
+    )
+    async for offset, data, total in chunks:
+        yield common_pb2.FileChunk(data=data, offset=offset, total_size=total)

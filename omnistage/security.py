@@ -78,8 +78,27 @@ def _check_token(token: str | None, label: str) -> None:
         raise SecurityConfigError(f"{label}: the token is empty or spans lines")
 
 
+class _Settings:
+    """What both sides' settings check alike; each names a setting as its user wrote it."""
+
+    origin: str
+    token: str | None
+    FLAGS: ClassVar[dict[str, str]]
+
+    def _where(self, name: str) -> str:
+        return _where(self.origin, name, self.FLAGS)
+
+    def _check_token_and_files(self, *names: str) -> None:
+        """The token is one line; each file named is there and readable."""
+        _check_token(self.token, self._where("token"))
+        for name in names:
+            path = getattr(self, name)
+            if path is not None:
+                read_file(path, label=self._where(name))
+
+
 @dataclass(frozen=True)
-class ServerSecurity:
+class ServerSecurity(_Settings):
     """How a server accepts connections: plaintext, TLS, or mTLS; with or without a token."""
 
     tls_cert: str | Path | None = None
@@ -102,14 +121,7 @@ class ServerSecurity:
                 f"{self._where('auth_scope')} must be one of {', '.join(AUTH_SCOPES)} "
                 f"(got {self.auth_scope!r})"
             )
-        _check_token(self.token, self._where("token"))
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
-            path = getattr(self, name)
-            if path is not None:
-                read_file(path, label=self._where(name))
-
-    def _where(self, name: str) -> str:
-        return _where(self.origin, name, self.FLAGS)
+        self._check_token_and_files("tls_cert", "tls_key", "tls_client_ca")
 
     @property
     def tls(self) -> bool:
@@ -142,7 +154,7 @@ class ServerSecurity:
 
 
 @dataclass(frozen=True)
-class ClientSecurity:
+class ClientSecurity(_Settings):
     """How a client connects: which CA to trust, its own certificate for mTLS, and a token.
 
     TLS is on when `tls_ca`, `tls_cert` or `tls_server_name` is set, or `use_tls` (which
@@ -163,14 +175,7 @@ class ClientSecurity:
         cert, key = self._where("tls_cert"), self._where("tls_key")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SecurityConfigError(f"{cert} and {key} go together: give both or neither")
-        _check_token(self.token, self._where("token"))
-        for name in ("tls_ca", "tls_cert", "tls_key"):
-            path = getattr(self, name)
-            if path is not None:
-                read_file(path, label=self._where(name))
-
-    def _where(self, name: str) -> str:
-        return _where(self.origin, name, self.FLAGS)
+        self._check_token_and_files("tls_ca", "tls_cert", "tls_key")
 
     @property
     def tls(self) -> bool:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from omnistage.client_base import AsyncRpcClient, SyncRpcClient
 from omnistage.convert import (
     delta_from_pb,
     generate_input_to_pb,
@@ -17,8 +17,7 @@ from omnistage.convert import (
     stage_description_from_pb,
 )
 from omnistage.errors import InvalidRequestError
-from omnistage.rpc import STOP_PROFILE_TIMEOUT_S, LoopThread, rpc_errors
-from omnistage.security import ClientSecurity, aio_channel
+from omnistage.rpc import STOP_PROFILE_TIMEOUT_S, rpc_errors
 from omnistage.types import (
     ChatTurn,
     GenerateInput,
@@ -52,30 +51,11 @@ def make_request(
     )
 
 
-def with_token(security: ClientSecurity | None, token: str | None) -> ClientSecurity | None:
-    """`security` with `token` added: the clients' `token=` shorthand."""
-    if token is None:
-        return security
-    return replace(security or ClientSecurity(), token=token)
-
-
-class AsyncStageClient:
+class AsyncStageClient(AsyncRpcClient):
     """Talks to one stage service with grpc.aio; `security` sets TLS, mTLS and the token."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        security: ClientSecurity | None = None,
-        token: str | None = None,
-    ) -> None:
-        self.address = address
-        self.security = with_token(security, token)
-        self._channel = aio_channel(address, self.security)
-        self._stub = stage_pb2_grpc.StageStub(self._channel)
-
-    async def close(self) -> None:
-        await self._channel.close()
+    def _connected(self, channel: grpc.aio.Channel) -> None:
+        self._stub = stage_pb2_grpc.StageStub(channel)
 
     async def health(self, *, timeout: float = 2.0) -> str:
         """SERVING or NOT_SERVING, or the status code's name when the check itself fails."""
@@ -86,12 +66,6 @@ class AsyncStageClient:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             return str(code.name)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-
-    async def __aenter__(self) -> AsyncStageClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def generate(
         self, request: GenerateInput, *, timeout: float | None = None
@@ -170,25 +144,11 @@ class AsyncStageClient:
         reply = await self._call(self._stub.GetInfo(request, timeout=timeout))
         return stage_description_from_pb(reply)
 
-    async def _call(self, call: Awaitable[T]) -> T:
-        with rpc_errors(self.address):
-            return await call
 
-
-class StageClient:
+class StageClient(SyncRpcClient[AsyncStageClient]):
     """The synchronous face of `AsyncStageClient`, for scripts and notebooks."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        security: ClientSecurity | None = None,
-        token: str | None = None,
-    ) -> None:
-        security = with_token(security, token)  # checks the files before a thread starts
-        self._loop = LoopThread()
-        self._async = self._loop.run(_make_async_client(address, security))
-        self.address = address
+    async_class = AsyncStageClient
 
     def generate(
         self, request: GenerateInput, *, timeout: float | None = None
@@ -201,33 +161,9 @@ class StageClient:
     def stop_profile(self, **options: Any) -> ProfileManifest:
         return self._loop.run(self._async.stop_profile(**options))
 
-    def fetch_file(
-        self,
-        session_id: str,
-        name: str,
-        dest: Path,
-        *,
-        offset: int = 0,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> int:
+    def fetch_file(self, session_id: str, name: str, dest: Path, **options: Any) -> int:
         """See `AsyncStageClient.fetch_file`; `on_bytes` runs on the client's loop thread."""
-        return self._loop.run(
-            self._async.fetch_file(session_id, name, dest, offset=offset, on_bytes=on_bytes)
-        )
+        return self._loop.run(self._async.fetch_file(session_id, name, dest, **options))
 
     def info(self) -> StageDescription:
         return self._loop.run(self._async.info())
-
-    def close(self) -> None:
-        self._loop.run(self._async.close())
-        self._loop.close()
-
-    def __enter__(self) -> StageClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-async def _make_async_client(address: str, security: ClientSecurity | None) -> AsyncStageClient:
-    return AsyncStageClient(address, security=security)

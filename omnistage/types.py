@@ -182,17 +182,11 @@ class StageProfileResult:
     stop_seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class ProfileSlimming:
-    """What slimming saved over a session's traces (file sizes; events in them)."""
+class SizeSaving:
+    """The bytes a smaller copy saved: for one trace's slimming and a session's."""
 
-    bytes_before: int = 0
-    bytes_after: int = 0
-    """The originals' size where no smaller copy was written."""
-    events_before: int = 0
-    events_after: int = 0
-    traces: int = 0
-    copies_written: int = 0
+    bytes_before: int
+    bytes_after: int
 
     @property
     def bytes_saved(self) -> int:
@@ -202,6 +196,19 @@ class ProfileSlimming:
     def size_ratio(self) -> float:
         """Slimmed size over full size (1.0 when there were no bytes)."""
         return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+
+@dataclass(frozen=True)
+class ProfileSlimming(SizeSaving):
+    """What slimming saved over a session's traces (file sizes; events in them)."""
+
+    bytes_before: int = 0
+    bytes_after: int = 0
+    """The originals' size where no smaller copy was written."""
+    events_before: int = 0
+    events_after: int = 0
+    traces: int = 0
+    copies_written: int = 0
 
     def describe(self) -> str:
         """One line for people: bytes saved, size ratio, events dropped."""

@@ -15,7 +15,7 @@ from omnistage.convert import (
     report_to_pb,
     sampling_from_pb,
 )
-from omnistage.convert_sessions import progress_to_pb, session_list_to_pb
+from omnistage.convert_sessions import file_chunks_to_pb, progress_to_pb, session_list_to_pb
 from omnistage.errors import InvalidRequestError, OmnistageError
 from omnistage.server import Context
 from omnistage.traces.slimming import VLLM_IDLE_PATTERNS, SlimOptions
@@ -132,14 +132,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
         request: orchestrator_pb2.FetchSessionFileRequest,
         context: Context,
     ) -> AsyncIterator[common_pb2.FileChunk]:
-        chunks = self._sessions.read_chunks(
-            request.session_id,
-            request.name,
-            chunk_size=request.chunk_size,
-            offset=request.offset,
-        )
-        async for offset, data, total in chunks:
-            yield common_pb2.FileChunk(data=data, offset=offset, total_size=total)
+        async for chunk in file_chunks_to_pb(self._sessions.read_chunks, request):
+            yield chunk
 
     async def DeleteSession(
         self,

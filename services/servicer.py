@@ -15,6 +15,7 @@ from omnistage.convert import (
     profile_options_from_pb,
     stage_description_to_pb,
 )
+from omnistage.convert_sessions import file_chunks_to_pb
 from omnistage.server import Context
 from omnistage.types import StageDescription
 from omnistage.v1 import common_pb2, stage_pb2, stage_pb2_grpc
@@ -68,14 +69,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
         request: stage_pb2.FetchProfileFileRequest,
         context: Context,
     ) -> AsyncIterator[common_pb2.FileChunk]:
-        chunks = self._sessions.read_chunks(
-            request.session_id,
-            request.name,
-            chunk_size=request.chunk_size,
-            offset=request.offset,
-        )
-        async for offset, data, total in chunks:
-            yield common_pb2.FileChunk(data=data, offset=offset, total_size=total)
+        async for chunk in file_chunks_to_pb(self._sessions.read_chunks, request):
+            yield chunk
 
     async def GetInfo(
         self, request: stage_pb2.GetInfoRequest, context: Context

@@ -57,6 +57,7 @@ from omnistage.traces.events import (
 from omnistage.traces.nesting import parents, sort_order, tolerance
 from omnistage.traces.reader import TraceReader
 from omnistage.traces.writer import TraceWriter
+from omnistage.types import SizeSaving
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class SlimOptions:
 
 
 @dataclass(frozen=True)
-class SlimStats:
+class SlimStats(SizeSaving):
     """What slimming removed. Byte counts are those of the files."""
 
     events_before: int
@@ -123,14 +124,6 @@ class SlimStats:
     @property
     def events_dropped(self) -> int:
         return self.events_before - self.events_after
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.bytes_before - self.bytes_after
-
-    @property
-    def size_ratio(self) -> float:
-        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
 
     @property
     def changed(self) -> bool:

@@ -5,6 +5,7 @@ client or server is used; and the size limits of package modules."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,29 @@ def test_clients_plain_types_survive_the_wire() -> None:
         profile_session_id="20261202T000000Z-x",
     )
     assert pipeline_status_from_pb(pipeline_status_to_pb(pipeline)) == pipeline
+
+
+def test_a_profile_report_survives_the_wire_but_for_the_local_copy() -> None:
+    from omnistage.convert import report_from_pb, report_to_pb
+    from omnistage.types import ProfileFileInfo, ProfileReport, ProfileSlimming, StageProfileResult
+
+    files = (ProfileFileInfo("trace.json.gz", 123, "ab" * 32),)
+    report = ProfileReport(
+        session_id="s1",
+        output_dir="out/s1",
+        stages=(
+            StageProfileResult("thinker", "h:1", True, files=files, stop_seconds=1.5),
+            StageProfileResult("talker", "h:2", False, error="gone"),
+        ),
+        timeline="out/s1/timeline.json.gz",
+        slimming=ProfileSlimming(10, 5, 100, 50, 2, 1),
+        session_files=files,
+        timelines=("a.json.gz", "a.pftrace.gz"),
+        warnings=("one trace was cut",),
+        downloaded_to="here",
+    )
+    back = report_from_pb(report_to_pb(report))
+    assert back.downloaded_to == ""
+    assert back == dataclasses.replace(report, downloaded_to="")
+    no_slim = dataclasses.replace(report, slimming=None, downloaded_to="")
+    assert report_from_pb(report_to_pb(no_slim)) == no_slim

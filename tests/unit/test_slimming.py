@@ -252,6 +252,7 @@ class _Profiler:
 def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, FakeContext]:
     """StopProfile through the orchestrator's servicer, with these request fields."""
 
+    from omnistage.server.errors import abort_for
     from omnistage.v1 import orchestrator_pb2
     from orchestrator.servicer import OrchestratorServicer
 
@@ -264,8 +265,15 @@ def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, FakeContext]:
         sessions=None,  # type: ignore[arg-type]
     )
     request = orchestrator_pb2.PipelineStopProfileRequest(output_dir="out", **fields)
+
+    async def call() -> None:
+        try:
+            await servicer.StopProfile(request, context)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - what the servers' ErrorInterceptor does
+            await abort_for(context, "StopProfile", exc)  # type: ignore[arg-type]
+
     with contextlib.suppress(Aborted):
-        asyncio.run(servicer.StopProfile(request, context))  # type: ignore[arg-type]
+        asyncio.run(call())
     return profiler, context
 
 
