@@ -269,7 +269,7 @@ def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, FakeContext]:
     async def call() -> None:
         try:
             await servicer.StopProfile(request, context)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - what the servers' ErrorInterceptor does
+        except Exception as exc:
             await abort_for(context, "StopProfile", exc)  # type: ignore[arg-type]
 
     with contextlib.suppress(Aborted):
