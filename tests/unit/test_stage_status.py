@@ -14,8 +14,7 @@ from omnistage.types import GenerateInput, OutputDelta
 from orchestrator.config import parse_pipeline
 from orchestrator.runner import PipelineRunner
 from services.status import grpc_errors, status_code
-
-from .test_errors import _FakeRpcError
+from tests.unit.fake_grpc import Aborted, FakeContext, FakeRpcError
 
 
 @dataclass
@@ -34,7 +33,7 @@ class FailingStage:
                 await asyncio.sleep(0)
                 yield OutputDelta(request.request_id, token_ids=(token,), text=f"{token} ")
             if self.code is not None:
-                raise error_from_rpc(_FakeRpcError(self.code, "the stage said no"), address="h:2")
+                raise error_from_rpc(FakeRpcError(self.code, "the stage said no"), address="h:2")
             yield OutputDelta(request.request_id, finished=True, finish_reason="stop")
         finally:
             self.closed.append(True)
@@ -58,19 +57,6 @@ class FakePool:
 
     def replicas(self, stage: str) -> list[FakeReplica]:
         return [FakeReplica(self.stages[stage], f"fake/{stage}")]
-
-
-class Aborted(Exception):
-    pass
-
-
-class FakeContext:
-    def __init__(self) -> None:
-        self.status: tuple[grpc.StatusCode, str] | None = None
-
-    async def abort(self, code: grpc.StatusCode, message: str) -> None:
-        self.status = (code, message)
-        raise Aborted
 
 
 UNMAPPED_AND_MAPPED = [
@@ -117,6 +103,6 @@ def test_stage_failing_mid_stream_keeps_its_status(code: grpc.StatusCode) -> Non
 
 
 def test_status_code_prefers_the_remote_code() -> None:
-    error = error_from_rpc(_FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "no"))
+    error = error_from_rpc(FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "no"))
     assert status_code(error) is grpc.StatusCode.PERMISSION_DENIED
     assert error.code == "INTERNAL"  # no error class stands for it
