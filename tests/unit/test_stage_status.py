@@ -30,7 +30,7 @@ class FailingStage:
     ) -> AsyncIterator[OutputDelta]:
         try:
             for token in range(self.tokens):
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # yields to the loop between deltas, as a stream does
                 yield OutputDelta(request.request_id, token_ids=(token,), text=f"{token} ")
             if self.code is not None:
                 raise error_from_rpc(FakeRpcError(self.code, "the stage said no"), address="h:2")
