@@ -335,9 +335,14 @@ def test_stage_index_takes_a_name_or_a_decimal_index() -> None:
     config = load_pipeline(EXAMPLE)
     assert config.stage_index("rewriter") == 1
     assert config.stage_index("0") == 0
-    for key in ("talker", "2", "-1"):
-        with pytest.raises(InvalidRequestError, match=r"unknown stage .*0 'thinker', 1 'rewriter'"):
-            config.stage_index(key)
+
+
+@pytest.mark.parametrize(
+    "key", ["talker", "2", "-1"], ids=["unknown-name", "past-the-end", "negative"]
+)
+def test_an_unknown_stage_index_lists_the_stages(key: str) -> None:
+    with pytest.raises(InvalidRequestError, match=r"unknown stage .*0 'thinker', 1 'rewriter'"):
+        load_pipeline(EXAMPLE).stage_index(key)
 
 
 def test_models_work_without_a_file() -> None:
