@@ -254,20 +254,20 @@ def test_a_custom_processor_path_is_accepted_as_written() -> None:
               - name: b
                 address: localhost:2
                 input:
-                  processor: tests.unit.test_processors:shout
+                  processor: tests.unit.custom_processors:shout
                   template: "{anything} goes to a custom processor"
             """
         )
     )
-    assert config.stages[1].input.processor == "tests.unit.test_processors:shout"
+    assert config.stages[1].input.processor == "tests.unit.custom_processors:shout"
 
 
 @pytest.mark.parametrize(
     ("processor", "words"),
     [
         ("no_such_package.mod:fn", "module 'no_such_package.mod' not found"),
-        ("tests.unit.test_processors:whisper", "has no attribute 'whisper'"),
-        ("tests.unit.test_processors:takes_one", "must take (output, original, config)"),
+        ("tests.unit.custom_processors:whisper", "has no attribute 'whisper'"),
+        ("tests.unit.custom_processors:takes_one", "must take (output, original, config)"),
         ("{module}:fn", "importing '{module}' failed: No module named"),
     ],
 )
