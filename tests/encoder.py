@@ -8,6 +8,7 @@ while the request is in flight. `audio_in` is the pipeline edge from code2wav's 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -22,6 +23,9 @@ from orchestrator.processors import StageOutput
 HOP_LENGTH = 480
 FEATURES = 16
 SLOW_S = 12.0
+SLOW_STEP_LOG = "encoder: holding a slow step"
+"""Logged when a slow step begins, so a test knows the request is in flight in the engine."""
+logger = logging.getLogger(__name__)
 
 
 def audio_in(output: StageOutput, original: GenerateInput, config: InputConfig) -> GenerateInput:
@@ -47,7 +51,8 @@ def build(options: dict[str, Any]) -> Any:
         def forward(self, audio: torch.Tensor) -> torch.Tensor:
             if self.slow_steps:  # on the engine's worker thread: health still answers
                 self.slow_steps -= 1
-                time.sleep(SLOW_S)
+                logger.warning("%s for %g s", SLOW_STEP_LOG, SLOW_S)
+                time.sleep(SLOW_S)  # the step is slow on purpose: behaviour, not a wait
             frames = audio.reshape(audio.shape[0], -1, HOP_LENGTH)
             return torch.tanh(self.project(frames))
 

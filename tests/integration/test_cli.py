@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_orchestrator import free_port
+from tests.servers import free_port
+from tests.waiting import wait_until
 
 
 def omnistage(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -49,6 +50,15 @@ def alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and ") Z " not in stat.read_text()
+
+
+def wait_gone(pids: set[int], timeout: float = 10) -> None:
+    """Every process in `pids` exits soon: none is left behind as an orphan."""
+    wait_until(
+        lambda: not any(alive(pid) for pid in pids),
+        timeout=timeout,
+        what=f"no orphan process left of {sorted(pids)}",
+    )
 
 
 def test_bad_pipeline_file_names_the_line(tmp_path: Path) -> None:
@@ -115,8 +125,7 @@ def test_up_serves_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
         assert len(children) >= 4  # the stage, its vLLM processes, the orchestrator
         up.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert up.wait(timeout=120) == 0
-        time.sleep(1)
-        assert not [pid for pid in children if alive(pid)], "orphan processes left behind"
+        wait_gone(children)
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
@@ -175,11 +184,9 @@ def test_ctrl_c_during_start_up_stops_what_has_started(tmp_path: Path) -> None:
         for line in up.stdout:
             if "==> starting stage 'code2wav'" in line:
                 break
-        deadline = time.monotonic() + 30
-        while not children and time.monotonic() < deadline:
-            children = descendants(up.pid)
-            time.sleep(0.05)
-        assert children, "the stage process never started"
+        children = wait_until(
+            lambda: descendants(up.pid), timeout=30, what="the stage process to start"
+        )
         up.send_signal(signal.SIGINT)
         rest = up.stdout.read()
         assert up.wait(timeout=60) == 130, rest
@@ -208,9 +215,6 @@ def test_up_dying_or_hung_up_leaves_no_process(tmp_path: Path, sig: signal.Signa
         up.send_signal(sig)
         code = up.wait(timeout=60)
         assert code == (-signal.SIGKILL if sig is signal.SIGKILL else 0)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(alive(pid) for pid in children):
-            time.sleep(0.2)
-        assert not [pid for pid in children if alive(pid)], "orphan processes left behind"
+        wait_gone(children)
     finally:
         kill_leftovers(up, children)

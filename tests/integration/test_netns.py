@@ -28,6 +28,8 @@ from omnistage.launch import ServerProcess, stage_args
 from omnistage.tensors import tensor_to_numpy
 from omnistage.types import PipelineOutput, ProfileReport
 from tests import netns
+from tests.encoder import SLOW_STEP_LOG
+from tests.waiting import wait_for_log, wait_until
 
 REASON = netns.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no network namespaces: {REASON}")
@@ -127,14 +129,13 @@ def expected_features() -> np.ndarray[Any, Any]:
 
 
 def wait_until_served(client: omnistage.Client, *, within_s: float) -> list[PipelineOutput]:
-    deadline = time.monotonic() + within_s
-    while True:
+    def served() -> list[PipelineOutput]:
         try:
             return run(client, timeout=10)
         except StageUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            return []
+
+    return wait_until(served, timeout=within_s, what="the pipeline to serve again")
 
 
 def encoder_replicas(outputs: list[PipelineOutput]) -> set[str]:
@@ -238,7 +239,8 @@ def test_a_link_cut_mid_request_gives_unavailable_naming_the_stage(
     # The slow request holds an encoder step; both encoder links go down while it runs.
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(run, client, "slow-1", 60)
-        time.sleep(3)
+        logs = [topology.tmp / f"{host.name}.log" for host in topology.encoder_hosts]
+        wait_for_log(logs, SLOW_STEP_LOG, timeout=30)  # one encoder holds the slow step now
         started = time.monotonic()
         for host in topology.encoder_hosts:
             topology.hosts.cut(host)
@@ -298,11 +300,12 @@ def test_a_download_cut_by_a_link_drop_resumes(
     try:
         fetch = fetch_from_laptop(topology, profiled.session_id, tmp_path)
         part = tmp_path / profiled.session_id / "encoder" / "large-trace.bin.part"
-        deadline = time.monotonic() + 60
-        while not (part.exists() and part.stat().st_size > 2 << 20):
+
+        def under_way() -> bool:
             assert fetch.poll() is None, fetch.communicate()
-            assert time.monotonic() < deadline, "the large file never started"
-            time.sleep(0.05)
+            return part.exists() and part.stat().st_size > 2 << 20
+
+        wait_until(under_way, timeout=60, what="2 MiB of the large file on the laptop")
         topology.hosts.cut(topology.laptop)
         assert fetch.stderr is not None
         seen: list[str] = []

@@ -24,9 +24,9 @@ from omnistage.launch import ServerProcess
 from omnistage.traces import ORCHESTRATOR_PID
 from omnistage.types import PipelineOutput
 from omnistage.v1 import stage_pb2
-from tests.conftest import RunningStage
-from tests.integration.test_orchestrator import serve_pipeline
+from tests.servers import RunningStage, serve_pipeline
 from tests.unit.trace_checks import flow_problems, nesting_problems, tef_problems
+from tests.waiting import wait_until
 
 THINKER_TOKENS = 16
 TALKER_TOKENS = 40
@@ -193,10 +193,11 @@ def test_cancelling_mid_audio_aborts_every_stage(
     assert running(talker_stage) == 1  # the talker is mid-request
     outputs.close()  # type: ignore[attr-defined]
     stages = (stage, talker_stage, code2wav_stage)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(running(s) for s in stages):
-        time.sleep(0.1)
-    assert [running(s) for s in stages] == [0, 0, 0]
+    wait_until(
+        lambda: not any(running(s) for s in stages),
+        timeout=5,
+        what="every stage to abort the cancelled request",
+    )
 
 
 def test_cli_writes_the_audio_as_a_wav(streaming: omnistage.Client, tmp_path: Path) -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,14 +19,9 @@ from omnistage.launch import ServerProcess
 from omnistage.traces import slim_copy_path
 from omnistage.types import ProfileReport
 from omnistage.v1 import stage_pb2
-from tests.conftest import RunningStage
+from tests.servers import RunningStage, free_port, serve_pipeline
 from tests.unit.trace_checks import tef_problems
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.waiting import wait_until
 
 
 def start_orchestrator(
@@ -41,19 +34,6 @@ def start_orchestrator(
         if index:
             lines += ["    input: {processor: text, template: 'Rewrite formally: {text}'}"]
     return serve_pipeline(tmp, name, "\n".join(lines) + "\n")
-
-
-def serve_pipeline(tmp: Path, name: str, text: str) -> ServerProcess:
-    """An orchestrator process serving the pipeline file `text`, once it is SERVING."""
-    path = tmp / f"{name}.yaml"
-    path.write_text(text)
-    process = ServerProcess(
-        f"orchestrator {name}",
-        ["orchestrator", "serve", "--pipeline", str(path), "--port", "0", "--host", "127.0.0.1"],
-        log_path=tmp / f"{name}.log",
-    )
-    process.wait_serving(timeout=60)
-    return process
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +73,11 @@ def profiling(stage: RunningStage) -> bool:
 
 
 def wait_idle(*stages: RunningStage, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(running(s) for s in stages):
-        time.sleep(0.1)
-    assert [running(s) for s in stages] == [0] * len(stages)
+    wait_until(
+        lambda: not any(running(s) for s in stages),
+        timeout=timeout,
+        what=f"no request left in {[s.address for s in stages]}",
+    )
 
 
 def test_two_stages_stream_in_order(pipeline: omnistage.Client) -> None:
@@ -190,7 +171,7 @@ def test_concurrent_requests_share_each_stage(
         nonlocal peak
         while not stop.is_set():
             peak = max(peak, running(stage))
-            time.sleep(0.05)
+            stop.wait(0.05)  # the sampling interval; returns at once when the requests end
 
     async def scenario() -> list[list[omnistage.types.PipelineOutput]]:
         async with omnistage.AsyncClient(pipeline.address) as client:

@@ -30,8 +30,8 @@ from omnistage.launch import ServerProcess, health_status, stage_args
 from omnistage.security import ClientSecurity, sync_channel
 from omnistage.types import GenerateInput
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc, stage_pb2, stage_pb2_grpc
-from tests.integration.test_orchestrator import free_port
 from tests.pki import Pki, make_pki
+from tests.servers import free_port
 
 CODE2WAV = "examples.omni.code2wav:build"
 TOKEN = "token-for-the-security-tests-7f3a"

@@ -24,7 +24,7 @@ from omnistage import errors
 from omnistage.launch import ServerProcess
 from omnistage.types import ProfileReport, StopProgress
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from tests.conftest import RunningStage
+from tests.servers import RunningStage
 
 CODES = list(range(0, 1000, 40))
 

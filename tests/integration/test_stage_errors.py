@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 
 from omnistage.v1 import common_pb2, stage_pb2
-from tests.conftest import RunningStage
+from tests.servers import RunningStage
+from tests.waiting import wait_until
 
 VOCAB = 49152
 CONTEXT = 2048
@@ -130,10 +129,9 @@ def test_client_deadline_aborts_the_request(stage: RunningStage) -> None:
     with pytest.raises(grpc.RpcError) as info:
         list(stage.stub.Generate(request, timeout=1.5))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 10
-    while (
-        time.monotonic() < deadline
-        and stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests
-    ):
-        time.sleep(0.1)
+    wait_until(
+        lambda: not stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests,
+        timeout=10,
+        what="the engine to drop the request past its deadline",
+    )
     assert_engine_empty(stage)

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from omnistage.v1 import common_pb2, stage_pb2
-from tests.conftest import PLAIN_GRACE_S, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS, RunningStage
+from tests.servers import PLAIN_GRACE_S, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS, RunningStage
+from tests.waiting import wait_until
 
 
 def chat(content: str, **sampling: object) -> stage_pb2.GenerateRequest:
@@ -182,7 +183,7 @@ def test_concurrent_streams_are_batched(stage: RunningStage) -> None:
         while not done.is_set():
             info = stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5)
             peak = max(peak, info.running_requests)
-            time.sleep(0.05)
+            done.wait(0.05)  # the sampling interval; returns at once when the streams end
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
     watcher = threading.Thread(target=watch)
@@ -211,12 +212,11 @@ def test_cancelled_stream_is_aborted_in_the_engine(stage: RunningStage) -> None:
     info = stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5)
     assert info.running_requests >= 1
     call.cancel()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests == 0:
-            break
-        time.sleep(0.1)
-    assert stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests == 0
+    wait_until(
+        lambda: stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests == 0,
+        timeout=10,
+        what="the engine to drop the cancelled request",
+    )
 
 
 def test_get_info_describes_the_stage(stage: RunningStage, plain_stage: RunningStage) -> None:

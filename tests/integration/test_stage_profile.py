@@ -17,7 +17,7 @@ from omnistage.profile_files import MIN_CHUNK_BYTES
 from omnistage.traces import load_trace, op_stats
 from omnistage.v1 import common_pb2, stage_pb2
 from services.profiling.sessions import ensure_op_table
-from tests.conftest import RunningStage
+from tests.servers import RunningStage
 
 STOP_TIMEOUT = 600
 

@@ -36,18 +36,19 @@ from omnistage.tensors import (
     DEFAULT_MAX_CHUNK_BYTES,
     join_tensors,
     tensor_from_numpy,
-    tensor_from_torch,
     tensor_to_numpy,
 )
-from omnistage.types import GenerateInput, OutputDelta, ProfileOptions, TensorData
+from omnistage.types import GenerateInput, OutputDelta, ProfileOptions
 from omnistage.v1 import common_pb2, stage_pb2
 from services.config import ProfilerSettings, StageConfig
 from services.engines.torch_engine import STEP_SPAN, TorchEngine
-from tests.conftest import ROOT, RunningStage
+from tests.servers import ROOT, RunningStage
+from tests.torch_models import ENTERED, FORWARDS, GATE
+from tests.waiting import eventually, wait_until
 
 CODE2WAV = "examples.omni.code2wav:build"
-GATED = "tests.integration.test_torch_stage:build_gated"
-RECORDING = "tests.integration.test_torch_stage:build_recording"
+GATED = "tests.torch_models:build_gated"
+RECORDING = "tests.torch_models:build_recording"
 DECODER = "examples.custom_torch.decoder:build"
 DECODER_OPTIONS = {"seed": 3, "num_threads": 1, "max_wait_ms": 0}
 GRPC_DEFAULT_LIMIT = 4 << 20
@@ -88,6 +89,10 @@ def step_batches(events: list[dict[str, Any]]) -> list[int]:
     """The batch size of every engine step in a trace, in order."""
     steps = [e for e in events if e.get("ph") == "X" and e["name"].startswith(STEP_SPAN)]
     return [int(e["name"].rsplit("=", 1)[1]) for e in sorted(steps, key=lambda e: e["ts"])]
+
+
+def running(stage: RunningStage) -> int:
+    return int(stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests)
 
 
 def profiled(
@@ -290,7 +295,7 @@ def test_bad_input_is_invalid_argument(
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     for word in words:
         assert word in info.value.details()
-    assert torch_stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests == 0
+    assert running(torch_stage) == 0
 
 
 def latents(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray[Any, Any]:
@@ -363,17 +368,22 @@ def test_cancelling_a_queued_request_leaves_the_others_intact(torch_stage: Runni
         except grpc.RpcError as exc:
             results[name] = exc.code()
 
+    def in_engine(count: int) -> bool:
+        return running(torch_stage) == count
+
     def run() -> None:
+        # Requests of other lengths never share a step: "long" takes the worker first, and
+        # "doomed" and "kept" queue behind it, to run in one step unless "doomed" is cancelled.
         long_call = torch_stage.stub.Generate(code_request(long_codes), timeout=120)
         threads = [threading.Thread(target=consume, args=("long", long_call))]
         threads[0].start()
-        time.sleep(0.3)  # the long request is alone in its batch and running now
+        wait_until(lambda: in_engine(1), timeout=30, what="the long request in the engine")
         doomed = torch_stage.stub.Generate(code_request(short_codes), timeout=120)
         kept = torch_stage.stub.Generate(code_request(short_codes), timeout=120)
         for name, call in (("doomed", doomed), ("kept", kept)):
             threads.append(threading.Thread(target=consume, args=(name, call)))
             threads[-1].start()
-        time.sleep(0.1)
+        wait_until(lambda: in_engine(3), timeout=30, what="both short requests queued")
         doomed.cancel()
         for thread in threads:
             thread.join()
@@ -387,7 +397,7 @@ def test_cancelling_a_queued_request_leaves_the_others_intact(torch_stage: Runni
     np.testing.assert_allclose(kept_wave, expected_short, atol=1e-5)
     # Had the cancelled request stayed queued, it would have shared a batch with "kept".
     assert step_batches(trace_events(files)) == [1, 1]
-    assert torch_stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5).running_requests == 0
+    assert running(torch_stage) == 0
 
 
 def test_engine_options_must_be_a_json_object() -> None:
@@ -404,71 +414,6 @@ def test_engine_options_must_be_a_json_object() -> None:
 
 
 # -- the engine in process ----------------------------------------------------------------------
-
-GATE = threading.Event()
-
-
-class _GatedDouble(torch.nn.Module):
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        GATE.wait(30)
-        return rows * 2
-
-
-class GatedModel:
-    """Doubles token_ids; each forward waits for GATE, so tests decide when steps finish."""
-
-    def __init__(self) -> None:
-        self.module: torch.nn.Module = _GatedDouble()
-
-    def preprocess(self, request: GenerateInput) -> torch.Tensor:
-        return torch.tensor([list(request.token_ids)], dtype=torch.float32)
-
-    def postprocess(self, output: torch.Tensor) -> list[TensorData]:
-        return [tensor_from_torch(output[0])]
-
-
-def build_gated(options: dict[str, Any]) -> GatedModel:
-    return GatedModel()
-
-
-FORWARDS: list[tuple[int, bool, bool]] = []
-"""Each forward of RecordingModel: (batch size, inference mode on, grad on)."""
-
-
-class _Recording(torch.nn.Module):
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        FORWARDS.append((rows.shape[0], torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
-        if (rows < 0).any():
-            raise RuntimeError("a negative row broke the forward")
-        if (rows == 13).any():
-            raise InvalidRequestError("13 is not a valid value")
-        return rows * 2
-
-
-class RecordingModel:
-    """Doubles token_ids and records every forward in FORWARDS. A row with a negative value
-    fails the forward (a bug), one with 13 fails it with InvalidRequestError. With `wide`,
-    postprocess returns one 4 MiB row, too large a chunk to send."""
-
-    def __init__(self, *, wide: bool) -> None:
-        self.module: torch.nn.Module = _Recording()
-        self.wide = wide
-
-    def preprocess(self, request: GenerateInput) -> torch.Tensor:
-        return torch.tensor([list(request.token_ids)], dtype=torch.float32)
-
-    def postprocess(self, output: torch.Tensor) -> list[TensorData]:
-        if self.wide:
-            return [tensor_from_torch(torch.zeros(1, 1 << 20))]
-        return [tensor_from_torch(output[0])]
-
-
-def build_recording(options: dict[str, Any]) -> RecordingModel:
-    return RecordingModel(wide=bool(options.get("wide", False)))
-
-
-def build_wrong(options: dict[str, Any]) -> torch.nn.Module:
-    return torch.nn.Linear(1, 1)  # a module, not a TorchStageModel
 
 
 def make_engine(model: str, profiler_dir: Path | None = None, **options: Any) -> TorchEngine:
@@ -497,13 +442,16 @@ def test_abort_and_cancel_take_queued_requests_out_of_the_engine() -> None:
         engine = make_engine(GATED, max_wait_ms=0)
         await engine.start()
         GATE.clear()
+        ENTERED.clear()
         try:
             running = asyncio.create_task(collect(engine, GenerateInput("a", token_ids=(1, 2))))
-            await asyncio.sleep(0.2)  # "a" is in the worker, blocked on GATE
+            await asyncio.to_thread(ENTERED.wait, 30)
+            assert ENTERED.is_set(), '"a" never reached the worker'
             cancelled = asyncio.create_task(collect(engine, GenerateInput("b", token_ids=(3, 4))))
             aborted = asyncio.create_task(collect(engine, GenerateInput("c", token_ids=(5, 6))))
-            await asyncio.sleep(0.05)
-            assert engine.info().running_requests == 3
+            await eventually(
+                lambda: engine.info().running_requests == 3, timeout=10, what='"b" and "c" queued'
+            )
             cancelled.cancel()
             await engine.abort("c")
             assert (await aborted)[-1].finish_reason == "abort"
@@ -566,7 +514,7 @@ def test_bad_engine_options_are_refused(
         ("smollm2", ["package.module:factory"]),
         ("examples.omni.nope:build", ["examples.omni.nope"]),
         ("examples.omni.code2wav:nope", ["nope"]),
-        ("tests.integration.test_torch_stage:build_wrong", ["Linear", "TorchStageModel"]),
+        ("tests.torch_models:build_wrong", ["Linear", "TorchStageModel"]),
     ],
 )
 def test_bad_model_paths_are_refused_at_start(model: str, words: list[str]) -> None:
@@ -637,7 +585,7 @@ def test_max_wait_ms_bounds_a_lone_request_and_never_merges_later_ones() -> None
             lone_s = time.monotonic() - started
             FORWARDS.clear()
             early = asyncio.create_task(collect(engine, GenerateInput("a", token_ids=(1,))))
-            await asyncio.sleep(5 * max_wait_s)  # far past a's window
+            await eventually(lambda: FORWARDS, timeout=10, what="a's window to close and a to run")
             late = [collect(engine, GenerateInput(f"b{i}", token_ids=(i,))) for i in range(2)]
             await asyncio.gather(early, *late)
             return lone_s, [size for size, _, _ in FORWARDS]

@@ -76,7 +76,7 @@ def test_closed_loop_keeps_concurrency_and_sends_each_request_once() -> None:
         in_flight += 1
         peak = max(peak, in_flight)
         seen.append(index)
-        await asyncio.sleep(0.001 * (index % 3))
+        await asyncio.sleep(0.001 * (index % 3))  # uneven request times: behaviour, not a wait
         in_flight -= 1
         return RequestRecord(0.0, 0.0, 0.0, (1, 1))
 

@@ -8,7 +8,7 @@ import re
 from examples.custom_torch.decoder import LatentDecoder, build
 from omnistage.tensors import TensorSpec
 from orchestrator.config import parse_pipeline
-from tests.conftest import ROOT
+from tests.servers import ROOT
 
 SECTION = "## Your own PyTorch stage"
 

@@ -7,7 +7,12 @@ import pytest
 
 from omnistage import errors
 from omnistage.rpc import error_from_rpc
+<<<<<<< HEAD
 from omnistage.server.errors import status_code
+=======
+from services.status import status_code
+from tests.unit.fake_grpc import FakeRpcError
+>>>>>>> tests
 
 ALL = [
     errors.InvalidRequestError,
@@ -27,17 +32,6 @@ def test_each_error_names_a_grpc_status(cls: type[errors.OmnistageError]) -> Non
     assert status_code(cls("x")) is grpc.StatusCode[cls.code]
 
 
-class _FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
 @pytest.mark.parametrize(
     ("code", "cls"),
     [
@@ -50,6 +44,6 @@ class _FakeRpcError(grpc.RpcError):
     ],
 )
 def test_client_maps_status_back(code: grpc.StatusCode, cls: type[errors.OmnistageError]) -> None:
-    error = error_from_rpc(_FakeRpcError(code, "what to fix"), address="h:1")
+    error = error_from_rpc(FakeRpcError(code, "what to fix"), address="h:1")
     assert type(error) is cls
     assert "what to fix" in str(error) and "h:1" in str(error)

@@ -254,20 +254,20 @@ def test_a_custom_processor_path_is_accepted_as_written() -> None:
               - name: b
                 address: localhost:2
                 input:
-                  processor: tests.unit.test_processors:shout
+                  processor: tests.unit.custom_processors:shout
                   template: "{anything} goes to a custom processor"
             """
         )
     )
-    assert config.stages[1].input.processor == "tests.unit.test_processors:shout"
+    assert config.stages[1].input.processor == "tests.unit.custom_processors:shout"
 
 
 @pytest.mark.parametrize(
     ("processor", "words"),
     [
         ("no_such_package.mod:fn", "module 'no_such_package.mod' not found"),
-        ("tests.unit.test_processors:whisper", "has no attribute 'whisper'"),
-        ("tests.unit.test_processors:takes_one", "must take (output, original, config)"),
+        ("tests.unit.custom_processors:whisper", "has no attribute 'whisper'"),
+        ("tests.unit.custom_processors:takes_one", "must take (output, original, config)"),
         ("{module}:fn", "importing '{module}' failed: No module named"),
     ],
 )
@@ -335,9 +335,14 @@ def test_stage_index_takes_a_name_or_a_decimal_index() -> None:
     config = load_pipeline(EXAMPLE)
     assert config.stage_index("rewriter") == 1
     assert config.stage_index("0") == 0
-    for key in ("talker", "2", "-1"):
-        with pytest.raises(InvalidRequestError, match=r"unknown stage .*0 'thinker', 1 'rewriter'"):
-            config.stage_index(key)
+
+
+@pytest.mark.parametrize(
+    "key", ["talker", "2", "-1"], ids=["unknown-name", "past-the-end", "negative"]
+)
+def test_an_unknown_stage_index_lists_the_stages(key: str) -> None:
+    with pytest.raises(InvalidRequestError, match=r"unknown stage .*0 'thinker', 1 'rewriter'"):
+        load_pipeline(EXAMPLE).stage_index(key)
 
 
 def test_models_work_without_a_file() -> None:

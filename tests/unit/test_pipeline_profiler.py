@@ -24,6 +24,7 @@ from orchestrator.config import parse_pipeline
 from orchestrator.pool import SERVING, StageReplica
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.sessions import CollectedSessions, SessionStoreConfig
+from tests.waiting import eventually
 
 TRACE = b'{"traceEvents": []}'
 
@@ -40,6 +41,7 @@ class FakeStageClient:
     profiling: bool = False
     starts: int = 0
     stops: int = 0
+    stops_done: int = 0  # stops that have returned or raised
     fetched: list[str] = field(default_factory=list)
     # StartProfile fails with this; `start_reaches` says whether the stage started all the same
     # (an answer lost on the way back, such as a deadline), or refused (already profiling).
@@ -51,7 +53,7 @@ class FakeStageClient:
         self, *, label: str = "", delay_iterations: int = 0, max_iterations: int = 0
     ) -> str:
         self.starts += 1
-        await asyncio.sleep(self.start_delay)
+        await asyncio.sleep(self.start_delay)  # the stage's time to start: behaviour, not a wait
         if self.start_error is not None:
             if self.start_reaches:
                 self.profiling = True
@@ -61,10 +63,13 @@ class FakeStageClient:
 
     async def stop_profile(self, *, timeout: float = 0.0) -> ProfileManifest:
         self.stops += 1
-        await asyncio.sleep(self.stop_delay)
-        if not self.profiling:
-            raise ProfilerStateError("no profile session is active")
-        self.profiling = False
+        try:
+            await asyncio.sleep(self.stop_delay)  # the stage's time to stop: behaviour, not a wait
+            if not self.profiling:
+                raise ProfilerStateError("no profile session is active")
+            self.profiling = False
+        finally:
+            self.stops_done += 1
         infos = tuple(
             ProfileFileInfo(name, len(data), hashlib.sha256(data).hexdigest())
             for name, data in self.files.items()
@@ -132,14 +137,17 @@ def three(**delays: float) -> list[FakeStageClient]:
     ]
 
 
+def two_started(clients: list[FakeStageClient]) -> Callable[[], bool]:
+    return lambda: clients[0].profiling and clients[1].profiling
+
+
 def test_cancelled_start_stops_every_stage_it_reached(tmp_path: Path) -> None:
     clients = three(start_delay=(0.0, 0.0, 30.0))
     prof = profiler(clients, tmp_path)
 
     async def scenario() -> None:
         task = asyncio.create_task(prof.start([], ProfileOptions()))
-        while not (clients[0].profiling and clients[1].profiling):
-            await asyncio.sleep(0.01)
+        await eventually(two_started(clients), timeout=10, what="thinker and talker started")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -157,14 +165,18 @@ def test_rollback_finishes_when_cancelled_again(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         task = asyncio.create_task(prof.start([], ProfileOptions()))
-        while not (clients[0].profiling and clients[1].profiling):
-            await asyncio.sleep(0.01)
+        await eventually(two_started(clients), timeout=10, what="thinker and talker started")
         task.cancel()
-        await asyncio.sleep(0.05)  # the rollback's stops are under way
+        await eventually(
+            lambda: all(c.stops for c in clients), timeout=10, what="the rollback's stops"
+        )
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.4)  # the shielded rollback goes on to its end
+        # the shielded rollback goes on to its end
+        await eventually(
+            lambda: all(c.stops_done for c in clients), timeout=10, what="the rollback's end"
+        )
         # and the profiler can start a new session afterwards
         for client in clients:
             client.start_delay = 0.0

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from omnistage.errors import StageUnavailableError
 from orchestrator.config import PipelineConfigError, parse_pipeline
 from orchestrator.pool import SLOW_CHECKS_TOLERATED, StagePool
+from tests.waiting import eventually
 
 T = TypeVar("T")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -107,8 +108,11 @@ def test_the_watcher_notices_a_replica_going_down() -> None:
             await pool.start()
             assert pool.replicas("s")[0].health == "SERVING"
             await a_health.set("", NOT_SERVING)
-            await asyncio.sleep(0.5)
-            assert pool.replicas("s")[0].health == "NOT_SERVING"
+            await eventually(
+                lambda: pool.replicas("s")[0].health == "NOT_SERVING",
+                timeout=10,
+                what="the watcher to see NOT_SERVING",
+            )
             await pool.close()
 
     run(main)

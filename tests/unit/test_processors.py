@@ -35,26 +35,6 @@ CHAT = GenerateInput(
 )
 
 
-def shout(output: StageOutput, original: GenerateInput, config: InputConfig) -> GenerateInput:
-    """A custom processor, imported by path in the tests below."""
-    return GenerateInput(request_id=original.request_id, prompt=output.text.upper() + "!")
-
-
-def returns_a_string(output: StageOutput, original: GenerateInput, config: InputConfig) -> str:
-    return output.text
-
-
-def returns_nothing(output: StageOutput, original: GenerateInput, config: InputConfig) -> object:
-    return GenerateInput(request_id=original.request_id)
-
-
-def takes_one(output: StageOutput) -> GenerateInput:
-    return GenerateInput(request_id="x", prompt=output.text)
-
-
-NOT_CALLABLE = 42
-
-
 def test_every_built_in_name_has_a_processor() -> None:
     assert set(BUILTIN_EDGE_PROCESSORS) == set(BUILTIN_PROCESSORS)
     for name in BUILTIN_PROCESSORS:
@@ -121,7 +101,7 @@ def test_original_prompt_text() -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["tests.unit.test_processors:shout", "tests.unit.test_processors.shout"]
+    "path", ["tests.unit.custom_processors:shout", "tests.unit.custom_processors.shout"]
 )
 def test_a_custom_processor_is_imported_by_path(path: str) -> None:
     processor = resolve_processor(InputConfig(processor=path))
@@ -138,7 +118,7 @@ def test_a_custom_processor_is_imported_by_path(path: str) -> None:
     ],
 )
 def test_a_custom_processor_result_is_checked(name: str, words: str) -> None:
-    path = f"tests.unit.test_processors:{name}"
+    path = f"tests.unit.custom_processors:{name}"
     processor = resolve_processor(InputConfig(processor=path))
     with pytest.raises(InvalidRequestError, match=words):
         processor(OUTPUT, ORIGINAL, InputConfig(processor=path))
@@ -149,10 +129,10 @@ def test_a_custom_processor_result_is_checked(name: str, words: str) -> None:
     [
         ("no_such_package.mod:fn", "module 'no_such_package.mod' not found"),
         ("tests.unit.no_such_module:fn", "module 'tests.unit.no_such_module' not found"),
-        ("tests.unit.test_processors:whisper", "has no attribute 'whisper'"),
-        ("tests.unit.test_processors.whisper", "has no attribute 'whisper'"),
-        ("tests.unit.test_processors:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not callable"),
-        ("tests.unit.test_processors:takes_one", "must take (output, original, config)"),
+        ("tests.unit.custom_processors:whisper", "has no attribute 'whisper'"),
+        ("tests.unit.custom_processors.whisper", "has no attribute 'whisper'"),
+        ("tests.unit.custom_processors:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not callable"),
+        ("tests.unit.custom_processors:takes_one", "must take (output, original, config)"),
     ],
 )
 def test_resolve_errors_name_the_path_and_what_failed(path: str, words: str) -> None:

@@ -50,7 +50,7 @@ class FakeStageClient:
     async def info(self, *, timeout: float = 10.0) -> Any:
         self.info_calls += 1
         # an asymmetric round trip: the estimate is off, by less than its error bound
-        await asyncio.sleep(SERVER_DELAY_S)
+        await asyncio.sleep(SERVER_DELAY_S)  # the skew under test, not a wait
         return SimpleNamespace(server_time_unix_ns=time.time_ns() + self.shift_ns)
 
     async def start_profile(

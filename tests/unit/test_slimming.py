@@ -18,7 +18,7 @@ from omnistage.traces.slimming import (
     slim_events,
     slim_trace_file,
 )
-from tests.unit.test_stage_status import Aborted, FakeContext
+from tests.unit.fake_grpc import Aborted, FakeContext
 from tests.unit.trace_factory import IDLE_PATTERN, Session, shared_session, write_json
 
 TOP = 20

@@ -10,8 +10,7 @@ from omnistage.errors import InvalidRequestError
 from omnistage.types import GenerateInput, SamplingOptions
 from orchestrator.config import parse_pipeline
 from orchestrator.runner import PipelineRunner
-
-from .test_streaming import FakePool, FakeStage
+from tests.unit.fake_stages import FakePool, FakeStage
 
 
 @pytest.mark.parametrize(

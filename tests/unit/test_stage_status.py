@@ -15,8 +15,7 @@ from omnistage.server.errors import abort_for, status_code
 from omnistage.types import GenerateInput, OutputDelta
 from orchestrator.config import parse_pipeline
 from orchestrator.runner import PipelineRunner
-
-from .test_errors import _FakeRpcError
+from tests.unit.fake_grpc import Aborted, FakeContext, FakeRpcError
 
 
 @dataclass
@@ -32,10 +31,10 @@ class FailingStage:
     ) -> AsyncIterator[OutputDelta]:
         try:
             for token in range(self.tokens):
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # yields to the loop between deltas, as a stream does
                 yield OutputDelta(request.request_id, token_ids=(token,), text=f"{token} ")
             if self.code is not None:
-                raise error_from_rpc(_FakeRpcError(self.code, "the stage said no"), address="h:2")
+                raise error_from_rpc(FakeRpcError(self.code, "the stage said no"), address="h:2")
             yield OutputDelta(request.request_id, finished=True, finish_reason="stop")
         finally:
             self.closed.append(True)
@@ -59,19 +58,6 @@ class FakePool:
 
     def replicas(self, stage: str) -> list[FakeReplica]:
         return [FakeReplica(self.stages[stage], f"fake/{stage}")]
-
-
-class Aborted(Exception):
-    pass
-
-
-class FakeContext:
-    def __init__(self) -> None:
-        self.status: tuple[grpc.StatusCode, str] | None = None
-
-    async def abort(self, code: grpc.StatusCode, message: str) -> None:
-        self.status = (code, message)
-        raise Aborted
 
 
 UNMAPPED_AND_MAPPED = [
@@ -120,7 +106,7 @@ def test_stage_failing_mid_stream_keeps_its_status(code: grpc.StatusCode) -> Non
 
 
 def test_status_code_prefers_the_remote_code() -> None:
-    error = error_from_rpc(_FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "no"))
+    error = error_from_rpc(FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "no"))
     assert status_code(error) is grpc.StatusCode.PERMISSION_DENIED
     assert type(error) is OmnistageError  # no error class stands for it
     assert error.code == "PERMISSION_DENIED"  # the instance keeps the code

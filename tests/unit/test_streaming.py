@@ -4,76 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pytest
 
 from omnistage.errors import InvalidRequestError, OmnistageError
-from omnistage.tensors import tensor_from_numpy
-from omnistage.types import GenerateInput, OutputDelta, RequestMetrics
+from omnistage.types import GenerateInput
 from orchestrator.config import PipelineConfigError, parse_pipeline
 from orchestrator.runner import PipelineRunner, StageEvent
 from orchestrator.streaming import StreamedTensorError
-
-
-@dataclass
-class FakeStage:
-    """Stage 'talker' yields `tokens` one by one; 'code2wav' echoes each token id × 10."""
-
-    name: str
-    tokens: int = 10
-    delay: float = 0.002
-    fail_on_call: int | None = None
-    tensors: bool = False  # talker: send each token as a tensor, as a torch stage would
-    calls: list[GenerateInput] = field(default_factory=list)
-    timeouts: list[float | None] = field(default_factory=list)  # each call's gRPC deadline
-    active: int = 0
-    cancelled: int = 0
-
-    async def generate(
-        self, request: GenerateInput, *, timeout: float | None = None
-    ) -> AsyncIterator[OutputDelta]:
-        self.calls.append(request)
-        self.timeouts.append(timeout)
-        self.active += 1
-        try:
-            if self.fail_on_call == len(self.calls) - 1:
-                raise InvalidRequestError("codes must lie in [0, 1024)")
-            ids = list(range(self.tokens)) if self.name == "talker" else list(request.token_ids)
-            for token in ids:
-                await asyncio.sleep(self.delay)
-                out = token if self.name == "talker" else token * 10
-                if self.tensors:
-                    tensor = tensor_from_numpy(np.array([out], dtype=np.int64))
-                    yield OutputDelta(request_id=request.request_id, tensor=tensor)
-                    continue
-                yield OutputDelta(request_id=request.request_id, token_ids=(out,), text=f"{out} ")
-            metrics = RequestMetrics(prompt_tokens=1, generated_tokens=len(ids))
-            yield OutputDelta(
-                request.request_id, finished=True, finish_reason="stop", metrics=metrics
-            )
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            self.active -= 1
-
-
-@dataclass
-class FakeReplica:
-    client: FakeStage
-    address: str
-
-
-class FakePool:
-    def __init__(self, **stages: FakeStage) -> None:
-        self.stages = stages
-
-    async def pick(self, stage: str, *, exclude: object = ()) -> FakeReplica:
-        return FakeReplica(self.stages[stage], f"fake/{stage}")
+from tests.unit.fake_stages import FakePool, FakeStage
 
 
 def runner(stream_chunk: int | None, pool: FakePool, done: list[StageEvent]) -> PipelineRunner:

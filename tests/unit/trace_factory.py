@@ -112,7 +112,7 @@ def profile_stage(
                 for _ in range(iterations):
                     x = torch.tanh(model(x))
                     first = first or time.time_ns()
-                time.sleep(sleep_s)
+                time.sleep(sleep_s)  # a request's host-side time in the trace: not a wait
             end = time.time_ns()
             spans.append(
                 RequestSpan(
@@ -127,7 +127,7 @@ def profile_stage(
                     queue_time_s=0.0001,
                 )
             )
-            time.sleep(0.002)
+            time.sleep(0.002)  # a gap between requests in the trace: not a wait
     try:
         prof_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
     except UnicodeDecodeError:  # torch's own bug with stacks (pytorch/pytorch#64345)
