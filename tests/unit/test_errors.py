@@ -7,12 +7,8 @@ import pytest
 
 from omnistage import errors
 from omnistage.rpc import error_from_rpc
-<<<<<<< HEAD
 from omnistage.server.errors import status_code
-=======
-from services.status import status_code
 from tests.unit.fake_grpc import FakeRpcError
->>>>>>> tests
 
 ALL = [
     errors.InvalidRequestError,
