@@ -57,7 +57,21 @@ def error_from_rpc(exc: grpc.RpcError, *, address: str = "") -> errors.Omnistage
     where = f" ({address})" if address else ""
     error = cls(f"{details}{where}{_tls_hint(code, details)}{_api_hint(code)}")
     error.grpc_code = code.name  # type: ignore[attr-defined]
+    if isinstance(error, errors.OverloadedError):
+        error.retry_after_ms = retry_after_ms(exc)
     return error
+
+
+def retry_after_ms(exc: grpc.RpcError) -> int:
+    """The `retry-after-ms` trailing metadata of a failed call, or 0 when it has none."""
+    trailing: Any = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == errors.RETRY_AFTER_KEY:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return 0
+    return 0
 
 
 def _api_hint(code: grpc.StatusCode) -> str:

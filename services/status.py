@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from omnistage.errors import OmnistageError
+from omnistage.errors import RETRY_AFTER_KEY, OmnistageError, OverloadedError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ async def grpc_errors(
     """Translate what an RPC body raises into `context.abort(code, message)`.
 
     omnistage errors keep their code and message; an unknown error becomes INTERNAL with a
-    generic message, and its traceback is logged. Cancellation propagates untouched.
+    generic message, and its traceback is logged. Cancellation propagates untouched. An
+    `OverloadedError` with a retry hint sends it as the trailing metadata `retry-after-ms`.
     """
     try:
         yield
@@ -44,6 +45,9 @@ async def grpc_errors(
         code = status_code(exc)
         if code is grpc.StatusCode.UNAVAILABLE and on_engine_dead is not None:
             on_engine_dead()
+        if isinstance(exc, OverloadedError) and exc.retry_after_ms:
+            hint = ((RETRY_AFTER_KEY, str(exc.retry_after_ms)),)
+            await context.abort(code, str(exc), trailing_metadata=hint)
         await context.abort(code, str(exc))
     except Exception:
         logger.exception("%s failed", rpc)
