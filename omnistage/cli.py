@@ -39,6 +39,7 @@ def _stage_serve(args: argparse.Namespace) -> int:
             kv_cache_gib=args.kv_cache_gib,
             enforce_eager=not args.compile,
             grace_seconds=args.grace_seconds,
+            max_inflight=args.max_inflight,
             engine_options=_parse_engine_options(args.engine_options),
             security=cli_security.server_security(args),
             health_port=args.health_port,
@@ -217,6 +218,18 @@ def _model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """A stage's bounds on its work (docs/limits.md)."""
+    serve.add_argument(
+        "--max-inflight",
+        type=int,
+        default=128,
+        metavar="N",
+        help="Generate calls served at once; the next gets RESOURCE_EXHAUSTED with a "
+        "retry-after-ms hint (default 128; docs/limits.md)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnistage", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -246,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--kv-cache-gib", type=float, default=1.0)
     serve.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM drain time")
+    _add_limit_flags(serve)
     serve.add_argument(
         "--engine-options",
         default="",

@@ -17,6 +17,9 @@ from omnistage.security import ServerSecurity
 STAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
+DEFAULT_MAX_INFLIGHT = 128
+"""Twice vLLM's default max_num_seqs: as many waiting in the engine as it runs at once."""
+
 TorchProfilerActivity = Literal["CPU", "CUDA", "PrivateUse1", "XPU"]
 
 # vLLM's Proton keys and their defaults: accepted so a vLLM config loads as is, but a stage's
@@ -158,6 +161,15 @@ class StageConfig(BaseModel):
     )
     kv_cache_gib: float = Field(default=1.0, gt=0, description="vLLM's CPU KV cache size.")
     grace_seconds: float = Field(default=30.0, ge=0, description="SIGTERM drain time.")
+    max_inflight: int = Field(
+        default=DEFAULT_MAX_INFLIGHT,
+        ge=1,
+        description=(
+            "Generate calls the stage serves at once, queued ones included; the next is "
+            "refused with RESOURCE_EXHAUSTED and a retry-after-ms hint. The torch engine's "
+            "request queue holds as many."
+        ),
+    )
     engine_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra engine arguments, passed through."
     )

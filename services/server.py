@@ -11,6 +11,7 @@ from collections.abc import Callable
 from grpc_health.v1 import health_pb2
 
 from omnistage.v1 import stage_pb2, stage_pb2_grpc
+from services.admission import InflightLimiter
 from services.config import StageConfig
 from services.engines.base import Engine
 from services.profiling.sessions import ProfileSessionStore
@@ -55,6 +56,7 @@ class StageServer:
             engine=engine,
             sessions=self.sessions,
             on_engine_dead=self._mark_not_serving,
+            limiter=InflightLimiter(config.name, config.max_inflight),
         )
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
         self.port = self._grpc.bind(config.host, config.port)

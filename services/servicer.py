@@ -19,6 +19,8 @@ from omnistage.convert import (
 )
 from omnistage.types import StageDescription
 from omnistage.v1 import common_pb2, stage_pb2, stage_pb2_grpc
+from services.admission import InflightLimiter
+from services.config import DEFAULT_MAX_INFLIGHT
 from services.engines.base import Engine
 from services.profiling.sessions import ProfileSessionStore
 from services.status import grpc_errors
@@ -35,11 +37,13 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
         engine: Engine,
         sessions: ProfileSessionStore,
         on_engine_dead: Callable[[], None],
+        limiter: InflightLimiter | None = None,
     ) -> None:
         self._name = name
         self._engine = engine
         self._sessions = sessions
         self._on_engine_dead = on_engine_dead
+        self._limiter = limiter or InflightLimiter(name, DEFAULT_MAX_INFLIGHT)
 
     async def Generate(
         self, request: stage_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -47,13 +51,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
         async with grpc_errors(context, "Generate", on_engine_dead=self._on_engine_dead):
             generate_input = generate_input_from_pb(request)
             validate_generate_input(generate_input)
-            try:
-                async for delta in self._engine.generate(generate_input):
-                    yield delta_to_pb(delta)
-            except asyncio.CancelledError:
-                logger.info("request %s cancelled by the client", generate_input.request_id)
-                await self._engine.abort(generate_input.request_id)
-                raise
+            with self._limiter.admit():
+                try:
+                    async for delta in self._engine.generate(generate_input):
+                        yield delta_to_pb(delta)
+                except asyncio.CancelledError:
+                    logger.info("request %s cancelled by the client", generate_input.request_id)
+                    await self._engine.abort(generate_input.request_id)
+                    raise
 
     async def StartProfile(
         self, request: stage_pb2.StartProfileRequest, context: grpc.aio.ServicerContext

@@ -1,11 +1,15 @@
 """The torch engine: a `TorchStageModel` behind the `Engine` protocol, with dynamic batching.
 
-Requests are preprocessed on the event loop into one row each and put on an asyncio queue. A
-batcher task takes up to `max_batch_size` of them, waiting at most `max_wait_ms` after the
-first, concatenates rows that share shape[1:] and dtype, and runs each such group as one
-engine step. When a group's step fails, its requests run again one per step, so one bad
-request fails alone. Every step, and every start and stop of torch.profiler, runs on one
-dedicated worker thread: torch.profiler records only the thread that started it.
+Requests are preprocessed on the event loop into one row each and put on an asyncio queue of
+`max_inflight` (the stage's in-flight limit) places: the stage's servicer admits no more
+requests than that, so the queue is never full for an admitted one; should it be (aborted
+requests wait there until the batcher drops them), the request is refused with
+RESOURCE_EXHAUSTED rather than wait, so nothing ever blocks on it. A batcher task takes up
+to `max_batch_size` of them, waiting at most `max_wait_ms` after the first, concatenates
+rows that share shape[1:] and dtype, and runs each such group as one engine step. When a
+group's step fails, its requests run again one per step, so one bad request fails alone.
+Every step, and every start and stop of torch.profiler, runs on one dedicated worker thread:
+torch.profiler records only the thread that started it.
 
 A request's tensor is checked against the model's `input_spec` before `preprocess`. Each
 output chunk is split along dim 0 below `DEFAULT_MAX_CHUNK_BYTES`, so every response message
@@ -26,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch.profiler import record_function
 
-from omnistage.errors import EngineDeadError, InvalidRequestError, OmnistageError
+from omnistage.errors import EngineDeadError, InvalidRequestError, OmnistageError, OverloadedError
 from omnistage.tensors import DEFAULT_MAX_CHUNK_BYTES, split_tensor, validate_tensor
 from omnistage.types import (
     EngineInfo,
@@ -79,7 +83,7 @@ class TorchEngine:
         self._dtype: torch.dtype = getattr(torch, self._options.dtype)
         self._device = resolve_device(self._options.device, self._options.dtype)
         self._model: TorchStageModel | None = None
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(config.max_inflight)
         self._requests: dict[str, _Request] = {}
         self._batcher: asyncio.Task[None] | None = None
         self._dead: BaseException | None = None
@@ -156,8 +160,16 @@ class TorchEngine:
         item = _Request(
             request.request_id, row, arrived, asyncio.get_running_loop().create_future()
         )
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise OverloadedError(
+                f"stage {self._config.name!r}: its request queue holds {self._queue.maxsize} "
+                "requests (--max-inflight), aborted ones included until the batcher drops "
+                "them; retry shortly",
+                retry_after_ms=max(1, round(self._options.max_wait_ms)),
+            ) from None
         self._requests[item.request_id] = item
-        self._queue.put_nowait(item)
         try:
             chunks = await item.result
             ready = time.monotonic()
