@@ -96,6 +96,7 @@ class StageServer:
             await self._grpc.stop(grace)
             await self.sessions.abandon()
         finally:
+            self.sessions.close()
             await self.engine.close()
 
 

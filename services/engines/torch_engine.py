@@ -9,7 +9,8 @@ to `max_batch_size` of them, waiting at most `max_wait_ms` after the first, conc
 rows that share shape[1:] and dtype, and runs each such group as one engine step. When a
 group's step fails, its requests run again one per step, so one bad request fails alone.
 Every step, and every start and stop of torch.profiler, runs on one dedicated worker thread:
-torch.profiler records only the thread that started it.
+torch.profiler records only the thread that started it. Trace exports run on a thread of
+their own, never the event loop's default executor.
 
 A request's tensor is checked against the model's `input_spec` before `preprocess`. Each
 output chunk is split along dim 0 below `DEFAULT_MAX_CHUNK_BYTES`, so every response message
@@ -89,6 +90,7 @@ class TorchEngine:
         self._dead: BaseException | None = None
         self._closed = False
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{config.name}")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix=f"torch-io-{config.name}")
         self._profiler = StepProfiler(
             config.profiler, stage=config.name, cuda=self._device.type == "cuda"
         )
@@ -130,6 +132,7 @@ class TorchEngine:
         self._fail_all(EngineDeadError(f"stage {self._config.name!r} is shutting down"))
         await self._on_worker(self._profiler.stop)
         await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
+        self._io.shutdown(wait=False)
         self._model = None
 
     def info(self) -> EngineInfo:
@@ -326,7 +329,8 @@ class TorchEngine:
         if recorded is None:
             logger.warning("the profiler recorded no step: no trace for %s", session_dir.name)
             return []
-        return await asyncio.to_thread(self._profiler.export, recorded, session_dir)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, self._profiler.export, recorded, session_dir)
 
 
 def _check_row(row: object, model: str) -> None:
