@@ -40,6 +40,7 @@ def _stage_serve(args: argparse.Namespace) -> int:
             enforce_eager=not args.compile,
             grace_seconds=args.grace_seconds,
             max_inflight=args.max_inflight,
+            health_interval_s=args.health_interval,
             engine_options=_parse_engine_options(args.engine_options),
             security=cli_security.server_security(args),
             health_port=args.health_port,
@@ -227,6 +228,13 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
         metavar="N",
         help="Generate calls served at once; the next gets RESOURCE_EXHAUSTED with a "
         "retry-after-ms hint (default 128; docs/limits.md)",
+    )
+    serve.add_argument(
+        "--health-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between engine liveness checks; a dead engine is NOT_SERVING (default 1)",
     )
 
 

@@ -170,6 +170,12 @@ class StageConfig(BaseModel):
             "request queue holds as many."
         ),
     )
+    health_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often the engine's liveness is polled; a dead one is NOT_SERVING.",
+    )
     engine_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra engine arguments, passed through."
     )

@@ -142,6 +142,7 @@ class TorchEngine:
             running_requests=len(self._requests),
             engine_version=str(torch.__version__),
             device=str(self._device),
+            dead_reason=f"the torch engine has died: {self._dead!r}" if self._dead else "",
         )
 
     # -- generation --------------------------------------------------------------------------

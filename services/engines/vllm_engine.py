@@ -99,9 +99,11 @@ class VllmEngine:
         self._io.shutdown(wait=False)
 
     def info(self) -> EngineInfo:
-        running = 0
+        running, dead = 0, ""
         if self._llm is not None:
             running = int(self._llm.get_num_unfinished_requests())
+            if self._llm.errored:  # vLLM's monitor thread sees its engine core process die
+                dead = f"the vLLM engine has died: {self._llm.dead_error!r}"
         return EngineInfo(
             engine="vllm",
             model=self._config.model,
@@ -109,6 +111,7 @@ class VllmEngine:
             engine_version=self._engine_version,
             max_model_len=self._max_model_len,
             device=_device_name(),
+            dead_reason=dead,
         )
 
     # -- generation --------------------------------------------------------------------------
