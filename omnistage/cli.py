@@ -40,6 +40,8 @@ def _stage_serve(args: argparse.Namespace) -> int:
             kv_cache_gib=args.kv_cache_gib,
             enforce_eager=not args.compile,
             grace_seconds=args.grace_seconds,
+            max_inflight=args.max_inflight,
+            health_interval_s=args.health_interval,
             engine_options=_parse_engine_options(args.engine_options),
             security=cli_security.server_security(args),
             health_port=args.health_port,
@@ -218,6 +220,25 @@ def _model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """A stage's bounds on its work (docs/limits.md)."""
+    serve.add_argument(
+        "--max-inflight",
+        type=int,
+        default=128,
+        metavar="N",
+        help="Generate calls served at once; the next gets RESOURCE_EXHAUSTED with a "
+        "retry-after-ms hint (default 128; docs/limits.md)",
+    )
+    serve.add_argument(
+        "--health-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between engine liveness checks; a dead engine is NOT_SERVING (default 1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnistage", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -247,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--kv-cache-gib", type=float, default=1.0)
     serve.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM drain time")
+    _add_limit_flags(serve)
     serve.add_argument(
         "--engine-options",
         default="",

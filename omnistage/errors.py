@@ -52,10 +52,24 @@ class NotFoundError(OmnistageError):
     code = "NOT_FOUND"
 
 
+RETRY_AFTER_KEY = "retry-after-ms"
+"""Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds to wait before retrying."""
+
+
 class OverloadedError(OmnistageError):
-    """The engine cannot take more work now."""
+    """The stage (or every replica of it) cannot take more work now.
+
+    `retry_after_ms` is how long the caller should wait before trying again (0: no hint); it
+    travels as the trailing metadata `retry-after-ms`.
+    """
 
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self, message: str = "", *, retry_after_ms: int = 0, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_ms = max(0, int(retry_after_ms))
 
 
 class EngineDeadError(OmnistageError):
@@ -95,5 +109,7 @@ def reworded(error: OmnistageError, message: str) -> OmnistageError:
     for, so a caller that rewords a stage's error still passes that code on unchanged.
     """
     renamed = type(error)(message, code=error.code)
+    if isinstance(error, OverloadedError) and isinstance(renamed, OverloadedError):
+        renamed.retry_after_ms = error.retry_after_ms
     renamed.__cause__ = error
     return renamed

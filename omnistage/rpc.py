@@ -56,7 +56,10 @@ def error_from_rpc(exc: grpc.RpcError, *, address: str = "") -> errors.Omnistage
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     cls = _ERRORS_BY_CODE.get(code, errors.OmnistageError)
     where = f" ({address})" if address else ""
-    return cls(f"{details}{where}{_tls_hint(code, details)}{_api_hint(code)}", code=code.name)
+    error = cls(f"{details}{where}{_tls_hint(code, details)}{_api_hint(code)}", code=code.name)
+    if isinstance(error, errors.OverloadedError):
+        error.retry_after_ms = retry_after_ms(exc)
+    return error
 
 
 @contextlib.contextmanager
@@ -71,6 +74,18 @@ def rpc_errors(address: str, call: Any = None) -> Iterator[None]:
     finally:
         if call is not None:
             call.cancel()
+
+
+def retry_after_ms(exc: grpc.RpcError) -> int:
+    """The `retry-after-ms` trailing metadata of a failed call, or 0 when it has none."""
+    trailing: Any = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == errors.RETRY_AFTER_KEY:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return 0
+    return 0
 
 
 def _api_hint(code: grpc.StatusCode) -> str:

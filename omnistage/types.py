@@ -128,6 +128,9 @@ class EngineInfo:
     engine_version: str = ""
     max_model_len: int = 0
     device: str = "cpu"
+    dead_reason: str = ""
+    """Why the engine can no longer serve (its process died, its loop stopped); empty while
+    it can. The stage's health watch polls it and reports NOT_SERVING once it is set."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from omnistage.errors import OmnistageError, StageUnavailableError, reworded
+from omnistage.errors import OmnistageError, OverloadedError, StageUnavailableError, reworded
 from omnistage.types import GenerateInput, OutputDelta
 from orchestrator.config import StageSpec
 from orchestrator.pool import StagePool
@@ -79,15 +79,20 @@ async def call_stage(
 ) -> AsyncIterator[tuple[OutputDelta, str]]:
     """The deltas of one Generate call on the stage's next SERVING replica, with its address.
 
-    A replica that is unreachable before it sent anything is marked down and the call goes to
-    the next replica; once output has flowed, a failure ends the request. Closing this iterator
-    early cancels the call, so the stage aborts the request.
+    A replica that is unreachable, or full (RESOURCE_EXHAUSTED: at its in-flight limit),
+    before it sent anything is skipped and the call goes to the next replica; an unreachable
+    one is also marked down. When every replica is full, the call fails with RESOURCE_EXHAUSTED
+    and the shortest of their retry hints. Once output has flowed, a failure ends the request.
+    Closing this iterator early cancels the call, so the stage aborts the request.
     """
     tried: list[str] = []
+    full: dict[str, OverloadedError] = {}
     while True:
         try:
             replica = await pool.pick(spec.name, exclude=tried)
         except StageUnavailableError as exc:
+            if full:
+                raise all_full(spec.name, full, others=str(exc)) from exc
             raise name_stage(exc, spec.name) from exc
         started = False
         try:
@@ -97,20 +102,40 @@ async def call_stage(
                     started = True
                     yield delta, replica.address
             return
-        except StageUnavailableError as exc:
-            pool.mark(replica, "UNAVAILABLE")
+        except (StageUnavailableError, OverloadedError) as exc:
             tried.append(replica.address)
+            overloaded = isinstance(exc, OverloadedError)
+            if isinstance(exc, OverloadedError):
+                full[replica.address] = exc
+            else:
+                pool.mark(replica, "UNAVAILABLE")
             others = [r for r in pool.replicas(spec.name) if r.address not in tried]
             if started or not others:
                 logger.info("request %s: stage %s: %s", stage_input.request_id, spec.name, exc)
+                if full and not started:
+                    raise all_full(spec.name, full) from exc
                 raise name_stage(exc, spec.name) from exc
-            logger.warning(
-                "request %s: stage %s replica %s unavailable, trying another: %s",
+            logger.log(
+                logging.INFO if overloaded else logging.WARNING,
+                "request %s: stage %s replica %s %s, trying another: %s",
                 stage_input.request_id,
                 spec.name,
                 replica.address,
+                "full" if overloaded else "unavailable",
                 exc,
             )
         except OmnistageError as exc:
             logger.info("request %s failed in stage %s: %s", stage_input.request_id, spec.name, exc)
             raise name_stage(exc, spec.name) from exc
+
+
+def all_full(stage: str, full: dict[str, OverloadedError], *, others: str = "") -> OverloadedError:
+    """RESOURCE_EXHAUSTED for a stage whose every reachable replica refused a call as full."""
+    retry = min((e.retry_after_ms for e in full.values() if e.retry_after_ms), default=0)
+    rest = f"; the others: {others}" if others else ""
+    when = f"retry after {retry} ms (trailing metadata 'retry-after-ms')" if retry else "retry"
+    return OverloadedError(
+        f"stage {stage!r}: every replica is at its in-flight limit "
+        f"({', '.join(full)}){rest}; {when}, add replicas, or raise their --max-inflight",
+        retry_after_ms=retry,
+    )

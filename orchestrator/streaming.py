@@ -10,6 +10,13 @@ ahead of the one streaming back. Stage K's outputs reach the client in chunk ord
 Stage K-1's events pass through as they arrive. When anything fails, or the caller goes away,
 every chunk call and the upstream stream are cancelled, so every stage aborts its piece.
 
+Every queue is bounded, so memory stays flat however long the output and however slow the
+caller: at most STREAM_IN_FLIGHT chunks wait to be sent on (the upstream stream is read no
+faster), each chunk call buffers at most CHUNK_QUEUE deltas (its gRPC stream is read no
+faster), and at most EVENT_QUEUE events wait for the caller. None of them can deadlock: the
+caller waits only on the event queue; the sender waits only on the chunk it is sending,
+whose call waits only on chunks before it; the cutter waits only on the sender.
+
 Only tokens and text are cut into chunks. A stage K-1 that sends tensors (a torch stage) fails
 the request with FAILED_PRECONDITION rather than hand stage K empty chunks; the pipeline file
 is refused at load already when its launch section says stage K-1 is a torch stage.
@@ -35,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 STREAM_IN_FLIGHT = 2
 """Chunk calls of one request that may run at once on a streamed stage."""
+CHUNK_QUEUE = 16
+"""Deltas of one chunk call buffered ahead of the sender (a few tensor chunks of 4 MiB)."""
+EVENT_QUEUE = 16
+"""Events of both stages buffered for the caller."""
 
 
 class StreamedTensorError(OmnistageError):
@@ -52,7 +63,9 @@ class _Chunk:
     number: int
     stage_input: GenerateInput
     ready_at: float
-    deltas: asyncio.Queue[tuple[OutputDelta, str] | None] = field(default_factory=asyncio.Queue)
+    deltas: asyncio.Queue[tuple[OutputDelta, str] | None] = field(
+        default_factory=lambda: asyncio.Queue(CHUNK_QUEUE)
+    )
     emitted: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -91,9 +104,10 @@ class StreamedStage:
         self._final = final
         self._on_done = on_done
         self._in_flight = in_flight
-        self._chunks: list[_Chunk] = []
-        self._pending: asyncio.Queue[_Chunk | None] = asyncio.Queue()
-        self._out: asyncio.Queue[StageEvent | Exception | _Done] = asyncio.Queue()
+        self._count = 0  # chunks cut so far
+        self._live: dict[int, _Chunk] = {}  # by number: the chunks not yet sent on
+        self._pending: asyncio.Queue[_Chunk | None] = asyncio.Queue(in_flight)
+        self._out: asyncio.Queue[StageEvent | Exception | _Done] = asyncio.Queue(EVENT_QUEUE)
         self._started_at = 0.0
         self._start_ns = 0
         self._handoff_s = 0.0
@@ -112,7 +126,7 @@ class StreamedStage:
                     raise item
                 yield item
         finally:
-            running = [*tasks, *(c.task for c in self._chunks if c.task is not None)]
+            running = [*tasks, *(c.task for c in self._live.values() if c.task is not None)]
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
@@ -124,7 +138,7 @@ class StreamedStage:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            self._out.put_nowait(exc)
+            await self._out.put(exc)
 
     async def _feed(self, upstream: AsyncIterator[StageEvent]) -> None:
         """Pass upstream events on, and cut the previous stage's tokens into chunk calls."""
@@ -132,7 +146,7 @@ class StreamedStage:
         text = ""
         async with closing(upstream):
             async for event in upstream:
-                self._out.put_nowait(event)
+                await self._out.put(event)
                 if event.stage_index != self._index - 1:
                     continue
                 if event.delta.tensor is not None:
@@ -146,30 +160,29 @@ class StreamedStage:
                 token_ids.extend(event.delta.token_ids)
                 text += event.delta.text
                 while len(token_ids) >= self._size:
-                    self._start_chunk(token_ids[: self._size], text)
+                    await self._start_chunk(token_ids[: self._size], text)
                     token_ids, text = token_ids[self._size :], ""
-        if token_ids or not self._chunks:  # no chunk at all: the processor says why
-            self._start_chunk(token_ids, text)
+        if token_ids or not self._count:  # no chunk at all: the processor says why
+            await self._start_chunk(token_ids, text)
         logger.debug(
-            "request %s: %d chunks for stage %s",
-            self._request_id,
-            len(self._chunks),
-            self._spec.name,
+            "request %s: %d chunks for stage %s", self._request_id, self._count, self._spec.name
         )
-        self._pending.put_nowait(None)
+        await self._pending.put(None)
 
-    def _start_chunk(self, token_ids: list[int], text: str) -> None:
-        number = len(self._chunks)
+    async def _start_chunk(self, token_ids: list[int], text: str) -> None:
+        """Cut one chunk and start its call; wait while STREAM_IN_FLIGHT chunks are pending."""
+        number = self._count
         output = StageOutput(stage=self._upstream_stage, text=text, token_ids=tuple(token_ids))
         built = self._build_input(output)
         request_id = f"{self._request_id}-chunk{number}" if self._request_id else ""
         chunk = _Chunk(number, replace(built, request_id=request_id), time.monotonic())
-        ahead = self._chunks[number - self._in_flight] if number >= self._in_flight else None
+        await self._pending.put(chunk)
+        ahead = self._live.get(number - self._in_flight)  # None: already sent on
         chunk.task = asyncio.create_task(
             self._guard(self._call(chunk, ahead)), name=f"handoff-chunk{number}"
         )
-        self._chunks.append(chunk)
-        self._pending.put_nowait(chunk)
+        self._live[number] = chunk
+        self._count += 1
 
     async def _call(self, chunk: _Chunk, ahead: _Chunk | None) -> None:
         if ahead is not None:
@@ -180,8 +193,8 @@ class StreamedStage:
         deltas = call_stage(self._pool, self._spec, chunk.stage_input, deadline=self._deadline)
         async with closing(deltas):
             async for item in deltas:
-                chunk.deltas.put_nowait(item)
-        chunk.deltas.put_nowait(None)
+                await chunk.deltas.put(item)
+        await chunk.deltas.put(None)
 
     async def _emit(self) -> None:
         """Send the chunks' outputs on in chunk order, then one `finished` for the stage."""
@@ -197,8 +210,9 @@ class StreamedStage:
                     continue
                 if not first_at:
                     first_at, first_ns = time.monotonic(), time.time_ns()
-                self._out.put_nowait(self._event(delta, replica))
+                await self._out.put(self._event(delta, replica))
             chunk.emitted.set()
+            del self._live[chunk.number]
         ended = time.monotonic()
         first_at, first_ns = (first_at, first_ns) if first_at else (ended, time.time_ns())
         metrics = [d.metrics for d in finishes if d.metrics is not None]
@@ -227,8 +241,8 @@ class StreamedStage:
         event = replace(self._event(finished, replica), timing=timing)
         if self._on_done is not None:
             self._on_done(event)
-        self._out.put_nowait(event)
-        self._out.put_nowait(_Done())
+        await self._out.put(event)
+        await self._out.put(_Done())
 
     def _event(self, delta: OutputDelta, replica: str) -> StageEvent:
         return StageEvent(

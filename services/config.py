@@ -10,6 +10,9 @@ from omnistage.profile_files import RetentionPolicy
 from omnistage.security import ServerSecurity
 from omnistage.settings import STAGE_NAME_PATTERN, ProfilerSettings
 
+DEFAULT_MAX_INFLIGHT = 128
+"""Twice vLLM's default max_num_seqs: as many waiting in the engine as it runs at once."""
+
 
 class StageConfig(BaseModel):
     """Everything one stage service needs, validated once at start."""
@@ -34,6 +37,21 @@ class StageConfig(BaseModel):
     )
     kv_cache_gib: float = Field(default=1.0, gt=0, description="vLLM's CPU KV cache size.")
     grace_seconds: float = Field(default=30.0, ge=0, description="SIGTERM drain time.")
+    max_inflight: int = Field(
+        default=DEFAULT_MAX_INFLIGHT,
+        ge=1,
+        description=(
+            "Generate calls the stage serves at once, queued ones included; the next is "
+            "refused with RESOURCE_EXHAUSTED and a retry-after-ms hint. The torch engine's "
+            "request queue holds as many."
+        ),
+    )
+    health_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often the engine's liveness is polled; a dead one is NOT_SERVING.",
+    )
     engine_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra engine arguments, passed through."
     )

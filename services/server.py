@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from grpc_health.v1 import health_pb2
 
 from omnistage.server import GrpcServer, serve_until_signalled
 from omnistage.v1 import stage_pb2, stage_pb2_grpc
+from services.admission import InflightLimiter
 from services.config import StageConfig
 from services.engines.base import Engine
 from services.profiling.sessions import ProfileSessionStore
@@ -55,7 +57,9 @@ class StageServer:
             name=config.name,
             engine=engine,
             sessions=self.sessions,
+            limiter=InflightLimiter(config.name, config.max_inflight),
         )
+        self._watch: asyncio.Task[None] | None = None
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
         self.port = self._grpc.bind(config.host, config.port)
         self.health_port = (
@@ -69,15 +73,30 @@ class StageServer:
             self._grpc.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         )
 
+    async def _watch_engine(self) -> None:
+        """Poll the engine's liveness every health interval; once it has died, report
+        NOT_SERVING for good (the orchestrator then routes around this replica)."""
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                reason = self.engine.info().dead_reason
+            except Exception as exc:  # noqa: BLE001 - an engine that cannot say is not serving
+                reason = f"the engine could not describe itself: {exc!r}"
+            if reason:
+                logger.error("stage %r: NOT_SERVING: %s", self.config.name, reason)
+                await self._grpc.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                return
+
     async def start(self) -> None:
         """Prune old profile sessions, serve with health NOT_SERVING, load the engine, then
-        report SERVING."""
+        report SERVING and watch that the engine stays alive."""
         await self.sessions.prune()
         await self._grpc.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._grpc.start()
         started = time.monotonic()
         await self.engine.start()
         await self._grpc.set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self._watch_engine(), name="engine-watch")
         logger.info(
             "stage %r SERVING on port %d (engine ready in %.1f s)",
             self.config.name,
@@ -88,12 +107,17 @@ class StageServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, let in-flight calls finish within the grace period, then close."""
         grace = self.config.grace_seconds if grace is None else grace
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         try:
             await self.health.enter_graceful_shutdown()
             logger.info("draining stage %r for up to %.0f s", self.config.name, grace)
             await self._grpc.stop(grace)
             await self.sessions.abandon()
         finally:
+            self.sessions.close()
             await self.engine.close()
 
 

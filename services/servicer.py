@@ -20,6 +20,8 @@ from omnistage.server import Context
 from omnistage.types import StageDescription
 from omnistage.v1 import common_pb2, stage_pb2, stage_pb2_grpc
 from omnistage.validation import validate_generate_input
+from services.admission import InflightLimiter
+from services.config import DEFAULT_MAX_INFLIGHT
 from services.engines.base import Engine
 from services.profiling.sessions import ProfileSessionStore
 
@@ -33,23 +35,26 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
         name: str,
         engine: Engine,
         sessions: ProfileSessionStore,
+        limiter: InflightLimiter | None = None,
     ) -> None:
         self._name = name
         self._engine = engine
         self._sessions = sessions
+        self._limiter = limiter or InflightLimiter(name, DEFAULT_MAX_INFLIGHT)
 
     async def Generate(
         self, request: stage_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[stage_pb2.GenerateResponse]:
         generate_input = generate_input_from_pb(request)
         validate_generate_input(generate_input)
-        try:
-            async for delta in self._engine.generate(generate_input):
-                yield delta_to_pb(delta)
-        except asyncio.CancelledError:
-            logger.info("request %s cancelled by the client", generate_input.request_id)
-            await self._engine.abort(generate_input.request_id)
-            raise
+        with self._limiter.admit():
+            try:
+                async for delta in self._engine.generate(generate_input):
+                    yield delta_to_pb(delta)
+            except asyncio.CancelledError:
+                logger.info("request %s cancelled by the client", generate_input.request_id)
+                await self._engine.abort(generate_input.request_id)
+                raise
 
     async def StartProfile(
         self, request: stage_pb2.StartProfileRequest, context: Context

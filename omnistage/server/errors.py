@@ -2,7 +2,8 @@
 
 `ErrorInterceptor` wraps each method handler, so an RPC body just raises: omnistage errors keep
 their code and message, an unknown error becomes INTERNAL with a generic message (its traceback
-goes to the log), and cancellation and aborts pass through untouched.
+goes to the log), and cancellation and aborts pass through untouched. An `OverloadedError`
+with a retry hint sends it as the trailing metadata `retry-after-ms`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from omnistage.errors import OmnistageError
+from omnistage.errors import RETRY_AFTER_KEY, OmnistageError, OverloadedError
 
 logger = logging.getLogger(__name__)
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -92,6 +93,9 @@ async def abort_for(
         code = status_code(exc)
         if code is grpc.StatusCode.UNAVAILABLE and on_unavailable is not None:
             on_unavailable()
+        if isinstance(exc, OverloadedError) and exc.retry_after_ms:
+            hint = ((RETRY_AFTER_KEY, str(exc.retry_after_ms)),)
+            await context.abort(code, str(exc), trailing_metadata=hint)
         await context.abort(code, str(exc))
     logger.error("%s failed", rpc, exc_info=exc)
     await context.abort(

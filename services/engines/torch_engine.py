@@ -1,11 +1,16 @@
 """The torch engine: a `TorchStageModel` behind the `Engine` protocol, with dynamic batching.
 
-Requests are preprocessed on the event loop into one row each and put on an asyncio queue. A
-batcher task takes up to `max_batch_size` of them, waiting at most `max_wait_ms` after the
-first, concatenates rows that share shape[1:] and dtype, and runs each such group as one
-engine step. When a group's step fails, its requests run again one per step, so one bad
-request fails alone. Every step, and every start and stop of torch.profiler, runs on one
-dedicated worker thread: torch.profiler records only the thread that started it.
+Requests are preprocessed on the event loop into one row each and put on an asyncio queue of
+`max_inflight` (the stage's in-flight limit) places: the stage's servicer admits no more
+requests than that, so the queue is never full for an admitted one; should it be (aborted
+requests wait there until the batcher drops them), the request is refused with
+RESOURCE_EXHAUSTED rather than wait, so nothing ever blocks on it. A batcher task takes up
+to `max_batch_size` of them, waiting at most `max_wait_ms` after the first, concatenates
+rows that share shape[1:] and dtype, and runs each such group as one engine step. When a
+group's step fails, its requests run again one per step, so one bad request fails alone.
+Every step, and every start and stop of torch.profiler, runs on one dedicated worker thread:
+torch.profiler records only the thread that started it. Trace exports run on a thread of
+their own, never the event loop's default executor.
 
 A request's tensor is checked against the model's `input_spec` before `preprocess`. Each
 output chunk is split along dim 0 below `DEFAULT_MAX_CHUNK_BYTES`, so every response message
@@ -26,7 +31,7 @@ from typing import Any, TypeVar
 import torch
 from torch.profiler import record_function
 
-from omnistage.errors import EngineDeadError, InvalidRequestError, OmnistageError
+from omnistage.errors import EngineDeadError, InvalidRequestError, OmnistageError, OverloadedError
 from omnistage.tensors import DEFAULT_MAX_CHUNK_BYTES, split_tensor, validate_tensor
 from omnistage.types import (
     EngineInfo,
@@ -79,12 +84,13 @@ class TorchEngine:
         self._dtype: torch.dtype = getattr(torch, self._options.dtype)
         self._device = resolve_device(self._options.device, self._options.dtype)
         self._model: TorchStageModel | None = None
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(config.max_inflight)
         self._requests: dict[str, _Request] = {}
         self._batcher: asyncio.Task[None] | None = None
         self._dead: BaseException | None = None
         self._closed = False
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{config.name}")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix=f"torch-io-{config.name}")
         self._profiler = StepProfiler(
             config.profiler, stage=config.name, cuda=self._device.type == "cuda"
         )
@@ -126,6 +132,7 @@ class TorchEngine:
         self._fail_all(EngineDeadError(f"stage {self._config.name!r} is shutting down"))
         await self._on_worker(self._profiler.stop)
         await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
+        self._io.shutdown(wait=False)
         self._model = None
 
     def info(self) -> EngineInfo:
@@ -135,6 +142,7 @@ class TorchEngine:
             running_requests=len(self._requests),
             engine_version=str(torch.__version__),
             device=str(self._device),
+            dead_reason=f"the torch engine has died: {self._dead!r}" if self._dead else "",
         )
 
     # -- generation --------------------------------------------------------------------------
@@ -156,8 +164,16 @@ class TorchEngine:
         item = _Request(
             request.request_id, row, arrived, asyncio.get_running_loop().create_future()
         )
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise OverloadedError(
+                f"stage {self._config.name!r}: its request queue holds {self._queue.maxsize} "
+                "requests (--max-inflight), aborted ones included until the batcher drops "
+                "them; retry shortly",
+                retry_after_ms=max(1, round(self._options.max_wait_ms)),
+            ) from None
         self._requests[item.request_id] = item
-        self._queue.put_nowait(item)
         try:
             chunks = await item.result
             ready = time.monotonic()
@@ -314,7 +330,8 @@ class TorchEngine:
         if recorded is None:
             logger.warning("the profiler recorded no step: no trace for %s", session_dir.name)
             return []
-        return await asyncio.to_thread(self._profiler.export, recorded, session_dir)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, self._profiler.export, recorded, session_dir)
 
 
 def _check_row(row: object, model: str) -> None:

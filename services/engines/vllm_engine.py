@@ -41,6 +41,9 @@ class VllmEngine:
         self._vocab_size = 0
         self._running: set[str] = set()
         self._engine_version = ""
+        # The stage's own file work (moving a session's traces across file systems can take
+        # a while): never on the default executor, which start() makes vLLM's one thread.
+        self._io = ThreadPoolExecutor(1, thread_name_prefix=f"vllm-io-{config.name}")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -93,11 +96,14 @@ class VllmEngine:
         if self._llm is not None:
             llm, self._llm = self._llm, None
             await asyncio.to_thread(llm.shutdown)
+        self._io.shutdown(wait=False)
 
     def info(self) -> EngineInfo:
-        running = 0
+        running, dead = 0, ""
         if self._llm is not None:
             running = int(self._llm.get_num_unfinished_requests())
+            if self._llm.errored:  # vLLM's monitor thread sees its engine core process die
+                dead = f"the vLLM engine has died: {self._llm.dead_error!r}"
         return EngineInfo(
             engine="vllm",
             model=self._config.model,
@@ -105,6 +111,7 @@ class VllmEngine:
             engine_version=self._engine_version,
             max_model_len=self._max_model_len,
             device=_device_name(),
+            dead_reason=dead,
         )
 
     # -- generation --------------------------------------------------------------------------
@@ -252,13 +259,19 @@ class VllmEngine:
         llm = self._require_llm()
         await llm.stop_profile()
         staging = self._config.profiler.directory / STAGING_DIRNAME
-        moved = []
-        prefix = f"{session_dir.name}_"
-        for path in sorted(staging.glob(f"{prefix}*")):
-            target = session_dir / path.name[len(prefix) :]
-            shutil.move(str(path), target)
-            moved.append(target)
-        return moved
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, _move_session_files, staging, session_dir)
+
+
+def _move_session_files(staging: Path, session_dir: Path) -> list[Path]:
+    """Move the files vLLM wrote for this session out of the staging folder into it."""
+    moved = []
+    prefix = f"{session_dir.name}_"
+    for path in sorted(staging.glob(f"{prefix}*")):
+        target = session_dir / path.name[len(prefix) :]
+        shutil.move(str(path), target)
+        moved.append(target)
+    return moved
 
 
 def _metrics(

@@ -5,15 +5,22 @@ asks the engine to profile into it, makes sure an op table exists on stop, and s
 folder's regular files and nothing outside it (checked by real path, so a symlink that leads
 out is not there). After each stop, and once at server start, it deletes the oldest session
 folders beyond its `RetentionPolicy`.
+
+Its file work (op tables, checksums, pruning, file reads) runs on a thread pool of its own,
+`IO_THREADS` wide, never on the event loop's default executor: a vLLM stage makes that one
+thread, which vLLM's front-end profiler holds for the whole of a stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from omnistage.errors import ProfilerStateError
 from omnistage.profile_files import (
@@ -34,6 +41,9 @@ from services.engines.base import Engine
 logger = logging.getLogger(__name__)
 
 TRACE_SUFFIXES = (".pt.trace.json.gz", ".pt.trace.json")
+T = TypeVar("T")
+IO_THREADS = 2
+"""One for a download while another builds an op table or checksums a session."""
 PROFILER_FLAG = '--profiler-config \'{"torch_profiler_dir": "DIR"}\''
 
 
@@ -58,6 +68,15 @@ class ProfileSessionStore:
         self._retention = retention or RetentionPolicy()
         self._active: Path | None = None
         self._lock = asyncio.Lock()
+        self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix=f"stage-io-{stage_name}")
+
+    async def _on_io(self, function: Callable[..., T], *args: Any) -> T:
+        call = functools.partial(function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._io, call)
+
+    def close(self) -> None:
+        """Release the I/O threads (idle ones exit at once; running work finishes first)."""
+        self._io.shutdown(wait=False, cancel_futures=True)
 
     @property
     def enabled(self) -> bool:
@@ -119,8 +138,8 @@ class ProfileSessionStore:
                 # The engine's profiler is stopped or dead either way; a new session may start.
                 self._active = None
             stop_seconds = time.monotonic() - started
-            await asyncio.to_thread(ensure_op_table, session_dir, self._stage_name)
-            files = await asyncio.to_thread(_manifest, session_dir)
+            await self._on_io(ensure_op_table, session_dir, self._stage_name)
+            files = await self._on_io(_manifest, session_dir)
             logger.info(
                 "profile session %s stopped in %.1f s: %d files",
                 session_dir.name,
@@ -153,7 +172,7 @@ class ProfileSessionStore:
         if self._active is not None:
             keep = keep | {self._active}
         try:
-            return await asyncio.to_thread(
+            return await self._on_io(
                 lambda: self._retention.prune(_session_folders(root), keep=keep)
             )
         except OSError as exc:
@@ -181,7 +200,9 @@ class ProfileSessionStore:
         `chunk_size` 0 means 1 MiB; below 64 KiB is refused, above 3 MiB is cut to 3 MiB.
         """
         path = self.session_file(session_id, name)
-        chunks = file_chunks(path, name, session=session_id, chunk_size=chunk_size, offset=offset)
+        chunks = file_chunks(
+            path, name, session=session_id, chunk_size=chunk_size, offset=offset, executor=self._io
+        )
         async for chunk in chunks:
             yield chunk
 
