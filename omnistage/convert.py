@@ -156,13 +156,13 @@ def manifest_from_pb(msg: stage_pb2.StopProfileResponse) -> ProfileManifest:
 
 def stage_description_to_pb(desc: StageDescription) -> stage_pb2.StageInfo:
     # the message is flat: the engine's fields beside the stage's, `engine` its kind
-    return stage_pb2.StageInfo(
-        **(fields_of(desc.engine) | fields_of(desc, engine=desc.engine.engine))
-    )
+    engine = fields_of(desc.engine, leave=("dead_reason",))  # the stage's own health watch
+    return stage_pb2.StageInfo(**(engine | fields_of(desc, engine=desc.engine.engine)))
 
 
 def stage_description_from_pb(msg: stage_pb2.StageInfo) -> StageDescription:
-    return from_fields(msg, StageDescription, engine=from_fields(msg, EngineInfo))
+    engine = from_fields(msg, EngineInfo, dead_reason="")  # a serving stage's engine is alive
+    return from_fields(msg, StageDescription, engine=engine)
 
 
 def pipeline_status_to_pb(status: PipelineStatus) -> orchestrator_pb2.PipelineInfo:
