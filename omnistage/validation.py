@@ -1,8 +1,12 @@
-"""Checks on a request that do not depend on the engine kind. Each message says what to fix."""
+"""Checks on a request that do not depend on the engine kind, or on the front door it came
+through (a pipeline file, gRPC, HTTP). Each message says what to fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from omnistage.errors import InvalidRequestError
 from omnistage.tensors import validate_tensor
@@ -11,25 +15,71 @@ from omnistage.types import CHAT_ROLES, GenerateInput, ProfileOptions, SamplingO
 MAX_STOP_STRINGS = 16
 
 
+class Sampling(BaseModel):
+    """The sampling rules, defined once: for a pipeline file's `sampling:` (extra keys are
+    errors there), a Generate request's, and the HTTP API's. Unset keys use defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(default=None, description="Most tokens generated.")
+    temperature: float | None = Field(default=None, description="0 is greedy.")
+    top_p: float | None = Field(default=None, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=None, description="-1 considers every token.")
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    stop: list[str] | None = Field(default=None, description="Strings that end generation.")
+    ignore_eos: bool | None = Field(default=None, description="Keep going past end-of-text.")
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be ≥ 1 (got {value})")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"must be ≥ 0; 0 means greedy (got {value})")
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"must lie in (0, 1] (got {value})")
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int | None) -> int | None:
+        if value is not None and value < -1:
+            raise ValueError(f"must be ≥ 1, or 0 or -1 to disable (got {value})")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: list[str] | None) -> list[str] | None:
+        if value and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"holds at most {MAX_STOP_STRINGS} strings (got {len(value)})")
+        if value and not all(value):
+            raise ValueError("strings must not be empty")
+        return value
+
+    def to_options(self) -> SamplingOptions:
+        return SamplingOptions(**self.model_dump(exclude={"stop"}), stop=tuple(self.stop or ()))
+
+
 def validate_sampling(options: SamplingOptions) -> None:
-    if options.max_tokens is not None and options.max_tokens < 1:
-        raise InvalidRequestError(f"max_tokens must be ≥ 1 (got {options.max_tokens})")
-    if options.temperature is not None and (
-        not math.isfinite(options.temperature) or options.temperature < 0
-    ):
-        raise InvalidRequestError(
-            f"temperature must be ≥ 0; 0 means greedy (got {options.temperature})"
-        )
-    if options.top_p is not None and not 0 < options.top_p <= 1:
-        raise InvalidRequestError(f"top_p must lie in (0, 1] (got {options.top_p})")
-    if options.top_k is not None and options.top_k < -1:
-        raise InvalidRequestError(f"top_k must be ≥ 1, or 0 or -1 to disable (got {options.top_k})")
-    if len(options.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequestError(
-            f"at most {MAX_STOP_STRINGS} stop strings are allowed (got {len(options.stop)})"
-        )
-    if any(not s for s in options.stop):
-        raise InvalidRequestError("stop strings must not be empty")
+    """A request's sampling, by the rules of `Sampling`; the message names each bad key."""
+    try:
+        Sampling.model_validate(dataclasses.asdict(options))
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'])} {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False)
+        ]
+        raise InvalidRequestError("; ".join(problems)) from None
 
 
 def validate_generate_input(request: GenerateInput) -> None:

@@ -25,7 +25,7 @@ from pydantic import (
 
 from omnistage.errors import InvalidRequestError
 from omnistage.settings import STAGE_NAME_PATTERN, ProfilerSettings
-from omnistage.types import SamplingOptions
+from omnistage.validation import Sampling
 from orchestrator.addresses import address_problems, join_host_port
 from orchestrator.config_lines import (
     KeyPath,
@@ -59,21 +59,8 @@ class _Problems(ValueError):
         super().__init__("; ".join(f"{format_key_path(p)}: {m}" for p, m in problems))
 
 
-class SamplingConfig(BaseModel):
-    """A stage's sampling; the same keys as a request's `sampling`. Unset keys use defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens generated.")
-    temperature: float | None = Field(default=None, ge=0, description="0 is greedy.")
-    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(default=None, ge=-1, description="-1 considers every token.")
-    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
-    stop: list[str] | None = Field(default=None, description="Strings that end generation.")
-    ignore_eos: bool | None = Field(default=None, description="Keep going past end-of-text.")
-
-    def to_options(self) -> SamplingOptions:
-        return SamplingOptions(**self.model_dump(exclude={"stop"}), stop=tuple(self.stop or ()))
+class SamplingConfig(Sampling):
+    """A stage's sampling; the same keys and rules as a request's `sampling`."""
 
 
 class InputConfig(BaseModel):

@@ -4,10 +4,9 @@ and every stage's files pulled over gRPC into one folder on the orchestrator's s
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omnistage.errors import (
@@ -22,7 +21,7 @@ from omnistage.errors import (
 )
 from omnistage.profile_files import new_session_id
 from omnistage.traces.clock import ClockEstimate, ClockSample, combine, estimate_offset
-from omnistage.traces.report import rebuild_report
+from omnistage.traces.report import rebuild_report, write_session
 from omnistage.traces.slimming import SlimOptions
 from omnistage.traces.spans import RequestSpan
 from omnistage.types import ProfileOptions, ProfileReport, StopProgress
@@ -347,10 +346,7 @@ class PipelineProfiler:
                 key: combine(session.clock_start.get(key), clock_stop.get(key))
                 for key in session.clock_start.keys() | clock_stop.keys()
             }
-            record = asdict(report)
-            record["clocks"] = {key: asdict(estimate) for key, estimate in clocks.items()}
-            record["spans"] = [asdict(span) for span in session.spans]
-            (session_dir / "report.json").write_text(json.dumps(record, indent=2))
+            write_session(session_dir, report, spans=session.spans, clocks=clocks)
             report = await self._with_timeline(report, session_dir, slim, progress)
             listed = await self._sessions.summary(session_dir)
             await self._sessions.prune(keep=session_dir)

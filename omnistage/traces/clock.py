@@ -20,6 +20,9 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import msgspec
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +157,11 @@ def resolve_clock(
     if stage in clocks:
         return clocks[stage], stage
     return None, ""
+
+
+def clock_from_mapping(data: Any) -> ClockEstimate:
+    """A :class:`ClockEstimate` from its ``dataclasses.asdict`` form, as report.json holds
+    it, checked against the dataclass (msgspec); `rtt_ns` and `samples` may be missing."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a clock estimate is an object, not {type(data).__name__}")
+    return msgspec.convert({"rtt_ns": 0, "samples": 1, **data}, ClockEstimate, strict=False)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnistage.traces.clock import ClockEstimate
+import msgspec
+
+from omnistage.traces.clock import ClockEstimate, clock_from_mapping
 from omnistage.traces.events import TraceError, slim_copy_path
 from omnistage.traces.parallel import run_all
 from omnistage.traces.slimming import SlimOptions, SlimStats, slim_trace_file
@@ -29,7 +31,7 @@ from omnistage.traces.spans import RequestSpan, span_from_mapping
 from omnistage.traces.stats import stats_from_timeline
 from omnistage.traces.summary import write_summary
 from omnistage.traces.timeline import build_timeline, find_traces
-from omnistage.types import ProfileSlimming
+from omnistage.types import ProfileReport, ProfileSlimming
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,25 @@ class SessionRecord:
         return order
 
 
+def write_session(
+    session_dir: Path,
+    report: ProfileReport,
+    *,
+    spans: Sequence[RequestSpan],
+    clocks: Mapping[str, ClockEstimate],
+) -> Path:
+    """Write ``session_dir/report.json``: the report, the request spans and the clock
+    estimates, each encoded from its own dataclass (msgspec), as :func:`read_session` reads
+    them back."""
+    record = msgspec.to_builtins(report) | {
+        "clocks": msgspec.to_builtins(dict(clocks)),
+        "spans": msgspec.to_builtins(list(spans)),
+    }
+    path = Path(session_dir) / REPORT_NAME
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(record), indent=2))
+    return path
+
+
 def read_session(session_dir: Path) -> SessionRecord:
     """Read and check ``session_dir/report.json``.
 
@@ -113,19 +134,14 @@ def read_session(session_dir: Path) -> SessionRecord:
     for i, item in enumerate(report.get("spans") or []):
         try:
             spans.append(span_from_mapping(item))
-        except (TypeError, ValueError, AttributeError) as exc:
+        except (TypeError, msgspec.ValidationError) as exc:
             raise ValueError(f"{path}: spans[{i}] is malformed: {exc}") from exc
     clocks = {}
     for key, item in (report.get("clocks") or {}).items():
         try:
-            clocks[str(key)] = ClockEstimate(
-                offset_ns=int(item["offset_ns"]),
-                error_ns=int(item["error_ns"]),
-                rtt_ns=int(item.get("rtt_ns", 0)),
-                samples=int(item.get("samples", 1)),
-            )
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise ValueError(f"{path}: clocks[{key!r}] is malformed: {exc!r}") from exc
+            clocks[str(key)] = clock_from_mapping(item)
+        except (TypeError, msgspec.ValidationError) as exc:
+            raise ValueError(f"{path}: clocks[{key!r}] is malformed: {exc}") from exc
     return SessionRecord(report, tuple(spans), clocks)
 
 

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from omnistage.traces.events import Event
 
 ORCHESTRATOR_PID = 1
@@ -45,27 +47,22 @@ class RequestSpan:
     queue_time_s: float
 
 
-def span_from_mapping(data: Mapping[str, Any]) -> RequestSpan:
-    """A :class:`RequestSpan` from its ``dataclasses.asdict`` form, as report.json holds it.
+SPAN_DEFAULTS: dict[str, Any] = {
+    "stage_index": 0,
+    "replica": "",
+    "first_output_unix_ns": 0,
+    "handoff_s": 0.0,
+    "queue_time_s": 0.0,
+}
+"""What a span written by an older omnistage may lack; the other fields are required."""
 
-    ``request_id``, ``stage``, ``start_unix_ns`` and ``end_unix_ns`` are required; the other
-    fields default to 0 (or an empty replica).
-    """
-    required = ("request_id", "stage", "start_unix_ns", "end_unix_ns")
-    missing = [key for key in required if key not in data]
-    if missing:
-        raise ValueError(f"request span {dict(data)!r} lacks {missing}")
-    return RequestSpan(
-        request_id=str(data["request_id"]),
-        stage=str(data["stage"]),
-        stage_index=int(data.get("stage_index", 0)),
-        replica=str(data.get("replica", "")),
-        start_unix_ns=int(data["start_unix_ns"]),
-        first_output_unix_ns=int(data.get("first_output_unix_ns", 0)),
-        end_unix_ns=int(data["end_unix_ns"]),
-        handoff_s=float(data.get("handoff_s", 0.0)),
-        queue_time_s=float(data.get("queue_time_s", 0.0)),
-    )
+
+def span_from_mapping(data: Mapping[str, Any]) -> RequestSpan:
+    """A :class:`RequestSpan` from its ``dataclasses.asdict`` form, as report.json holds it,
+    checked against the dataclass itself (msgspec): a missing or mistyped field is named."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a request span is an object, not {type(data).__name__}")
+    return msgspec.convert({**SPAN_DEFAULTS, **data}, RequestSpan, strict=False)
 
 
 def short_ids(request_ids: Iterable[str], width: int = 8) -> dict[str, str]:

@@ -69,7 +69,7 @@ def test_a_bad_value_names_the_file_line_and_key_path(tmp_path: Path) -> None:
     assert isinstance(caught.value, InvalidRequestError)
     assert caught.value.code == "INVALID_ARGUMENT"
     assert str(caught.value) == (
-        f"{path}:9: stages[1].sampling.temperature: Input should be greater than or equal to 0"
+        f"{path}:9: stages[1].sampling.temperature: must be ≥ 0; 0 means greedy (got -0.5)"
     )
 
 
