@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 
 from omnistage.security import AUTHORIZATION_KEY, CLIENT_TOKEN_ENV, AuthScope
+from omnistage.server.errors import Context, Handler, HandlerInterceptor
 from omnistage.v1 import orchestrator_pb2, stage_pb2
 
 logger = logging.getLogger(__name__)
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 _STAGE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 _ORCHESTRATOR = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
@@ -57,21 +55,15 @@ def presented_token(metadata: Any) -> str | None:
     return None
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(HandlerInterceptor):
     """Refuses protected calls without the right token, with UNAUTHENTICATED."""
 
     def __init__(self, token: str, *, scope: AuthScope) -> None:
         self._expected = token.encode()
         self._scope = scope
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        method = str(details.method)
-        if handler is None or not protects(method, self._scope):
+    def wrap(self, handler: Handler, method: str, details: grpc.HandlerCallDetails) -> Handler:
+        if not protects(method, self._scope):
             return handler
         token = presented_token(details.invocation_metadata)
         if token is None:

@@ -26,7 +26,22 @@ def status_code(error: OmnistageError) -> grpc.StatusCode:
     return grpc.StatusCode[error.code]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that looks at, or replaces, the handler of each known method."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        return None if handler is None else self.wrap(handler, str(details.method), details)
+
+    def wrap(self, handler: Handler, method: str, details: grpc.HandlerCallDetails) -> Handler:
+        raise NotImplementedError
+
+
+class ErrorInterceptor(HandlerInterceptor):
     """Turns what a unary or server-streaming RPC body raises into `context.abort`.
 
     `on_unavailable` runs before an UNAVAILABLE answer (a stage's engine has died: the stage
@@ -35,15 +50,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, *, on_unavailable: Callable[[], None] | None = None) -> None:
         self._on_unavailable = on_unavailable
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        if handler is None or handler.request_streaming:
-            return handler  # no omnistage RPC streams requests; grpc answers unknown methods
-        rpc = details.method.rsplit("/", 1)[-1]
+    def wrap(self, handler: Handler, method: str, details: grpc.HandlerCallDetails) -> Handler:
+        if handler.request_streaming or not method.startswith("/omnistage."):
+            return handler  # health and reflection keep their own; no omnistage RPC streams in
+        rpc = method.rsplit("/", 1)[-1]
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(handler.unary_stream, rpc),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 
@@ -43,3 +45,21 @@ def test_client_maps_status_back(code: grpc.StatusCode, cls: type[errors.Omnista
     error = error_from_rpc(FakeRpcError(code, "what to fix"), address="h:1")
     assert type(error) is cls
     assert "what to fix" in str(error) and "h:1" in str(error)
+
+
+def test_the_error_interceptor_wraps_only_omnistage_methods() -> None:
+    """Health and reflection keep their own error handling (a Watch ended by shutdown is not
+    an omnistage INTERNAL error); every omnistage method gets the mapping."""
+    from omnistage.server.errors import ErrorInterceptor
+
+    async def body(request: object, context: object) -> None:
+        return None
+
+    handler = grpc.unary_unary_rpc_method_handler(body)
+    streaming = grpc.unary_stream_rpc_method_handler(body)
+    interceptor = ErrorInterceptor()
+    details: Any = None
+    assert interceptor.wrap(streaming, "/grpc.health.v1.Health/Watch", details) is streaming
+    assert interceptor.wrap(handler, "/grpc.reflection.v1alpha.X/Y", details) is handler
+    wrapped = interceptor.wrap(handler, "/omnistage.v1.Stage/GetInfo", details)
+    assert wrapped is not handler and wrapped.unary_unary is not body
