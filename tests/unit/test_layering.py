@@ -22,8 +22,9 @@ from omnistage.types import EngineInfo, PipelineStatus, StageDescription, StageS
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("omnistage", "services", "orchestrator")
-# The CLI's `stage serve`, `serve` and `up` start the servers, so they may import them (lazily).
-LAUNCHERS = {"omnistage/cli.py", "omnistage/up.py"}
+# The CLI's `stage serve`, `orchestrator serve` and `up` start the servers, so they may import
+# them (lazily).
+LAUNCHERS = {"omnistage/cli_serve.py", "omnistage/up.py"}
 MAX_LINES = 400
 MAX_TYPE_IGNORES = 3
 
