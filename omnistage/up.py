@@ -11,9 +11,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from omnistage.errors import InvalidRequestError
 from omnistage.launch import ServerProcess, stage_args
+
+if TYPE_CHECKING:
+    from orchestrator.config import LaunchStage, PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +38,6 @@ def launch_pipeline(
 ) -> list[ServerProcess]:
     """Start the launch section's stages and the orchestrator; return them once all SERVING."""
     from orchestrator.config import load_pipeline
-    from orchestrator.security import stage_client_security
 
     pipeline = load_pipeline(pipeline_file)
     if pipeline.launch is None or not pipeline.launch.stages:
@@ -47,34 +50,7 @@ def launch_pipeline(
     processes: list[ServerProcess] = []
     try:
         for name, spec in pipeline.launch.stages.items():
-            config = dict(spec.profiler_config) if spec.profiler_config is not None else None
-            if config and config.get("torch_profiler_dir"):
-                config["torch_profiler_dir"] = str(
-                    pipeline.resolve_path(str(config["torch_profiler_dir"]))
-                )
-            model = spec.model
-            if spec.engine == "vllm" and pipeline.resolve_path(model).is_dir():
-                model = str(pipeline.resolve_path(model))  # a folder beside the pipeline file
-            args = stage_args(
-                name=name,
-                model=model,
-                port=spec.port,
-                host=spec.host,
-                engine=spec.engine,
-                profiler_config=config,
-                extra=spec.args,
-            )
-            _say(f"==> starting stage {name!r} ({spec.engine}, {spec.model}) on port {spec.port}")
-            security = stage_client_security(pipeline, pipeline.stage_index(name))
-            processes.append(
-                ServerProcess(
-                    f"stage {name!r}",
-                    args,
-                    log_path=logs / f"{name}.log",
-                    security=security,
-                    die_with_parent=True,
-                )
-            )
+            processes.append(_start_stage(pipeline, name, spec, logs))
         started = time.monotonic()
         for process in processes:
             process.wait_serving(progress=_progress_printer(process.name))
@@ -95,6 +71,37 @@ def launch_pipeline(
     except BaseException:
         stop_all(processes)
         raise
+
+
+def _start_stage(
+    pipeline: PipelineConfig, name: str, spec: LaunchStage, logs: Path
+) -> ServerProcess:
+    """Start one stage of the launch section (paths resolved beside the pipeline file)."""
+    from orchestrator.security import stage_client_security
+
+    config = dict(spec.profiler_config) if spec.profiler_config is not None else None
+    if config and config.get("torch_profiler_dir"):
+        config["torch_profiler_dir"] = str(pipeline.resolve_path(str(config["torch_profiler_dir"])))
+    model = spec.model
+    if spec.engine == "vllm" and pipeline.resolve_path(model).is_dir():
+        model = str(pipeline.resolve_path(model))  # a folder beside the pipeline file
+    args = stage_args(
+        name=name,
+        model=model,
+        port=spec.port,
+        host=spec.host,
+        engine=spec.engine,
+        profiler_config=config,
+        extra=spec.args,
+    )
+    _say(f"==> starting stage {name!r} ({spec.engine}, {spec.model}) on port {spec.port}")
+    return ServerProcess(
+        f"stage {name!r}",
+        args,
+        log_path=logs / f"{name}.log",
+        security=stage_client_security(pipeline, pipeline.stage_index(name)),
+        die_with_parent=True,
+    )
 
 
 def stop_all(processes: list[ServerProcess]) -> None:

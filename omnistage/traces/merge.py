@@ -143,10 +143,8 @@ def _problem(job: TraceJob, exc: Exception) -> str:
 
 
 def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: DeflatePart) -> None:
-    encoder = ProtoEncoder(job.number + 2)
-    builder = OpTableBuilder() if job.role == "all" else None
-    pid_base = (job.number + 1) * PID_BLOCK
-    flows = _FlowIds(job.number)
+    merger = _Merger(job, result)
+    builder = merger.builder
     with TraceReader(job.path, name=job.rel, raw_args=True) as reader:
         base = reader.base_ns
         if base is None:
@@ -155,98 +153,134 @@ def _merge(job: TraceJob, result: TraceResult, json_part: DeflatePart, proto: De
             )
             base = 0
         shift_us = (base - job.host_origin_ns) / 1000
-        pids: dict[Any, int] = {}
-        counts: dict[int, int] = {}
-        names: dict[int, str] = {}
-        labels: dict[int, str] = {}
-        seen_meta: set[tuple[Any, ...]] = set()
-        untimed = no_dur = early = 0
         for chunk in reader.chunks():
             if builder is not None:
                 builder.add(chunk)
-            out = []
-            for ev in chunk:
-                key = ev.pid
-                # each int pid gets one of its own (the first one pid_base); the others
-                # (Kineto's "Traces", "Spans" …) join the first
-                pid = pids.get(key, -1) if type(key) is int else pid_base
-                if pid < 0:
-                    pid = pids[key] = pid_base + len(pids)
-                ev.pid = pid
-                ph = ev.ph
-                if ph == "M":
-                    name = ev.name
-                    if name in PROCESS_META:
-                        args = args_of(ev.args)
-                        if name == "process_name":
-                            names[pid] = str(args.get("name", ""))
-                        elif name == "process_labels":
-                            labels[pid] = str(args.get("labels", ""))
-                        continue
-                    mkey = (name, pid, hashable(ev.tid))
-                    if mkey not in seen_meta:
-                        seen_meta.add(mkey)
-                        ev.ts = 0.0
-                        out.append(ev)
-                    continue
-                ts = ev.ts
-                if ts is None:
-                    untimed += 1
-                    continue
-                t = ts + shift_us
-                if t < 0:
-                    early += 1
-                    t = 0.0
-                ev.ts = int(t * 1000.0 + 0.5) / 1000.0  # whole ns (round(t, 3) is 6× slower)
-                if ph == "X":
-                    if ev.dur is None or ev.dur < 0:
-                        no_dur += 1
-                        continue
-                    counts[pid] = counts.get(pid, 0) + 1
-                elif ph in FLOW_PHASES:
-                    ev.id = flows.new_id(ev)
-                    ev.id2 = None
-                out.append(ev)
+            out = merger.retime(chunk, shift_us)
             if out:  # after the orchestrator's events, which always come first: a comma
                 json_part.write(b"," + events_json(out))
-            proto.write(encoder.encode(out))
+            proto.write(merger.encoder.encode(out))
             result.events += len(out)
-        for count, what in (
-            (untimed, "events without a ts"),
-            (no_dur, "complete events without a valid dur"),
-        ):
-            if count:
-                result.warnings.append(f"{job.rel}: {count:,} {what} were left out")
-        if early:
-            result.warnings.append(
-                f"{job.rel}: {early:,} events before the timeline's start were put at its start"
-            )
-        if reader.bad_events:
-            result.warnings.append(
-                f"{job.rel}: {reader.bad_events:,} events that are not trace events were skipped"
-            )
+        merger.warn(reader.bad_events)
         rank = _rank(reader.header, job) if job.rank_label else ""
-    main = max(counts, key=lambda p: counts[p]) if counts else pid_base
-    label = f"{job.label} {rank}".strip()
-    meta = []
-    for pid in sorted(set(pids.values()) | {main}):
-        own, tag = names.get(pid, ""), labels.get(pid, "")
-        name = label if pid == main else f"{label} · {tag or own or f'pid {pid}'}"
-        where = ", ".join(filter(None, [own, tag, job.rel]))
-        rank_in = job.sort_index * PID_BLOCK + pid - pid_base + (0 if pid == main else 1)
-        meta.append(_meta("process_name", pid, {"name": name}))
-        meta.append(_meta("process_labels", pid, {"labels": where}))
-        meta.append(_meta("process_sort_index", pid, {"sort_index": job.sort_index}))
-        encoder.process_names[pid] = name
-        encoder.process_ranks[pid] = rank_in
-    json_part.write(b"," + events_json(meta))
-    result.events += len(meta)
-    proto.write(encoder.finish())
-    result.descriptors = encoder.descriptors()
-    result.unbound_flows = encoder.unbound_flows
-    result.pids = sorted(set(pids.values()) | {main})
+    merger.finish(json_part, proto, rank)
     if builder is not None:
         _keep_stats(builder, result, (base - job.offset_ns) / 1000)
+
+
+class _Merger:
+    """One trace's state while it is merged: its pids, its process metadata, what was left
+    out. :meth:`retime` is called once a chunk, and its loop keeps what it reads in locals."""
+
+    def __init__(self, job: TraceJob, result: TraceResult) -> None:
+        self.job = job
+        self.result = result
+        self.encoder = ProtoEncoder(job.number + 2)
+        self.builder = OpTableBuilder() if job.role == "all" else None
+        self.pid_base = (job.number + 1) * PID_BLOCK
+        self.flows = _FlowIds(job.number)
+        self.pids: dict[Any, int] = {}
+        self.counts: dict[int, int] = {}
+        """Complete events per pid: the one with most is the trace's main process."""
+        self.names: dict[int, str] = {}
+        self.labels: dict[int, str] = {}
+        self.seen_meta: set[tuple[Any, ...]] = set()
+        self.untimed = self.no_dur = self.early = 0
+
+    def retime(self, chunk: list[Any], shift_us: float) -> list[Any]:
+        """A chunk's events on the timeline (new pids, ts, flow ids); the process metadata
+        and the events left out are kept aside."""
+        pids, counts, names, labels = self.pids, self.counts, self.names, self.labels
+        seen_meta, pid_base, new_flow_id = self.seen_meta, self.pid_base, self.flows.new_id
+        untimed = no_dur = early = 0
+        out = []
+        for ev in chunk:
+            key = ev.pid
+            # each int pid gets one of its own (the first one pid_base); the others
+            # (Kineto's "Traces", "Spans" …) join the first
+            pid = pids.get(key, -1) if type(key) is int else pid_base
+            if pid < 0:
+                pid = pids[key] = pid_base + len(pids)
+            ev.pid = pid
+            ph = ev.ph
+            if ph == "M":
+                name = ev.name
+                if name in PROCESS_META:
+                    args = args_of(ev.args)
+                    if name == "process_name":
+                        names[pid] = str(args.get("name", ""))
+                    elif name == "process_labels":
+                        labels[pid] = str(args.get("labels", ""))
+                    continue
+                mkey = (name, pid, hashable(ev.tid))
+                if mkey not in seen_meta:
+                    seen_meta.add(mkey)
+                    ev.ts = 0.0
+                    out.append(ev)
+                continue
+            ts = ev.ts
+            if ts is None:
+                untimed += 1
+                continue
+            t = ts + shift_us
+            if t < 0:
+                early += 1
+                t = 0.0
+            ev.ts = int(t * 1000.0 + 0.5) / 1000.0  # whole ns (round(t, 3) is 6× slower)
+            if ph == "X":
+                if ev.dur is None or ev.dur < 0:
+                    no_dur += 1
+                    continue
+                counts[pid] = counts.get(pid, 0) + 1
+            elif ph in FLOW_PHASES:
+                ev.id = new_flow_id(ev)
+                ev.id2 = None
+            out.append(ev)
+        self.untimed += untimed
+        self.no_dur += no_dur
+        self.early += early
+        return out
+
+    def warn(self, bad_events: int) -> None:
+        """Say what was left out or moved (``bad_events``: the reader's non-events)."""
+        rel, warnings = self.job.rel, self.result.warnings
+        for count, what in (
+            (self.untimed, "events without a ts"),
+            (self.no_dur, "complete events without a valid dur"),
+        ):
+            if count:
+                warnings.append(f"{rel}: {count:,} {what} were left out")
+        if self.early:
+            warnings.append(
+                f"{rel}: {self.early:,} events before the timeline's start were put at its start"
+            )
+        if bad_events:
+            warnings.append(f"{rel}: {bad_events:,} events that are not trace events were skipped")
+
+    def finish(self, json_part: DeflatePart, proto: DeflatePart, rank: str) -> None:
+        """Name, label and order the trace's processes, and close its protobuf packets."""
+        job, result, encoder, pid_base = self.job, self.result, self.encoder, self.pid_base
+        counts = self.counts
+        main = max(counts, key=lambda p: counts[p]) if counts else pid_base
+        label = f"{job.label} {rank}".strip()
+        pids = sorted(set(self.pids.values()) | {main})
+        meta = []
+        for pid in pids:
+            own, tag = self.names.get(pid, ""), self.labels.get(pid, "")
+            name = label if pid == main else f"{label} · {tag or own or f'pid {pid}'}"
+            where = ", ".join(filter(None, [own, tag, job.rel]))
+            rank_in = job.sort_index * PID_BLOCK + pid - pid_base + (0 if pid == main else 1)
+            meta.append(_meta("process_name", pid, {"name": name}))
+            meta.append(_meta("process_labels", pid, {"labels": where}))
+            meta.append(_meta("process_sort_index", pid, {"sort_index": job.sort_index}))
+            encoder.process_names[pid] = name
+            encoder.process_ranks[pid] = rank_in
+        json_part.write(b"," + events_json(meta))
+        result.events += len(meta)
+        proto.write(encoder.finish())
+        result.descriptors = encoder.descriptors()
+        result.unbound_flows = encoder.unbound_flows
+        result.pids = pids
 
 
 def read_stats(path: Path, rel: str, offset_ns: int, result: TraceResult) -> None:

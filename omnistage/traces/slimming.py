@@ -316,24 +316,7 @@ def slim_trace_file(
         return SlimStats(
             plan.events, plan.events, bytes_before=size, bytes_after=size, written=False
         )
-    strip = _stripped(options, plan)
-    kept = flows = removed = 0
-    with TraceReader(src, name=src.name) as reader, TraceWriter(dst, header, tight=True) as writer:
-        i = 0
-        for chunk in reader.chunks():
-            out = []
-            for ev in chunk:
-                if plan.keep(ev, i):
-                    if ev.args and (slim := _without(ev.args, strip)) is not None:
-                        removed += len(ev.args) - len(slim)
-                        ev.args = slim
-                    out.append(ev)
-                elif ev.ph in FLOW_PHASES:
-                    flows += 1
-                i += 1
-            kept += len(out)
-            writer.write(out)
-        writer.close()
+    kept, flows, removed = _write_kept(src, dst, header, plan, _stripped(options, plan))
     stats = SlimStats(
         plan.events,
         kept,
@@ -356,6 +339,31 @@ def slim_trace_file(
         stats.bytes_after,
     )
     return stats
+
+
+def _write_kept(
+    src: Path, dst: Path, header: dict[str, Any], plan: _Plan, strip: set[str]
+) -> tuple[int, int, int]:
+    """The second pass: write the events ``plan`` keeps, less the ``strip`` args, to ``dst``.
+    Returns the events kept, the flow events dropped and the args removed."""
+    kept = flows = removed = 0
+    with TraceReader(src, name=src.name) as reader, TraceWriter(dst, header, tight=True) as writer:
+        i = 0
+        for chunk in reader.chunks():
+            out = []
+            for ev in chunk:
+                if plan.keep(ev, i):
+                    if ev.args and (slim := _without(ev.args, strip)) is not None:
+                        removed += len(ev.args) - len(slim)
+                        ev.args = slim
+                    out.append(ev)
+                elif ev.ph in FLOW_PHASES:
+                    flows += 1
+                i += 1
+            kept += len(out)
+            writer.write(out)
+        writer.close()
+    return kept, flows, removed
 
 
 def _matcher(patterns: Sequence[str]) -> Callable[[str], bool]:

@@ -129,13 +129,53 @@ def build_timeline(
         for key, (est, _) in resolved.items()
         if est is None
     ]
+    origin = _origin(spans, sources, offset_of)
+    jobs = _jobs(session_dir, sources, indices, origin=origin, offset_of=offset_of)
+    results = _run(jobs, workers, say)
+    warnings += _result_warnings(results)
+    metadata = {
+        "origin_unix_ns": origin,
+        "time_base": "orchestrator wall clock; ts are µs since origin_unix_ns",
+        "clock_offsets": {
+            key: {"offset_ns": offset_of[key], "error_ns": est and est.error_ns, "clock": name}
+            for key, (est, name) in resolved.items()
+        },
+        "stage_indices": indices,
+        "traces": _merged(sources, results),
+        "requests": len({s.request_id for s in spans}),
+        "warnings": warnings,
+    }
+    say("joining the timeline's parts")
+    own = orchestrator_events(spans, origin_ns=origin)
+    files = _write(session_dir, own, results, metadata)
+    total = sum(r.events for r in results) + len(own)
+    logger.info("timeline %s: %d events from %d traces", files[0], total, len(results))
+    return Timeline(files[0], files, list(zip(sources, results, strict=True)), warnings)
+
+
+def _origin(
+    spans: Sequence[RequestSpan], sources: Sequence[TraceSource], offset_of: Mapping[str, int]
+) -> int:
+    """The timeline's origin: the earliest span or trace start (less a margin), unix ns on
+    the orchestrator's clock."""
     starts = [s.start_unix_ns for s in spans]
     for src in sources:
         first = _first_ns(src.path)
         if first is not None:
             starts.append(first - offset_of[src.key] - _MARGIN_NS)
-    origin = min(starts, default=0)
+    return min(starts, default=0)
 
+
+def _jobs(
+    session_dir: Path,
+    sources: Sequence[TraceSource],
+    indices: Mapping[str, int],
+    *,
+    origin: int,
+    offset_of: Mapping[str, int],
+) -> list[TraceJob]:
+    """One merge job per trace, numbered in timeline order; a trace is labelled with its
+    rank where its stage (or front end) has several."""
     kinds: dict[tuple[str, bool], int] = {}
     for src in sources:
         kinds[(src.key, src.frontend)] = kinds.get((src.key, src.frontend), 0) + 1
@@ -156,7 +196,27 @@ def build_timeline(
                 rank_label=kinds[(src.key, src.frontend)] > 1,
             )
         )
-    results = _run(jobs, workers, say)
+    return jobs
+
+
+def _merged(sources: Sequence[TraceSource], results: Sequence[TraceResult]) -> list[Any]:
+    """The metadata's entry for each trace that was merged."""
+    return [
+        {
+            "stage": s.stage,
+            "replica": s.replica,
+            "file": r.rel,
+            "pids": r.pids,
+            "events": r.events,
+        }
+        for s, r in zip(sources, results, strict=True)
+        if not r.error
+    ]
+
+
+def _result_warnings(results: Sequence[TraceResult]) -> list[str]:
+    """Each trace's own warnings, then why it was skipped and its unbound flows."""
+    warnings = []
     for result in results:
         warnings.extend(result.warnings)
         if result.error:
@@ -166,34 +226,7 @@ def build_timeline(
                 f"{result.rel}: {result.unbound_flows:,} flow events were bound to no slice "
                 "starting where they are; the protobuf timeline leaves them out"
             )
-    metadata = {
-        "origin_unix_ns": origin,
-        "time_base": "orchestrator wall clock; ts are µs since origin_unix_ns",
-        "clock_offsets": {
-            key: {"offset_ns": offset_of[key], "error_ns": est and est.error_ns, "clock": name}
-            for key, (est, name) in resolved.items()
-        },
-        "stage_indices": indices,
-        "traces": [
-            {
-                "stage": s.stage,
-                "replica": s.replica,
-                "file": r.rel,
-                "pids": r.pids,
-                "events": r.events,
-            }
-            for s, r in zip(sources, results, strict=True)
-            if not r.error
-        ],
-        "requests": len({s.request_id for s in spans}),
-        "warnings": warnings,
-    }
-    say("joining the timeline's parts")
-    own = orchestrator_events(spans, origin_ns=origin)
-    files = _write(session_dir, own, results, metadata)
-    total = sum(r.events for r in results) + len(own)
-    logger.info("timeline %s: %d events from %d traces", files[0], total, len(results))
-    return Timeline(files[0], files, list(zip(sources, results, strict=True)), warnings)
+    return warnings
 
 
 def _write(
