@@ -146,3 +146,31 @@ def test_a_streamed_edge_after_a_launched_torch_stage_is_refused_at_load() -> No
         "to wait for its finished output"
     ]
     parse_pipeline(LAUNCHED.format(engine="vllm", model="smollm2"))
+
+
+def test_a_caller_that_stops_reading_holds_back_every_stage() -> None:
+    """The hand-off's queues are bounded: while the caller reads nothing, the talker is read
+    no further than a few chunks ahead and no more chunk calls start; once the caller reads
+    on, every token arrives, in order."""
+    from orchestrator.streaming import CHUNK_QUEUE, EVENT_QUEUE, STREAM_IN_FLIGHT
+
+    tokens, chunk = 2000, 4
+    talker = FakeStage("talker", tokens=tokens, delay=0.0)
+    pool = FakePool(talker=talker, code2wav=FakeStage("code2wav", delay=0.0))
+    run = runner(chunk, pool, [])
+
+    async def main() -> tuple[int, list[StageEvent]]:
+        events = run.run(GenerateInput(request_id="r1", prompt="hi"))
+        first = [await anext(events)]
+        for _ in range(5000):  # let every producer run as far as its queues allow
+            await asyncio.sleep(0)
+        started = len(pool.stages["code2wav"].calls)
+        rest = [e async for e in events]
+        return started, first + rest
+
+    started, events = asyncio.run(main())
+    # an unbounded hand-off would have started all 500 chunk calls by now
+    most = STREAM_IN_FLIGHT + 1 + (EVENT_QUEUE + CHUNK_QUEUE * STREAM_IN_FLIGHT) // chunk
+    assert 0 < started <= most, (started, most)
+    assert outputs(events, "code2wav") == [t * 10 for t in range(tokens)]
+    assert len(pool.stages["code2wav"].calls) == tokens // chunk
