@@ -48,27 +48,38 @@ def add_orphan_page(docs: Path) -> None:
     (docs / "orphan.md").write_text("# Not in the nav\n", encoding="utf-8")
 
 
+BREAKAGES = [
+    (append_to_index("[gone](no-such-page.md)"), "no-such-page.md"),
+    (append_to_index("[gone](pipelines.md#no-such-heading)"), "no-such-heading"),
+    (append_to_index("[gone](#no-such-heading-here)"), "no-such-heading-here"),
+    (append_to_index("[readme](../README.md)"), "../README.md"),
+    (add_orphan_page, "orphan.md"),
+]
+
+
+@pytest.fixture(scope="module")
+def broken_build(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
+    """One strict build of a copy of the docs with every breakage at once: strict mode
+    reports each warning before it fails, so one build shows whether each is caught."""
+    tmp = tmp_path_factory.mktemp("broken-docs")
+    copy = tmp / "tree"
+    shutil.copytree(ROOT / "docs", copy / "docs")
+    shutil.copy2(ROOT / "mkdocs.yml", copy / "mkdocs.yml")
+    for mutate, _ in BREAKAGES:
+        mutate(copy / "docs")
+    return mkdocs_build(copy, tmp / "site")
+
+
 @pytest.mark.parametrize(
-    ("mutate", "named"),
-    [
-        (append_to_index("[gone](no-such-page.md)"), "no-such-page.md"),
-        (append_to_index("[gone](pipelines.md#no-such-heading)"), "no-such-heading"),
-        (append_to_index("[gone](#no-such-heading-here)"), "no-such-heading-here"),
-        (append_to_index("[readme](../README.md)"), "../README.md"),
-        (add_orphan_page, "orphan.md"),
-    ],
+    "named",
+    [named for _, named in BREAKAGES],
     ids=["missing page", "missing anchor", "missing local anchor", "outside docs", "not in nav"],
 )
 def test_the_strict_build_fails_on_a_broken_docs_tree(
-    tmp_path: Path, mutate: Callable[[Path], None], named: str
+    broken_build: subprocess.CompletedProcess[str], named: str
 ) -> None:
-    copy = tmp_path / "tree"
-    shutil.copytree(ROOT / "docs", copy / "docs")
-    shutil.copy2(ROOT / "mkdocs.yml", copy / "mkdocs.yml")
-    mutate(copy / "docs")
-    result = mkdocs_build(copy, tmp_path / "site")
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    output = broken_build.stdout + broken_build.stderr
+    assert broken_build.returncode != 0, output
     assert named in output
 
 
