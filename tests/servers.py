@@ -24,6 +24,7 @@ REFERENCE_MAX_TOKENS = 24
 PLAIN_GRACE_S = 15.0  # the plain stage's SIGTERM drain time; its SIGTERM test waits it out
 TALKER_MODEL = ROOT / "examples" / "omni" / "talker"
 CODE2WAV_MODEL = "examples.omni.code2wav:build"
+DOOMED_HEALTH_INTERVAL_S = 1.0  # the engine-death test expects NOT_SERVING within it
 CODE2WAV_OPTIONS = {"max_batch_size": 4, "max_wait_ms": 5, "num_threads": 1}
 
 
@@ -85,6 +86,13 @@ SESSION_STAGES = {
         engine="torch",
         model=CODE2WAV_MODEL,
         extra=("--engine-options", json.dumps(CODE2WAV_OPTIONS)),
+    ),
+    # test_engine_death kills this one's engine core: no other test may use it. It is a
+    # session stage so that its engine loads beside the others, not alone later.
+    "doomed_stage": StageRecipe(
+        "doomed",
+        profiled=False,
+        extra=("--max-num-seqs", "4", "--health-interval", str(DOOMED_HEALTH_INTERVAL_S)),
     ),
 }
 

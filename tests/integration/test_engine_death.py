@@ -2,44 +2,26 @@
 NOT_SERVING within one health interval, and then answers Generate with UNAVAILABLE.
 
 Only vLLM runs its engine in processes of its own (the torch engine is a thread of the stage),
-so this module starts one vLLM stage of its own, not the session's shared ones.
+so this module uses a vLLM stage of its own, `doomed_stage`: one of the session's stages, so
+that its engine loads beside the others, but one no other test uses.
 """
 
 from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 
 import grpc
 import psutil
 import pytest
 
-from omnistage.launch import ServerProcess, health_status, stage_args
+from omnistage.launch import health_status
 from omnistage.v1 import stage_pb2, stage_pb2_grpc
+from tests.servers import DOOMED_HEALTH_INTERVAL_S, RunningStage
 
 pytestmark = pytest.mark.slow
 
-HEALTH_INTERVAL_S = 1.0
 DETECTION_SLACK_S = 2.0  # vLLM's monitor thread sees the death; one health check's round trip
-
-
-@pytest.fixture(scope="module")
-def doomed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("engine-death")
-    process = ServerProcess(
-        "stage 'doomed'",
-        stage_args(
-            name="doomed",
-            extra=["--max-num-seqs", "4", "--health-interval", str(HEALTH_INTERVAL_S)],
-        ),
-        log_path=tmp / "doomed.log",
-    )
-    try:
-        process.wait_serving(timeout=600)
-        yield process
-    finally:
-        process.stop()
 
 
 def _engine_core(stage_pid: int) -> psutil.Process:
@@ -53,12 +35,13 @@ def _engine_core(stage_pid: int) -> psutil.Process:
         time.sleep(0.1)  # a poll's period, not a synchronisation
 
 
-def test_a_killed_engine_core_flips_health_to_not_serving(doomed: ServerProcess) -> None:
+def test_a_killed_engine_core_flips_health_to_not_serving(doomed_stage: RunningStage) -> None:
+    doomed = doomed_stage.process
     assert health_status(doomed.address) == "SERVING"
     core = _engine_core(doomed.process.pid)
     killed = time.monotonic()
     core.send_signal(signal.SIGKILL)
-    deadline = killed + HEALTH_INTERVAL_S + DETECTION_SLACK_S
+    deadline = killed + DOOMED_HEALTH_INTERVAL_S + DETECTION_SLACK_S
     while (status := health_status(doomed.address)) == "SERVING":
         assert time.monotonic() < deadline, "still SERVING past one health interval"
         time.sleep(0.05)  # a poll's period, not a synchronisation
