@@ -25,6 +25,7 @@ import msgspec
 
 from omnistage.traces.clock import ClockEstimate, clock_from_mapping
 from omnistage.traces.events import TraceError, slim_copy_path
+from omnistage.traces.html import SUMMARY_HTML_NAME
 from omnistage.traces.parallel import run_all
 from omnistage.traces.slimming import SlimOptions, SlimStats, slim_trace_file
 from omnistage.traces.spans import RequestSpan, span_from_mapping
@@ -55,6 +56,12 @@ class ReportFiles:
     """Every timeline file written: the JSON one, then Perfetto's protobuf one."""
     warnings: tuple[str, ...] = ()
     """Traces that could not be read (each names its file and the problem), and the like."""
+
+    @property
+    def summary_html(self) -> Path:
+        """``summary.html``, written beside ``summary.md``: the same summary as one offline
+        page, with a request waterfall (:mod:`omnistage.traces.html`)."""
+        return self.summary.with_name(SUMMARY_HTML_NAME)
 
     @property
     def slim_total(self) -> SlimStats:
@@ -151,8 +158,8 @@ def rebuild_report(
     slim: SlimOptions | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ReportFiles:
-    """Write ``timeline.json.gz`` and ``summary.md`` into ``session_dir`` from its report.json
-    and traces.
+    """Write ``timeline.json.gz``, ``summary.md`` and ``summary.html`` into ``session_dir``
+    from its report.json and traces.
 
     With ``slim``, every trace first gets a slimmed copy beside it
     (``x.slim.pt.trace.json.gz``, see :mod:`omnistage.traces.slimming`; an existing copy is

@@ -27,6 +27,7 @@ import numpy as np
 
 from omnistage.traces.clock import ClockEstimate, resolve_clock
 from omnistage.traces.events import slim_copy_path
+from omnistage.traces.html import write_html
 from omnistage.traces.optable import OpStat
 from omnistage.traces.slimming import SlimStats
 from omnistage.traces.spans import RequestSpan
@@ -54,7 +55,8 @@ def write_summary(
     progress: Callable[[str], None] | None = None,
     warnings: Sequence[str] = (),
 ) -> Path:
-    """Write ``session_dir/summary.md`` and return its path.
+    """Write ``session_dir/summary.md``, and ``summary.html`` beside it
+    (:mod:`omnistage.traces.html`), and return the path of ``summary.md``.
 
     ``collected`` is what the timeline's merge found (:func:`stats_from_timeline`); without
     it the traces are read here. ``slim_stats`` (per trace, relative path)
@@ -77,6 +79,7 @@ def write_summary(
     path = session_dir / SUMMARY_NAME
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     logger.info("summary %s written", path)
+    write_html(session_dir, report=report, spans=spans, stages=stages, top=top)
     return path
 
 

@@ -76,6 +76,7 @@ def test_rebuild_writes_timeline_and_summary(fresh: Session) -> None:
         {},
         timelines=(fresh.dir / "timeline.json.gz", fresh.dir / "timeline.pftrace.gz"),
     )
+    assert files.summary_html == fresh.dir / "summary.html" and files.summary_html.is_file()
     assert any(m.startswith("stage talker: ") for m in messages)
     text = files.summary.read_text()
     assert text.startswith(f"# Profile session {fresh.dir.name}\n")

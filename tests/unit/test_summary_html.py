@@ -1,0 +1,63 @@
+"""summary.html (omnistage.traces.html): written with summary.md, self-contained, escaped."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from omnistage.traces import RequestSpan
+from omnistage.traces.summary import write_summary
+from tests.unit.trace_factory import Session, copy_session, shared_session
+
+NASTY = "<img src=x onerror=alert(1)>&\"'"
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
+    return shared_session(tmp_path_factory)
+
+
+def test_the_page_holds_the_waterfall_the_stages_and_the_ops(
+    session: Session, tmp_path: Path
+) -> None:
+    fresh = copy_session(session, tmp_path / session.dir.name)
+    fresh.write_report(spans=[asdict(s) for s in fresh.spans])
+    write_summary(fresh.dir, report={"stages": []}, spans=fresh.spans, clocks={})
+    page = (fresh.dir / "summary.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert re.findall(r"<g class='request' data-request='([^']*)'", page) == ["r0", "r1", "r2"]
+    # one lane per stage in each request's row, in pipeline order, with its hand-off
+    rows = page.split("<g class='request'")[1:]
+    for row in rows:
+        assert re.findall(r"<g class='span' data-stage='(\w+)'", row) == ["thinker", "talker"]
+        assert row.count("class='handoff'") == 1
+    assert "<table class='stages'>" in page and "latency p90" in page
+    assert re.findall(r"<table class='ops' data-stage='(\w+)'", page) == ["thinker", "talker"]
+    assert "<code>aten::linear</code>" in page
+    # nothing to fetch: no script, no link, no source, and a policy that forbids it all
+    assert not re.search(r"<script|<link|\ssrc=|href=|url\(", page)
+    assert "default-src 'none'" in page
+
+
+def test_every_name_is_escaped(tmp_path: Path) -> None:
+    t0 = 1_700_000_000_000_000_000
+    spans = [
+        RequestSpan(NASTY, NASTY, 0, NASTY, t0, t0 + 1_000, t0 + 5_000, 0.0, 0.0),
+        RequestSpan(NASTY, "b&c", 1, "", t0 + 4_000, 0, t0 + 9_000, 0.001, 0.0),
+    ]
+    write_summary(tmp_path, report={"session_id": NASTY}, spans=spans, clocks={})
+    page = (tmp_path / "summary.html").read_text(encoding="utf-8")
+    assert NASTY not in page and "<img" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;&amp;&quot;&#x27;" in page
+    assert "b&amp;c" in page and "b&c" not in page
+    assert page.count("<g class='request'") == 1
+    assert "<table class='ops'" not in page
+
+
+def test_a_session_without_spans_or_traces(tmp_path: Path) -> None:
+    write_summary(tmp_path, report={}, spans=[], clocks={})
+    page = (tmp_path / "summary.html").read_text(encoding="utf-8")
+    assert "No request spans were recorded" in page and "<svg" not in page
