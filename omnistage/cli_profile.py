@@ -104,6 +104,8 @@ def _print_report(report: ProfileReport) -> None:
         for path in report.timelines[1:]:
             print(f"  timeline (Perfetto UI, faster to open): {path}")
         print(f"  summary: {report.summary}")
+        if report.summary_html:
+            print(f"  summary, as one offline page: {report.summary_html}")
         for warning in report.warnings:
             print(f"  warning: {warning}")
     elif report.summary:
@@ -203,6 +205,7 @@ def _profile_report(args: argparse.Namespace) -> int:
     for path in files.timelines or (files.timeline,):
         print(f"timeline: {path}")
     print(f"summary:  {files.summary}")
+    print(f"summary:  {files.summary_html} (one offline page, with a request waterfall)")
     for warning in files.warnings:
         print(f"warning:  {warning}")
     _print_slimming(files.slimming())

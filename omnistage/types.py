@@ -242,6 +242,8 @@ class ProfileReport:
     """Every merged timeline written: ``timeline`` (JSON) first, then the protobuf one."""
     warnings: tuple[str, ...] = ()
     """Problems that did not stop the report, such as a trace that could not be read."""
+    summary_html: str = ""
+    """``summary.html`` beside ``summary``: the summary as one offline page, with a waterfall."""
 
     @property
     def failed(self) -> list[StageProfileResult]:

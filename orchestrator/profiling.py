@@ -266,6 +266,7 @@ class PipelineProfiler:
             timelines=tuple(str(p) for p in files.timelines),
             warnings=files.warnings,
             summary=str(files.summary),
+            summary_html=str(files.summary_html),
             slimming=files.slimming(),
         )
 

@@ -135,7 +135,7 @@ class StageProfileResult(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., stage_session_id: _Optional[str] = ..., replica: _Optional[str] = ..., local_dir: _Optional[str] = ..., stop_seconds: _Optional[float] = ...) -> None: ...
 
 class ProfileReport(_message.Message):
-    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary", "slimming", "session_files", "timelines", "warnings")
+    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary", "slimming", "session_files", "timelines", "warnings", "summary_html")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class ProfileReport(_message.Message):
     SESSION_FILES_FIELD_NUMBER: _ClassVar[int]
     TIMELINES_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_HTML_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     output_dir: str
     stages: _containers.RepeatedCompositeFieldContainer[StageProfileResult]
@@ -154,7 +155,8 @@ class ProfileReport(_message.Message):
     session_files: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProfileFile]
     timelines: _containers.RepeatedScalarFieldContainer[str]
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ..., slimming: _Optional[_Union[ProfileSlimming, _Mapping]] = ..., session_files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., timelines: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    summary_html: str
+    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ..., slimming: _Optional[_Union[ProfileSlimming, _Mapping]] = ..., session_files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., timelines: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ..., summary_html: _Optional[str] = ...) -> None: ...
 
 class StopProfileProgress(_message.Message):
     __slots__ = ("phase", "stage", "replica", "file", "bytes_done", "bytes_total", "seconds", "message", "report")

@@ -153,6 +153,7 @@ def test_a_profile_report_survives_the_wire_but_for_the_local_copy() -> None:
         timelines=("a.json.gz", "a.pftrace.gz"),
         warnings=("one trace was cut",),
         downloaded_to="here",
+        summary_html="out/s1/summary.html",
     )
     back = report_from_pb(report_to_pb(report))
     assert back.downloaded_to == ""
