@@ -1,5 +1,5 @@
 """`omnistage profile ...`: start, stop (with live progress, and a download), fetch, list,
-delete and report profile sessions."""
+delete, report and diff profile sessions."""
 
 from __future__ import annotations
 
@@ -212,6 +212,24 @@ def _profile_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_diff(args: argparse.Namespace) -> int:
+    import json
+
+    from omnistage.traces.diff import diff_sessions, format_diff
+
+    if args.top < 0:
+        raise InvalidRequestError(f"--top must be ≥ 0 (got {args.top})")
+    try:
+        diff = diff_sessions(args.a, args.b, top=args.top)
+    except (OSError, ValueError) as exc:  # not a session folder, or report.json unreadable
+        raise InvalidRequestError(f"cannot diff the sessions: {exc}") from exc
+    if args.json:
+        print(json.dumps(diff.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(format_diff(diff), end="")
+    return 0
+
+
 def _microseconds(text: str) -> float:
     """A duration in µs, ≥ 0 (argparse type)."""
     try:
@@ -226,7 +244,7 @@ def _microseconds(text: str) -> float:
 
 
 def add_profile_commands(commands: Any, default_address: str) -> None:
-    """`omnistage profile start|stop|fetch|list|delete|report`."""
+    """`omnistage profile start|stop|fetch|list|delete|report|diff`."""
     profile = commands.add_parser("profile", help="profile pipeline stages")
     sub = profile.add_subparsers(dest="profile_command", required=True)
     pstart = sub.add_parser("start", help="start profiling some or all stages")
@@ -262,6 +280,7 @@ def add_profile_commands(commands: Any, default_address: str) -> None:
     )
     preport.add_argument("dir", help="<output_dir>/<session_id>, as StopProfile wrote it")
     preport.set_defaults(func=_profile_report)
+    _add_diff_command(sub)
     for parser in (pstart, pstop, pfetch, plist, pdelete):
         parser.add_argument("--address", default=default_address, help="the orchestrator")
         cli_security.add_client_flags(parser)
@@ -282,3 +301,18 @@ def add_profile_commands(commands: Any, default_address: str) -> None:
             help="slim, dropping Python frames that match this fnmatch pattern instead of the "
             "idle-loop defaults (repeatable)",
         )
+
+
+def _add_diff_command(sub: Any) -> None:
+    """`omnistage profile diff A B [--json] [--top N]`."""
+    pdiff = sub.add_parser(
+        "diff",
+        help="compare two session folders: busy share, latency p50/p90 and top ops per stage",
+    )
+    pdiff.add_argument("a", help="the session folder to compare against (A)")
+    pdiff.add_argument("b", help="the session folder compared with it (B)")
+    pdiff.add_argument(
+        "--json", action="store_true", help="print the diff as JSON (docs/profiling.md)"
+    )
+    pdiff.add_argument("--top", type=int, default=10, help="ops per stage (default 10)")
+    pdiff.set_defaults(func=_profile_diff)
