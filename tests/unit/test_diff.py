@@ -14,7 +14,14 @@ import pytest
 from omnistage import cli
 from omnistage.traces.diff import SCHEMA, Change, diff_sessions, format_diff
 from omnistage.traces.spans import RequestSpan
-from tests.unit.trace_factory import Session, copy_session, read_json, shared_session, write_json
+from tests.unit.trace_factory import (
+    Session,
+    copy_session,
+    make_cuda_stage,
+    read_json,
+    shared_session,
+    write_json,
+)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +143,24 @@ def test_ops_are_per_engine_step_when_both_traces_count_steps(
     linear = next(op for op in talker.ops if op.name == "aten::linear")
     assert linear.self_cpu_us.pct == pytest.approx(-50.0)  # same work over twice the steps
     assert "per engine step (4 in A, 8 in B)" in format_diff(diff_sessions(a.dir, b.dir))
+
+
+def test_a_cuda_stage_is_ranked_by_device_time(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        _, spans = make_cuda_stage(tmp_path / name / "dit", "dit", 0, start_ns=1_700 * 10**15)
+        report = {"spans": [asdict(s) for s in spans]}
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    diff = diff_sessions(tmp_path / "a", tmp_path / "b")
+    (dit,) = diff.stages
+    assert dit.ops_ranked_by == "self device" and dit.ops_per == "request"
+    assert dit.device_busy_share.a is not None and dit.device_busy_share.delta == 0
+    # per request: one 120 µs kernel under aten::mm, one 120 µs memcpy under aten::copy_
+    assert {op.name: op.self_device_us.a for op in dit.ops[:2]} == {
+        "aten::copy_": 120.0,
+        "aten::mm": 120.0,
+    }
+    text = format_diff(diff)
+    assert "busy share (device)" in text and "ops by self device time, per request" in text
 
 
 def test_different_stages_are_named_not_compared(

@@ -10,7 +10,7 @@ import pytest
 
 from omnistage.traces import RequestSpan
 from omnistage.traces.summary import write_summary
-from tests.unit.trace_factory import Session, copy_session, shared_session
+from tests.unit.trace_factory import Session, copy_session, make_cuda_stage, shared_session
 
 NASTY = "<img src=x onerror=alert(1)>&\"'"
 
@@ -61,3 +61,12 @@ def test_a_session_without_spans_or_traces(tmp_path: Path) -> None:
     write_summary(tmp_path, report={}, spans=[], clocks={})
     page = (tmp_path / "summary.html").read_text(encoding="utf-8")
     assert "No request spans were recorded" in page and "<svg" not in page
+
+
+def test_a_cuda_stage_gets_its_device_table(tmp_path: Path) -> None:
+    _, spans = make_cuda_stage(tmp_path / "dit", "dit", 0, start_ns=1_700 * 10**15)
+    write_summary(tmp_path, report={}, spans=list(spans), clocks={})
+    page = (tmp_path / "summary.html").read_text(encoding="utf-8")
+    assert "<h3>dit: top 15 ops by self device time</h3>" in page
+    stage_row = re.search(r"<tr><td>dit</td>(.*?)</tr>", page)
+    assert stage_row and "0.720 ms" in stage_row.group(1)  # 3 requests × 2 × 120 µs of device
