@@ -186,6 +186,12 @@ class LaunchConfig(BaseModel):
 
     stages: dict[str, LaunchStage] = Field(default_factory=dict, description="Keyed by stage name.")
     orchestrator_port: int = Field(default=50050, ge=0, le=65535, description="0: any port.")
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="The orchestrator's OpenAI-compatible HTTP port; None: no HTTP, 0: any port.",
+    )
     profile_dir: str = Field(
         default="profiles",
         min_length=1,
