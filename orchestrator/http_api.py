@@ -1,6 +1,6 @@
 """The orchestrator's OpenAI-compatible HTTP API: /v1/models, /health, /v1/chat/completions
 and /v1/completions (whole, or streamed as server-sent events), beside the profiling
-endpoints to come. Routes only translate: the runner runs the pipeline
+endpoints of `orchestrator.http_profile`. Routes only translate: the runner runs the pipeline
 and the shared rules check the request, as on gRPC."""
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ class FrontDoor:
 
 def build_app(door: FrontDoor) -> FastAPI:
     """The FastAPI app of one orchestrator."""
+    from orchestrator.http_profile import add_profile_routes
+
     app = FastAPI(
         title=f"omnistage: {door.pipeline.name}",
         docs_url=None,
@@ -132,6 +134,7 @@ def build_app(door: FrontDoor) -> FastAPI:
     async def completions(body: CompletionRequest) -> Response:
         return await complete(door, body, "completion")
 
+    add_profile_routes(app, door)
     return app
 
 
