@@ -62,14 +62,11 @@ def launch_pipeline(
                 f"    {process.name} SERVING at {process.address} "
                 f"({time.monotonic() - started:.0f} s)"
             )
-        orchestrator_port = pipeline.launch.orchestrator_port if port is None else port
-        args = ["orchestrator", "serve", "--pipeline", str(pipeline_file.resolve())]
-        args += ["--port", str(orchestrator_port), "--host", "127.0.0.1"]
-        http = pipeline.launch.http_port if http_port is None else http_port
-        if http is not None:
-            args += ["--http-port", str(http)]
         orchestrator = ServerProcess(
-            "orchestrator", args, log_path=logs / "orchestrator.log", die_with_parent=True
+            "orchestrator",
+            _orchestrator_args(pipeline, pipeline_file, port=port, http_port=http_port),
+            log_path=logs / "orchestrator.log",
+            die_with_parent=True,
         )
         processes.append(orchestrator)
         orchestrator.wait_serving(timeout=60)
@@ -80,6 +77,23 @@ def launch_pipeline(
     except BaseException:
         stop_all(processes)
         raise
+
+
+def _orchestrator_args(
+    pipeline: PipelineConfig, pipeline_file: Path, *, port: int | None, http_port: int | None
+) -> list[str]:
+    """`orchestrator serve` for the file: the ports given, else the launch section's."""
+    launch = pipeline.launch
+    assert launch is not None
+    args = ["orchestrator", "serve", "--pipeline", str(pipeline_file.resolve())]
+    args += ["--port", str(launch.orchestrator_port if port is None else port)]
+    args += ["--host", "127.0.0.1"]
+    http = launch.http_port if http_port is None else http_port
+    if http is not None:
+        args += ["--http-port", str(http)]
+        if launch.http_text_stage:
+            args += ["--text-stage", launch.http_text_stage]
+    return args
 
 
 def _start_stage(
