@@ -20,6 +20,7 @@ from omnistage.security import ServerSecurity
 from orchestrator.config import PipelineConfig
 from orchestrator.http_errors import EXCEPTION_HANDLERS, TokenCheck, error_body
 from orchestrator.http_openai import ChatCompletionRequest, CompletionRequest, pipeline_request
+from orchestrator.http_profile import add_profile_routes
 from orchestrator.http_replies import Kind, PipelineReply, ReplyShape, sse
 from orchestrator.http_server import HttpApiConfig
 from orchestrator.pool import SERVING, StagePool
@@ -46,7 +47,7 @@ class FrontDoor:
     security: ServerSecurity
     is_serving: Callable[[], bool]
     created: int = field(default_factory=lambda: int(time.time()))
-    _text_stage: str | None = None
+    _text_stage: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.tokens = TokenCheck(self.security)
@@ -98,8 +99,6 @@ class FrontDoor:
 
 def build_app(door: FrontDoor) -> FastAPI:
     """The FastAPI app of one orchestrator."""
-    from orchestrator.http_profile import add_profile_routes
-
     app = FastAPI(
         title=f"omnistage: {door.pipeline.name}",
         docs_url=None,
@@ -174,7 +173,7 @@ async def complete(
     try:
         # The first output before the status line: a pipeline that fails at once (a stage
         # down, a stage's INVALID_ARGUMENT) answers with its HTTP status, not a broken stream.
-        first = await anext(events)
+        first = await anext(events, None)
     except BaseException:
         await aclose(events)
         raise
@@ -185,7 +184,7 @@ async def complete(
 
 async def _stream(
     reply: PipelineReply,
-    first: StageEvent,
+    first: StageEvent | None,
     events: AsyncIterator[StageEvent],
     *,
     include_usage: bool,
