@@ -8,6 +8,7 @@ print(f"{info.duration_s:.2f} s")
 
 from __future__ import annotations
 
+import io
 import wave
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,15 +61,23 @@ def write_wav(
     sample_rate: int = DEFAULT_SAMPLE_RATE,
 ) -> WavInfo:
     """Write float chunks, in order, as a 16-bit PCM mono WAV file (clipped to [-1, 1])."""
-    if sample_rate < 1:
-        raise InvalidRequestError(f"sample_rate must be ≥ 1 Hz (got {sample_rate})")
     samples = mono_samples(chunks)
-    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    data = wav_bytes(samples, sample_rate)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(target), "wb") as out:
+    target.write_bytes(data)
+    return WavInfo(path=target, sample_rate=sample_rate, samples=int(samples.shape[0]))
+
+
+def wav_bytes(samples: np.ndarray[Any, Any], sample_rate: int = DEFAULT_SAMPLE_RATE) -> bytes:
+    """A mono float waveform as the bytes of a 16-bit PCM WAV file (clipped to [-1, 1])."""
+    if sample_rate < 1:
+        raise InvalidRequestError(f"sample_rate must be ≥ 1 Hz (got {sample_rate})")
+    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(sample_rate)
         out.writeframes(pcm.tobytes())
-    return WavInfo(path=target, sample_rate=sample_rate, samples=int(samples.shape[0]))
+    return buffer.getvalue()

@@ -73,10 +73,19 @@ def _orchestrator_serve(args: argparse.Namespace) -> int:
 
     from omnistage.settings import describe_validation_error
     from orchestrator.config import load_pipeline
+    from orchestrator.http_server import HttpApiConfig
     from orchestrator.server import OrchestratorServerConfig, serve
 
     pipeline = load_pipeline(Path(args.pipeline))
     try:
+        http = None
+        if args.http_port is not None:
+            http = HttpApiConfig(
+                port=args.http_port,
+                served_model_name=args.served_model_name or None,
+                text_stage=args.text_stage or None,
+                sample_rate=args.sample_rate,
+            )
         config = OrchestratorServerConfig(
             host=args.host,
             port=args.port,
@@ -85,6 +94,7 @@ def _orchestrator_serve(args: argparse.Namespace) -> int:
             profile_dir=Path(args.profile_dir) if args.profile_dir else None,
             profile_max_sessions=args.profile_max_sessions,
             profile_max_bytes=args.profile_max_bytes,
+            http=http,
         )
     except ValidationError as exc:
         raise OmnistageError(describe_validation_error(exc)) from exc
@@ -92,14 +102,20 @@ def _orchestrator_serve(args: argparse.Namespace) -> int:
     def announce(port: int) -> None:
         print(f"orchestrator {pipeline.name!r} listening on {args.host}:{port}", flush=True)
 
-    asyncio.run(serve(pipeline, config, on_bound=announce))
+    def announce_http(port: int) -> None:
+        scheme = "https" if config.security.tls else "http"
+        print(
+            f"orchestrator {pipeline.name!r} HTTP API on {scheme}://{args.host}:{port}", flush=True
+        )
+
+    asyncio.run(serve(pipeline, config, on_bound=announce, on_http_bound=announce_http))
     return 0
 
 
 def _up(args: argparse.Namespace) -> int:
     from omnistage.up import run_up
 
-    return run_up(Path(args.file), port=args.port)
+    return run_up(Path(args.file), port=args.port, http_port=args.http_port)
 
 
 def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
@@ -204,8 +220,41 @@ def add_orchestrator_commands(commands: Any) -> None:
         help="bytes of sessions kept, oldest deleted first; 0: no limit (default: the "
         "pipeline's launch.profile_max_bytes, else 20 GiB)",
     )
+    _add_http_flags(oserve)
     cli_security.add_server_flags(oserve)
     oserve.set_defaults(func=_orchestrator_serve)
+
+
+def _add_http_flags(oserve: argparse.ArgumentParser) -> None:
+    """The OpenAI-compatible HTTP API beside the gRPC port (docs/http.md)."""
+    group = oserve.add_argument_group("HTTP API")
+    group.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also serve the OpenAI-compatible HTTP API and /start_profile, /stop_profile on "
+        "port N (0 picks a free one; default: no HTTP)",
+    )
+    group.add_argument(
+        "--served-model-name",
+        default="",
+        metavar="NAME",
+        help="the model id of the HTTP API (default: the pipeline's name)",
+    )
+    group.add_argument(
+        "--text-stage",
+        default="",
+        metavar="STAGE",
+        help="the stage whose text is the HTTP answer (default: the last stage that makes text)",
+    )
+    group.add_argument(
+        "--sample-rate",
+        type=int,
+        default=24_000,
+        metavar="HZ",
+        help="the sample rate of the final stage's audio in the HTTP answer (default 24000)",
+    )
 
 
 def add_up_command(commands: Any) -> None:
@@ -213,4 +262,11 @@ def add_up_command(commands: Any) -> None:
     up = commands.add_parser("up", help="start a pipeline file's stages and orchestrator locally")
     up.add_argument("file", help="pipeline YAML with a launch section")
     up.add_argument("--port", type=int, default=None, help="the orchestrator's port")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="the orchestrator's OpenAI-compatible HTTP port (default: the file's "
+        "launch.http_port, else none)",
+    )
     up.set_defaults(func=_up)

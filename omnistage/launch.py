@@ -26,6 +26,7 @@ from omnistage.security import ClientSecurity, sync_channel
 logger = logging.getLogger(__name__)
 
 _BOUND = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
+_HTTP_BOUND = re.compile(r"HTTP API on (?P<scheme>https?)://(?P<host>\S+):(?P<port>\d+)")
 
 
 def health_status(
@@ -89,6 +90,8 @@ class ServerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("w")
         self.port = 0
+        self.http_port = 0  # an orchestrator's HTTP API, when it serves one
+        self.http_scheme = "http"
         self._bound = threading.Event()
         command = [*prefix, sys.executable, "-m", "omnistage.cli", *args]
         self.process = subprocess.Popen(
@@ -108,6 +111,9 @@ class ServerProcess:
         for line in self.process.stdout:
             self._log.write(line)
             self._log.flush()
+            http = _HTTP_BOUND.search(line)
+            if http and not self._bound.is_set():
+                self.http_port, self.http_scheme = int(http.group("port")), http.group("scheme")
             match = _BOUND.search(line)
             if match and not self._bound.is_set():
                 self.port = int(match.group("port"))
@@ -116,6 +122,11 @@ class ServerProcess:
     @property
     def address(self) -> str:
         return f"{self.connect_host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The base URL of an orchestrator's HTTP API (its port printed before the gRPC one)."""
+        return f"{self.http_scheme}://{self.connect_host}:{self.http_port}"
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()

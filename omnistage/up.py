@@ -34,7 +34,11 @@ def _progress_printer(name: str) -> Callable[[str, float], None]:
 
 
 def launch_pipeline(
-    pipeline_file: Path, *, port: int | None = None, log_dir: Path | None = None
+    pipeline_file: Path,
+    *,
+    port: int | None = None,
+    http_port: int | None = None,
+    log_dir: Path | None = None,
 ) -> list[ServerProcess]:
     """Start the launch section's stages and the orchestrator; return them once all SERVING."""
     from orchestrator.config import load_pipeline
@@ -58,19 +62,38 @@ def launch_pipeline(
                 f"    {process.name} SERVING at {process.address} "
                 f"({time.monotonic() - started:.0f} s)"
             )
-        orchestrator_port = pipeline.launch.orchestrator_port if port is None else port
-        args = ["orchestrator", "serve", "--pipeline", str(pipeline_file.resolve())]
-        args += ["--port", str(orchestrator_port), "--host", "127.0.0.1"]
         orchestrator = ServerProcess(
-            "orchestrator", args, log_path=logs / "orchestrator.log", die_with_parent=True
+            "orchestrator",
+            _orchestrator_args(pipeline, pipeline_file, port=port, http_port=http_port),
+            log_path=logs / "orchestrator.log",
+            die_with_parent=True,
         )
         processes.append(orchestrator)
         orchestrator.wait_serving(timeout=60)
         _say(f"==> pipeline {pipeline.name!r} SERVING: orchestrator at {orchestrator.address}")
+        if orchestrator.http_port:
+            _say(f"    OpenAI-compatible HTTP API at {orchestrator.http_url}/v1")
         return processes
     except BaseException:
         stop_all(processes)
         raise
+
+
+def _orchestrator_args(
+    pipeline: PipelineConfig, pipeline_file: Path, *, port: int | None, http_port: int | None
+) -> list[str]:
+    """`orchestrator serve` for the file: the ports given, else the launch section's."""
+    launch = pipeline.launch
+    assert launch is not None
+    args = ["orchestrator", "serve", "--pipeline", str(pipeline_file.resolve())]
+    args += ["--port", str(launch.orchestrator_port if port is None else port)]
+    args += ["--host", "127.0.0.1"]
+    http = launch.http_port if http_port is None else http_port
+    if http is not None:
+        args += ["--http-port", str(http)]
+        if launch.http_text_stage:
+            args += ["--text-stage", launch.http_text_stage]
+    return args
 
 
 def _start_stage(
@@ -138,7 +161,7 @@ class StopSignals:
             raise KeyboardInterrupt
 
 
-def run_up(pipeline_file: Path, *, port: int | None = None) -> int:
+def run_up(pipeline_file: Path, *, port: int | None = None, http_port: int | None = None) -> int:
     """Launch, then wait for a stop signal or a process that exits, and stop them all.
 
     A stop signal while the pipeline still starts stops what has started. Should `up` itself
@@ -147,7 +170,7 @@ def run_up(pipeline_file: Path, *, port: int | None = None) -> int:
     stop = StopSignals()
     for sig in STOP_SIGNALS:
         signal.signal(sig, stop.handle)
-    processes = launch_pipeline(pipeline_file, port=port)
+    processes = launch_pipeline(pipeline_file, port=port, http_port=http_port)
     stop.launched = True
     _say("    press Ctrl-C to stop every process")
     try:

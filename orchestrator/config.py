@@ -186,6 +186,17 @@ class LaunchConfig(BaseModel):
 
     stages: dict[str, LaunchStage] = Field(default_factory=dict, description="Keyed by stage name.")
     orchestrator_port: int = Field(default=50050, ge=0, le=65535, description="0: any port.")
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="The orchestrator's OpenAI-compatible HTTP port; None: no HTTP, 0: any port.",
+    )
+    http_text_stage: str | None = Field(
+        default=None,
+        description="The stage whose text the HTTP API answers with; None: the last that makes "
+        "text.",
+    )
     profile_dir: str = Field(
         default="profiles",
         min_length=1,
@@ -253,6 +264,10 @@ class PipelineConfig(BaseModel):
             if key not in first:
                 why = f"{key!r} is not a stage of this pipeline; stages: {', '.join(first)}"
                 problems.append((("launch", "stages", key), why))
+        text_stage = self.launch.http_text_stage if self.launch is not None else None
+        if text_stage is not None and text_stage not in first:
+            why = f"{text_stage!r} is not a stage of this pipeline; stages: {', '.join(first)}"
+            problems.append((("launch", "http_text_stage"), why))
         if problems:
             raise _Problems(problems)
         return self

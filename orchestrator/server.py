@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from omnistage.security import ServerSecurity
 from omnistage.server import GrpcServer, serve_until_signalled
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
+from orchestrator.http_server import HttpApiConfig, HttpServer
 from orchestrator.pool import StagePool
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.runner import PipelineRunner
@@ -47,6 +49,9 @@ class OrchestratorServerConfig(BaseModel):
     profile_max_bytes: int | None = Field(
         default=None, ge=0, description="Bytes kept; None: the pipeline's, 0: no limit."
     )
+    http: HttpApiConfig | None = Field(
+        default=None, description="The OpenAI-compatible HTTP API; None: no HTTP port."
+    )
 
 
 class OrchestratorServer:
@@ -66,20 +71,50 @@ class OrchestratorServer:
         self.profiler = PipelineProfiler(pipeline, self.pool, sessions=self.sessions)
         self._grpc = GrpcServer(ORCHESTRATOR_SERVICE, security=config.security)
         self.server, self.health = self._grpc.server, self._grpc.health
+        self.runner = PipelineRunner(pipeline, self.pool, on_stage_done=self.profiler.record)
         servicer = OrchestratorServicer(
             pipeline=pipeline,
             pool=self.pool,
-            runner=PipelineRunner(pipeline, self.pool, on_stage_done=self.profiler.record),
+            runner=self.runner,
             profiler=self.profiler,
             sessions=self.sessions,
         )
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, self.server)
+        self.serving = False
+        self.http = None if config.http is None else self._http_server(config.http)
         self.port = self._grpc.bind(config.host, config.port)
         self.health_port = (
             None
             if config.health_port is None
             else self._grpc.bind_health(config.host, config.health_port)
         )
+
+    def _http_server(self, http: HttpApiConfig) -> HttpServer:
+        from orchestrator.http_api import FrontDoor, build_app
+
+        if http.text_stage is not None:
+            self.pipeline.stage_index(http.text_stage)  # a stage of this pipeline, or raise
+        door = FrontDoor(
+            pipeline=self.pipeline,
+            pool=self.pool,
+            runner=self.runner,
+            profiler=self.profiler,
+            sessions=self.sessions,
+            config=http,
+            security=self.config.security,
+            is_serving=lambda: self.serving,
+        )
+        return HttpServer(
+            build_app(door),
+            self.config.host,
+            http.port,
+            security=self.config.security,
+            grace=self.config.grace_seconds,
+        )
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     async def start(self) -> None:
         self.sessions.root.mkdir(parents=True, exist_ok=True)
@@ -93,7 +128,10 @@ class OrchestratorServer:
         )
         await self.pool.start()
         await self._grpc.start()
+        if self.http is not None:
+            await self.http.start()
         await self._grpc.set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         logger.info(
             "orchestrator for %r SERVING on port %d: %s",
             self.pipeline.name,
@@ -103,9 +141,13 @@ class OrchestratorServer:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace
+        self.serving = False
         try:
             await self.health.enter_graceful_shutdown()
-            await self._grpc.stop(grace)
+            stops = [self._grpc.stop(grace)]
+            if self.http is not None:
+                stops.append(self.http.stop())
+            await asyncio.gather(*stops)
         finally:
             await self.pool.close()
             self.sessions.close()
@@ -116,8 +158,16 @@ async def serve(
     config: OrchestratorServerConfig,
     *,
     on_bound: Callable[[int], None] | None = None,
+    on_http_bound: Callable[[int], None] | None = None,
 ) -> None:
-    """Run the orchestrator until SIGTERM or SIGINT."""
+    """Run the orchestrator until SIGTERM or SIGINT. Once it serves, `on_http_bound` gets
+    the HTTP port (when it has one), then `on_bound` the gRPC port."""
     server = OrchestratorServer(pipeline, config)
-    started = None if on_bound is None else (lambda: on_bound(server.port))
+
+    def started() -> None:
+        if on_http_bound is not None and server.http_port is not None:
+            on_http_bound(server.http_port)
+        if on_bound is not None:
+            on_bound(server.port)
+
     await serve_until_signalled(server.start, server.stop, on_started=started)

@@ -61,9 +61,14 @@ async def closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]
     try:
         yield iterator
     finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose(iterator)
+
+
+async def aclose(iterator: AsyncIterator[T]) -> None:
+    """Close an async generator now (any other iterator has nothing to close)."""
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def stage_timeout(spec: StageSpec, deadline: float | None) -> float | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +49,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def serve_pipeline(tmp: Path, name: str, text: str) -> ServerProcess:
-    """An orchestrator process serving the pipeline file `text`, once it is SERVING."""
+def serve_pipeline(tmp: Path, name: str, text: str, *, extra: Sequence[str] = ()) -> ServerProcess:
+    """An orchestrator process serving the pipeline file `text`, once it is SERVING; `extra`
+    are more `orchestrator serve` arguments (`--http-port 0`: its `http_url` is set)."""
     path = tmp / f"{name}.yaml"
     path.write_text(text)
-    process = ServerProcess(
-        f"orchestrator {name}",
-        ["orchestrator", "serve", "--pipeline", str(path), "--port", "0", "--host", "127.0.0.1"],
-        log_path=tmp / f"{name}.log",
-    )
+    args = ["orchestrator", "serve", "--pipeline", str(path), "--port", "0", "--host", "127.0.0.1"]
+    process = ServerProcess(f"orchestrator {name}", [*args, *extra], log_path=tmp / f"{name}.log")
     process.wait_serving(timeout=60)
     return process
 
