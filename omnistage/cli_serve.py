@@ -6,17 +6,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from omnistage import cli_security
 from omnistage.errors import InvalidRequestError, OmnistageError
+from omnistage.settings import ProfilerSettings
 
 
 def _stage_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from omnistage.settings import describe_validation_error, parse_profiler_config
+    from omnistage.settings import describe_validation_error
     from services.config import StageConfig
     from services.server import serve
 
@@ -27,7 +29,7 @@ def _stage_serve(args: argparse.Namespace) -> int:
             model=args.model,
             host=args.host,
             port=args.port,
-            profiler=parse_profiler_config(args.profiler_config or ""),
+            profiler=_profiler_settings(args.profiler_config or ""),
             dtype=args.dtype,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
@@ -50,6 +52,16 @@ def _stage_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve(config, on_bound=announce))
     return 0
+
+
+def _profiler_settings(text: str) -> ProfilerSettings:
+    """`--profiler-config`, or else the profiler variables of older vLLM releases."""
+    from omnistage.profiler_env import profiler_config_from_env
+    from omnistage.settings import parse_profiler_config
+
+    if text.strip():
+        return parse_profiler_config(text)
+    return profiler_config_from_env(os.environ) or ProfilerSettings()
 
 
 def _parse_engine_options(text: str) -> dict[str, Any]:
@@ -151,7 +163,8 @@ def add_stage_commands(commands: Any) -> None:
     serve.add_argument(
         "--profiler-config",
         default="",
-        help='vLLM\'s profiler JSON, e.g. \'{"profiler":"torch","torch_profiler_dir":"DIR"}\'',
+        help='vLLM\'s profiler JSON, e.g. \'{"profiler":"torch","torch_profiler_dir":"DIR"}\'; '
+        "without it, older vLLM's VLLM_TORCH_PROFILER_DIR and VLLM_TORCH_PROFILER_* variables",
     )
     serve.add_argument("--dtype", default="float32")
     serve.add_argument("--max-model-len", type=int, default=2048)
