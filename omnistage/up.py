@@ -61,6 +61,8 @@ def launch_pipeline(
         orchestrator_port = pipeline.launch.orchestrator_port if port is None else port
         args = ["orchestrator", "serve", "--pipeline", str(pipeline_file.resolve())]
         args += ["--port", str(orchestrator_port), "--host", "127.0.0.1"]
+        if pipeline.launch.orchestrator_metrics_port is not None:
+            args += ["--metrics-port", str(pipeline.launch.orchestrator_metrics_port)]
         orchestrator = ServerProcess(
             "orchestrator", args, log_path=logs / "orchestrator.log", die_with_parent=True
         )
@@ -82,6 +84,7 @@ def _start_stage(
     config = dict(spec.profiler_config) if spec.profiler_config is not None else None
     if config and config.get("torch_profiler_dir"):
         config["torch_profiler_dir"] = str(pipeline.resolve_path(str(config["torch_profiler_dir"])))
+    metrics = [] if spec.metrics_port is None else ["--metrics-port", str(spec.metrics_port)]
     model = spec.model
     if spec.engine == "vllm" and pipeline.resolve_path(model).is_dir():
         model = str(pipeline.resolve_path(model))  # a folder beside the pipeline file
@@ -92,7 +95,7 @@ def _start_stage(
         host=spec.host,
         engine=spec.engine,
         profiler_config=config,
-        extra=spec.args,
+        extra=[*metrics, *spec.args],
     )
     _say(f"==> starting stage {name!r} ({spec.engine}, {spec.model}) on port {spec.port}")
     return ServerProcess(

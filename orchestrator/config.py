@@ -155,6 +155,9 @@ class LaunchStage(BaseModel):
     )
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
     host: str = Field(default="127.0.0.1", min_length=1, description="The interface to bind.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Prometheus /metrics port; None: off."
+    )
     profiler_config: dict[str, Any] | None = Field(
         default=None, description="vLLM's profiler keys, passed to --profiler-config as JSON."
     )
@@ -186,6 +189,9 @@ class LaunchConfig(BaseModel):
 
     stages: dict[str, LaunchStage] = Field(default_factory=dict, description="Keyed by stage name.")
     orchestrator_port: int = Field(default=50050, ge=0, le=65535, description="0: any port.")
+    orchestrator_metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="The orchestrator's /metrics port; None: off."
+    )
     profile_dir: str = Field(
         default="profiles",
         min_length=1,

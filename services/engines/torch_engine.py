@@ -96,6 +96,11 @@ class TorchEngine:
         )
         self.steps = 0
         """Engine steps (batched forwards) run so far."""
+        self._on_step: Callable[[int, float], None] | None = None
+
+    def observe_steps(self, observer: Callable[[int, float], None]) -> None:
+        """Call `observer(batch_size, seconds)` after each step, on the event loop."""
+        self._on_step = observer
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -252,6 +257,8 @@ class TorchEngine:
             item.taken, item.started = True, started
         try:
             results = await self._on_worker(self._step, [item.row for item in live])
+            if self._on_step is not None:
+                self._on_step(len(live), time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - each request gets it; its RPC logs and maps it
             if len(live) > 1:
                 logger.warning(

@@ -4,7 +4,7 @@ echoes them, picked from a pool without gRPC."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,11 @@ class FakeStage:
     cancelled: int = 0
 
     async def generate(
-        self, request: GenerateInput, *, timeout: float | None = None
+        self,
+        request: GenerateInput,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[OutputDelta]:
         self.calls.append(request)
         self.timeouts.append(timeout)
