@@ -8,6 +8,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
+import subprocess
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -292,3 +295,69 @@ def test_a_profile_session_is_metered_and_its_timeline_names_the_traces(observed
     servers = [s for s in spans if s.kind == SERVER_SPAN]
     assert {s.attributes.get("omnistage.profile_session_id") for s in servers} >= {session}
     assert os.path.isdir(report.output_dir)
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+def _prometheus_config(observed: Observed) -> str:
+    stages = ", ".join(f"'127.0.0.1:{port}'" for port in observed.stage_metrics.values())
+    return (
+        "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+        "scrape_configs:\n"
+        f"  - {{job_name: orchestrator, static_configs: "
+        f"[{{targets: ['127.0.0.1:{observed.orchestrator_metrics}']}}]}}\n"
+        f"  - {{job_name: stages, static_configs: [{{targets: [{stages}]}}]}}\n"
+    )
+
+
+def _query(port: int, expression: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            answer = json.load(reply)
+    except OSError:
+        return []  # not up yet
+    assert answer["status"] == "success", answer
+    return list(answer["data"]["result"])
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None,
+    reason="Debian's prometheus is not installed (make prometheus, or apt-get install prometheus)",
+)
+def test_a_real_prometheus_scrapes_every_server(observed: Observed, tmp_path: Path) -> None:
+    assert PROMETHEUS is not None
+    run_requests(observed, 2)
+    sent = value(scrape(observed.orchestrator_metrics), "omnistage_requests_total", code="OK")
+    (tmp_path / "prometheus.yml").write_text(_prometheus_config(observed))
+    port = free_port()
+    command = [
+        PROMETHEUS,
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    log = (tmp_path / "prometheus.log").open("w")
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        up = wait_until(
+            lambda: len(got := _query(port, "up == 1")) == 3 and got,
+            timeout=60,
+            what="Prometheus scraping the orchestrator and both stages",
+        )
+        assert {r["metric"]["job"] for r in up} == {"orchestrator", "stages"}
+        (total,) = wait_until(
+            lambda: _query(port, 'omnistage_requests_total{code="OK"}'),
+            timeout=30,
+            what="the orchestrator's request count in Prometheus",
+        )
+        assert float(total["value"][1]) == sent
+        replicas = _query(port, "omnistage_replica_up == 1")
+        assert {r["metric"]["stage"] for r in replicas} == set(STAGES)
+        calls = _query(port, 'sum by (stage) (omnistage_stage_requests_total{code="OK"})')
+        assert {r["metric"]["stage"] for r in calls} == set(STAGES)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
