@@ -257,8 +257,6 @@ class TorchEngine:
             item.taken, item.started = True, started
         try:
             results = await self._on_worker(self._step, [item.row for item in live])
-            if self._on_step is not None:
-                self._on_step(len(live), time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - each request gets it; its RPC logs and maps it
             if len(live) > 1:
                 logger.warning(
@@ -272,6 +270,8 @@ class TorchEngine:
             if not live[0].result.done():  # the servicer logs it and answers its status
                 live[0].result.set_exception(exc)
             return
+        if self._on_step is not None:
+            self._on_step(len(live), time.monotonic() - started)
         for item, result in zip(live, results, strict=True):
             if item.result.done():
                 continue
