@@ -25,6 +25,7 @@ class FakeStage:
     tensors: bool = False  # talker: send each token as a tensor, as a torch stage would
     calls: list[GenerateInput] = field(default_factory=list)
     timeouts: list[float | None] = field(default_factory=list)  # each call's gRPC deadline
+    metadata: list[dict[str, str]] = field(default_factory=list)  # each call's (traceparent)
     active: int = 0
     cancelled: int = 0
 
@@ -37,6 +38,7 @@ class FakeStage:
     ) -> AsyncIterator[OutputDelta]:
         self.calls.append(request)
         self.timeouts.append(timeout)
+        self.metadata.append(dict(metadata))
         self.active += 1
         try:
             if self.fail_on_call == len(self.calls) - 1:

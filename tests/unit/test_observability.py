@@ -162,3 +162,47 @@ def test_up_gives_each_server_the_launch_sections_metrics_port(
     assert a.args[a.args.index(flag) + 1] == "9401"
     assert flag not in b.args
     assert orchestrator.args[orchestrator.args.index(flag) + 1] == "9400"
+
+
+def test_each_chunk_call_of_a_streamed_stage_is_a_child_span_whose_context_it_sends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from omnistage.server import tracing
+    from omnistage.types import GenerateInput
+    from orchestrator.config import parse_pipeline
+    from orchestrator.runner import PipelineRunner
+    from tests.unit.fake_stages import FakePool, FakeStage
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("test"))
+    pool = FakePool(talker=FakeStage("talker"), code2wav=FakeStage("code2wav"))
+    pipeline = parse_pipeline(
+        "stages:\n  - {name: talker, address: fake:1}\n"
+        "  - {name: code2wav, address: fake:2, input: {processor: token_ids, stream_chunk: 4}}\n"
+    )
+    run = PipelineRunner(pipeline, pool)  # type: ignore[arg-type]
+
+    async def request() -> None:
+        async for _ in run.run(GenerateInput(request_id="r1", prompt="hi")):
+            pass
+
+    with provider.get_tracer("test").start_as_current_span("server") as parent:
+        asyncio.run(request())
+    calls = [s for s in exporter.get_finished_spans() if s.name.startswith("stage ")]
+    assert sorted(s.name for s in calls) == ["stage code2wav"] * 3 + ["stage talker"]
+    for span in calls:
+        assert span.parent is not None and span.parent.span_id == parent.get_span_context().span_id
+        assert span.kind == trace.SpanKind.CLIENT
+        assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == 0
+    sent = [m["traceparent"].split("-")[2] for m in pool.stages["code2wav"].metadata]
+    chunk_spans = [s for s in calls if s.name == "stage code2wav"]
+    assert sorted(sent) == sorted(f"{s.context.span_id:016x}" for s in chunk_spans)
+    assert sorted(s.attributes["omnistage.request_id"] for s in chunk_spans) == [  # type: ignore[index]
+        f"r1-chunk{n}" for n in range(3)
+    ]
