@@ -14,9 +14,11 @@ metadata (`omnistage.trace_context`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 from omnistage.trace_context import incoming_context
@@ -66,6 +68,27 @@ def tracing_enabled() -> bool:
     return _tracer is not None
 
 
+@functools.cache
+def _otel() -> SimpleNamespace:
+    """OpenTelemetry's API, imported once a tracer exists (never when tracing is off)."""
+    import grpc
+    from opentelemetry import context, trace
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    from omnistage.trace_context import outgoing_metadata
+
+    return SimpleNamespace(
+        context=context,
+        trace=trace,
+        server=SpanKind.SERVER,
+        client=SpanKind.CLIENT,
+        error=StatusCode.ERROR,
+        status=Status,
+        codes={code.name: int(code.value[0]) for code in grpc.StatusCode},
+        outgoing_metadata=outgoing_metadata,
+    )
+
+
 def start_server_span(
     name: str, metadata: Iterable[tuple[str, str | bytes]] | None, attributes: dict[str, Any]
 ) -> Any:
@@ -73,11 +96,8 @@ def start_server_span(
     tracer = _tracer
     if tracer is None:
         return None
-    from opentelemetry.trace import SpanKind
-
-    return tracer.start_span(
-        name, context=incoming_context(metadata), kind=SpanKind.SERVER, attributes=attributes
-    )
+    parent = incoming_context(metadata)
+    return tracer.start_span(name, context=parent, kind=_otel().server, attributes=attributes)
 
 
 def start_client_span(name: str, attributes: dict[str, Any]) -> Any:
@@ -85,49 +105,39 @@ def start_client_span(name: str, attributes: dict[str, Any]) -> Any:
     tracer = _tracer
     if tracer is None:
         return None
-    from opentelemetry.trace import SpanKind
-
-    return tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+    return tracer.start_span(name, kind=_otel().client, attributes=attributes)
 
 
 def span_metadata(span: Any) -> tuple[tuple[str, str], ...]:
     """The `traceparent` that makes the callee's span a child of `span`; () without one."""
     if span is None:
         return ()
-    from opentelemetry import trace
-
-    from omnistage.trace_context import outgoing_metadata
-
-    return outgoing_metadata(trace.set_span_in_context(span))
+    otel = _otel()
+    sent: tuple[tuple[str, str], ...] = otel.outgoing_metadata(otel.trace.set_span_in_context(span))
+    return sent
 
 
 def attach(span: Any) -> Any:
     """Make `span` the current one (for the calls made under it); returns the token."""
     if span is None:
         return None
-    from opentelemetry import context, trace
-
-    return context.attach(trace.set_span_in_context(span))
+    otel = _otel()
+    return otel.context.attach(otel.trace.set_span_in_context(span))
 
 
 def detach(token: Any) -> None:
     if token is not None:
-        from opentelemetry import context
-
-        context.detach(token)
+        _otel().context.detach(token)
 
 
 def end_span(span: Any, code: str, error: BaseException | None = None) -> None:
     """Close `span` with the call's gRPC code; an error is recorded on it."""
     if span is None:
         return
-    import grpc
-    from opentelemetry.trace import Status, StatusCode
-
-    status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
-    span.set_attribute("rpc.grpc.status_code", int(status.value[0]))
+    otel = _otel()
+    span.set_attribute("rpc.grpc.status_code", otel.codes.get(code, 2))  # 2: UNKNOWN
     if code != "OK":
         if error is not None and not isinstance(error, GeneratorExit):
             span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, f"{code}: {error}" if error else code))
+        span.set_status(otel.status(otel.error, f"{code}: {error}" if error else code))
     span.end()
