@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 BENCH_STAMP := $(VENV)/.omnistage-bench
 
-.PHONY: setup model protos lint browser docs test demo bench clean
+.PHONY: setup model protos lint browser prometheus docs test demo bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,12 +26,17 @@ lint: setup
 browser: setup
 	@bash scripts/browser_setup.sh
 
+# Debian's Prometheus server, for the test where it scrapes the servers' /metrics; skipped
+# with a reason where apt-get cannot install it (docs/observability.md).
+prometheus:
+	@bash scripts/prometheus_setup.sh
+
 # The docs site (mkdocs.yml; docs/index.md says why MkDocs), built in strict mode: a broken link,
 # a missing anchor or a page left out of the nav fails it. build/ is ignored by git.
 docs: setup
 	$(BIN)/mkdocs build --strict --site-dir build/site
 
-test: model lint browser docs
+test: model lint browser prometheus docs
 	$(BIN)/pytest
 
 demo: model

@@ -41,6 +41,7 @@ def _stage_serve(args: argparse.Namespace) -> int:
             engine_options=_parse_engine_options(args.engine_options),
             security=cli_security.server_security(args),
             health_port=args.health_port,
+            metrics_port=args.metrics_port,
             profile_max_sessions=args.profile_max_sessions,
             profile_max_bytes=args.profile_max_bytes,
         )
@@ -102,6 +103,7 @@ def _orchestrator_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             health_port=args.health_port,
+            metrics_port=args.metrics_port,
             security=cli_security.server_security(args),
             profile_dir=Path(args.profile_dir) if args.profile_dir else None,
             profile_max_sessions=args.profile_max_sessions,
@@ -128,6 +130,17 @@ def _up(args: argparse.Namespace) -> int:
     from omnistage.up import run_up
 
     return run_up(Path(args.file), port=args.port, http_port=args.http_port)
+
+
+def _add_metrics_flag(serve: argparse.ArgumentParser) -> None:
+    """Prometheus' /metrics, on a port of its own (docs/observability.md)."""
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve Prometheus metrics on http://HOST:N/metrics (default: off; 0 picks a port)",
+    )
 
 
 def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
@@ -198,6 +211,7 @@ def add_stage_commands(commands: Any) -> None:
         help="bytes past profile sessions may take; the oldest beyond are deleted, never the "
         "newest (default 10 GiB; 0: no limit)",
     )
+    _add_metrics_flag(serve)
     cli_security.add_server_flags(serve)
     serve.set_defaults(func=_stage_serve)
 
@@ -234,6 +248,7 @@ def add_orchestrator_commands(commands: Any) -> None:
         "pipeline's launch.profile_max_bytes, else 20 GiB)",
     )
     _add_http_flags(oserve)
+    _add_metrics_flag(oserve)
     cli_security.add_server_flags(oserve)
     oserve.set_defaults(func=_orchestrator_serve)
 

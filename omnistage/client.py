@@ -32,6 +32,7 @@ from omnistage.errors import NotFoundError, OmnistageError
 from omnistage.rpc import rpc_errors
 from omnistage.security import ClientSecurity
 from omnistage.stage_client import AsyncStageClient, StageClient, make_request
+from omnistage.trace_context import outgoing_metadata
 from omnistage.types import (
     ChatTurn,
     PipelineOutput,
@@ -86,7 +87,9 @@ class AsyncClient(AsyncRpcClient):
         """Stream every stage's output (or the final stage's, as the pipeline file says).
 
         Sampling keywords (max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
-        apply to every stage; `stage_sampling` overrides them per stage name.
+        apply to every stage; `stage_sampling` overrides them per stage name. When an
+        OpenTelemetry span is current, its context goes with the call (`traceparent`), so the
+        orchestrator's and the stages' spans join the caller's trace.
         """
         turns = [m if isinstance(m, ChatTurn) else ChatTurn(**m) for m in messages]
         request = orchestrator_pb2.PipelineRequest(
@@ -98,7 +101,8 @@ class AsyncClient(AsyncRpcClient):
         )
         for name, options in (stage_sampling or {}).items():
             request.stage_sampling[name].CopyFrom(sampling_to_pb(_sampling(options)))
-        call = self._stub.Generate(request, timeout=timeout)
+        metadata = outgoing_metadata() or None
+        call = self._stub.Generate(request, timeout=timeout, metadata=metadata)
         with rpc_errors(self.address, call):
             async for msg in call:
                 yield pipeline_output_from_pb(msg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from omnistage.convert import (
 )
 from omnistage.errors import InvalidRequestError
 from omnistage.rpc import STOP_PROFILE_TIMEOUT_S, rpc_errors
+from omnistage.trace_context import outgoing_metadata
 from omnistage.types import (
     ChatTurn,
     GenerateInput,
@@ -68,9 +69,18 @@ class AsyncStageClient(AsyncRpcClient):
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     async def generate(
-        self, request: GenerateInput, *, timeout: float | None = None
+        self,
+        request: GenerateInput,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[OutputDelta]:
-        call = self._stub.Generate(generate_input_to_pb(request), timeout=timeout)
+        """Stream the stage's deltas; `metadata` goes with the call (a `traceparent`), and
+        without it the current OpenTelemetry span's context, when one is current."""
+        sent = tuple(metadata) or outgoing_metadata()
+        call = self._stub.Generate(
+            generate_input_to_pb(request), timeout=timeout, metadata=sent or None
+        )
         with rpc_errors(self.address, call):
             async for msg in call:
                 yield delta_from_pb(msg)

@@ -93,6 +93,8 @@ def _orchestrator_args(
         args += ["--http-port", str(http)]
         if launch.http_text_stage:
             args += ["--text-stage", launch.http_text_stage]
+    if launch.orchestrator_metrics_port is not None:
+        args += ["--metrics-port", str(launch.orchestrator_metrics_port)]
     return args
 
 
@@ -105,6 +107,7 @@ def _start_stage(
     config = dict(spec.profiler_config) if spec.profiler_config is not None else None
     if config and config.get("torch_profiler_dir"):
         config["torch_profiler_dir"] = str(pipeline.resolve_path(str(config["torch_profiler_dir"])))
+    metrics = [] if spec.metrics_port is None else ["--metrics-port", str(spec.metrics_port)]
     model = spec.model
     if spec.engine == "vllm" and pipeline.resolve_path(model).is_dir():
         model = str(pipeline.resolve_path(model))  # a folder beside the pipeline file
@@ -115,7 +118,7 @@ def _start_stage(
         host=spec.host,
         engine=spec.engine,
         profiler_config=config,
-        extra=spec.args,
+        extra=[*metrics, *spec.args],
     )
     _say(f"==> starting stage {name!r} ({spec.engine}, {spec.model}) on port {spec.port}")
     return ServerProcess(

@@ -155,6 +155,9 @@ class LaunchStage(BaseModel):
     )
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
     host: str = Field(default="127.0.0.1", min_length=1, description="The interface to bind.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Prometheus /metrics port; None: off."
+    )
     profiler_config: dict[str, Any] | None = Field(
         default=None, description="vLLM's profiler keys, passed to --profiler-config as JSON."
     )
@@ -196,6 +199,9 @@ class LaunchConfig(BaseModel):
         default=None,
         description="The stage whose text the HTTP API answers with; None: the last that makes "
         "text.",
+    )
+    orchestrator_metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="The orchestrator's /metrics port; None: off."
     )
     profile_dir: str = Field(
         default="profiles",

@@ -4,8 +4,10 @@ and every stage's files pulled over gRPC into one folder on the orchestrator's s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from omnistage.errors import (
     reworded,
 )
 from omnistage.profile_files import new_session_id
+from omnistage.trace_context import current_trace_id
 from omnistage.traces.clock import ClockEstimate, ClockSample, combine, estimate_offset
 from omnistage.traces.report import rebuild_report, write_session
 from omnistage.traces.slimming import SlimOptions
@@ -59,11 +62,17 @@ class PipelineProfiler:
     """At most one cross-stage session at a time."""
 
     def __init__(
-        self, pipeline: PipelineConfig, pool: StagePool, *, sessions: CollectedSessions
+        self,
+        pipeline: PipelineConfig,
+        pool: StagePool,
+        *,
+        sessions: CollectedSessions,
+        on_stopped: Callable[[float, ProfileReport], None] | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._pool = pool
         self._sessions = sessions
+        self._on_stopped = on_stopped  # (seconds, report) of each stop that collected
         self._stopping: set[asyncio.Future[ProfileReport]] = set()
         self._active: _ActiveSession | None = None
         self._lock = asyncio.Lock()
@@ -185,6 +194,7 @@ class PipelineProfiler:
                 end_unix_ns=timing.end_unix_ns,
                 handoff_s=timing.handoff_s,
                 queue_time_s=timing.queue_time_s,
+                trace_id=current_trace_id(),
             )
         )
 
@@ -286,6 +296,8 @@ class PipelineProfiler:
         task = asyncio.ensure_future(self._stop(keys, output_dir, slim, progress or _ignore))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
+        if self._on_stopped is not None:
+            task.add_done_callback(functools.partial(self._stopped, time.monotonic()))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -352,6 +364,10 @@ class PipelineProfiler:
             listed = await self._sessions.summary(session_dir)
             await self._sessions.prune(keep=session_dir)
             return replace(report, session_files=listed.files)
+
+    def _stopped(self, started: float, task: asyncio.Future[ProfileReport]) -> None:
+        if self._on_stopped is not None and not task.cancelled() and task.exception() is None:
+            self._on_stopped(time.monotonic() - started, task.result())
 
 
 def _ignore(event: StopProgress) -> None:

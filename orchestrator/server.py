@@ -12,12 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omnistage.security import ServerSecurity
 from omnistage.server import GrpcServer, serve_until_signalled
+from omnistage.server.metrics import MetricsEndpoint
+from omnistage.server.tracing import setup_tracing, shutdown_tracing
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
 from orchestrator.http_server import HttpApiConfig, HttpServer
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.pool import StagePool
 from orchestrator.profiling import PipelineProfiler
-from orchestrator.runner import PipelineRunner
+from orchestrator.runner import PipelineRunner, StageEvent
 from orchestrator.servicer import OrchestratorServicer
 from orchestrator.sessions import CollectedSessions
 
@@ -38,6 +41,9 @@ class OrchestratorServerConfig(BaseModel):
     )
     security: ServerSecurity = Field(
         default_factory=ServerSecurity, description="TLS, mTLS and the bearer token."
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve Prometheus' /metrics here; None: off."
     )
     grace_seconds: float = Field(default=30.0, ge=0, description="SIGTERM drain time.")
     profile_dir: Path | None = Field(
@@ -68,16 +74,29 @@ class OrchestratorServer:
                 max_bytes=config.profile_max_bytes,
             )
         )
-        self.profiler = PipelineProfiler(pipeline, self.pool, sessions=self.sessions)
+        self.metrics = (
+            None
+            if config.metrics_port is None
+            else OrchestratorMetrics(
+                pool=self.pool, profiling=lambda: 1 if self.profiler.active_session_id else 0
+            )
+        )
+        self.profiler = PipelineProfiler(
+            pipeline,
+            self.pool,
+            sessions=self.sessions,
+            on_stopped=self.metrics.profile_stopped if self.metrics else None,
+        )
         self._grpc = GrpcServer(ORCHESTRATOR_SERVICE, security=config.security)
         self.server, self.health = self._grpc.server, self._grpc.health
-        self.runner = PipelineRunner(pipeline, self.pool, on_stage_done=self.profiler.record)
+        self.runner = PipelineRunner(pipeline, self.pool, on_stage_done=self._stage_done)
         servicer = OrchestratorServicer(
             pipeline=pipeline,
             pool=self.pool,
             runner=self.runner,
             profiler=self.profiler,
             sessions=self.sessions,
+            meter=self.metrics.requests if self.metrics else None,
         )
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, self.server)
         self.serving = False
@@ -88,6 +107,17 @@ class OrchestratorServer:
             if config.health_port is None
             else self._grpc.bind_health(config.host, config.health_port)
         )
+        self.metrics_endpoint = (
+            None
+            if self.metrics is None or config.metrics_port is None
+            else MetricsEndpoint(self.metrics.registry, host=config.host, port=config.metrics_port)
+        )
+
+    def _stage_done(self, event: StageEvent) -> None:
+        """A stage's share of a request: into the profile session (if any), and the metrics."""
+        self.profiler.record(event)
+        if self.metrics is not None:
+            self.metrics.stage_done(event)
 
     def _http_server(self, http: HttpApiConfig) -> HttpServer:
         from orchestrator.http_api import FrontDoor, build_app
@@ -151,6 +181,8 @@ class OrchestratorServer:
         finally:
             await self.pool.close()
             self.sessions.close()
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.close()
 
 
 async def serve(
@@ -161,13 +193,18 @@ async def serve(
     on_http_bound: Callable[[int], None] | None = None,
 ) -> None:
     """Run the orchestrator until SIGTERM or SIGINT. Once it serves, `on_http_bound` gets
-    the HTTP port (when it has one), then `on_bound` the gRPC port."""
-    server = OrchestratorServer(pipeline, config)
+    the HTTP port (when it has one), then `on_bound` the gRPC port. Spans go over OTLP when
+    OTEL_EXPORTER_OTLP_ENDPOINT is set (omnistage.server.tracing)."""
+    setup_tracing("omnistage-orchestrator")
+    try:
+        server = OrchestratorServer(pipeline, config)
 
-    def started() -> None:
-        if on_http_bound is not None and server.http_port is not None:
-            on_http_bound(server.http_port)
-        if on_bound is not None:
-            on_bound(server.port)
+        def started() -> None:
+            if on_http_bound is not None and server.http_port is not None:
+                on_http_bound(server.http_port)
+            if on_bound is not None:
+                on_bound(server.port)
 
-    await serve_until_signalled(server.start, server.stop, on_started=started)
+        await serve_until_signalled(server.start, server.stop, on_started=started)
+    finally:
+        shutdown_tracing()

@@ -18,6 +18,8 @@ from omnistage.convert import (
 from omnistage.convert_sessions import file_chunks_to_pb, progress_to_pb, session_list_to_pb
 from omnistage.errors import InvalidRequestError, OmnistageError
 from omnistage.server import Context
+from omnistage.server.metrics import RequestMeter
+from omnistage.server.observe import RequestObserver
 from omnistage.traces.slimming import VLLM_IDLE_PATTERNS, SlimOptions
 from omnistage.types import PipelineStatus, StageStatus, StopProgress
 from omnistage.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
@@ -29,6 +31,7 @@ from orchestrator.runner import PipelineRunner, StageEvent
 from orchestrator.sessions import CollectedSessions
 
 PROGRESS_QUEUE = 256  # progress events waiting for a slow caller
+GENERATE_SPAN = f"{orchestrator_pb2.DESCRIPTOR.services_by_name['Orchestrator'].full_name}/Generate"
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type: ignore[misc]
@@ -40,24 +43,34 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
         runner: PipelineRunner,
         profiler: PipelineProfiler,
         sessions: CollectedSessions,
+        meter: RequestMeter | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._pool = pool
         self._runner = runner
         self._profiler = profiler
         self._sessions = sessions
+        self._observer = RequestObserver(meter, span_name=GENERATE_SPAN)
+        self._last = len(pipeline.stages) - 1
 
     async def Generate(
         self, request: orchestrator_pb2.PipelineRequest, context: Context
     ) -> AsyncIterator[orchestrator_pb2.PipelineResponse]:
-        generate_input = generate_input_from_pb(request)
-        validate_generate_input(generate_input)
-        overrides = {k: sampling_from_pb(v) for k, v in request.stage_sampling.items()}
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        events = self._runner.run(generate_input, stage_sampling=overrides, deadline=deadline)
-        async for event in events:
-            yield _event_to_pb(event)
+        session = self._profiler.active_session_id
+        with self._observer.observe(context, profile_session_id=session) as call:
+            generate_input = generate_input_from_pb(request)
+            call.annotate(request_id=generate_input.request_id)
+            validate_generate_input(generate_input)
+            overrides = {k: sampling_from_pb(v) for k, v in request.stage_sampling.items()}
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            events = self._runner.run(generate_input, stage_sampling=overrides, deadline=deadline)
+            async for event in events:
+                if event.stage_index == self._last:
+                    call.output()  # the time to first output is the final stage's
+                    if event.delta.finished:
+                        call.annotate(finish_reason=event.delta.finish_reason)
+                yield _event_to_pb(event)
 
     async def StartProfile(
         self,

@@ -7,16 +7,20 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from omnistage.errors import OmnistageError, OverloadedError, StageUnavailableError, reworded
+from omnistage.server import tracing
+from omnistage.server.metrics import outcome_code
 from omnistage.types import GenerateInput, OutputDelta
+from omnistage.v1 import stage_pb2
 from orchestrator.config import StageSpec
-from orchestrator.pool import StagePool
+from orchestrator.pool import StagePool, StageReplica
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 
 @dataclass(frozen=True)
@@ -88,50 +92,102 @@ async def call_stage(
     before it sent anything is skipped and the call goes to the next replica; an unreachable
     one is also marked down. When every replica is full, the call fails with RESOURCE_EXHAUSTED
     and the shortest of their retry hints. Once output has flowed, a failure ends the request.
-    Closing this iterator early cancels the call, so the stage aborts the request.
+    Closing this iterator early cancels the call, so the stage aborts the request. With
+    tracing on, the call is one CLIENT span, whose `traceparent` goes to the stage.
     """
     tried: list[str] = []
     full: dict[str, OverloadedError] = {}
-    while True:
-        try:
-            replica = await pool.pick(spec.name, exclude=tried)
-        except StageUnavailableError as exc:
-            if full:
-                raise all_full(spec.name, full, others=str(exc)) from exc
-            raise name_stage(exc, spec.name) from exc
-        started = False
-        try:
-            deltas = replica.client.generate(stage_input, timeout=stage_timeout(spec, deadline))
-            async with closing(deltas):
-                async for delta in deltas:
-                    started = True
-                    yield delta, replica.address
-            return
-        except (StageUnavailableError, OverloadedError) as exc:
-            tried.append(replica.address)
-            overloaded = isinstance(exc, OverloadedError)
-            if isinstance(exc, OverloadedError):
-                full[replica.address] = exc
-            else:
-                pool.mark(replica, "UNAVAILABLE")
-            others = [r for r in pool.replicas(spec.name) if r.address not in tried]
-            if started or not others:
-                logger.info("request %s: stage %s: %s", stage_input.request_id, spec.name, exc)
-                if full and not started:
-                    raise all_full(spec.name, full) from exc
+    span = tracing.start_client_span(f"stage {spec.name}", _span_attributes(spec, stage_input))
+    metadata = tracing.span_metadata(span)
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                replica = await pool.pick(spec.name, exclude=tried)
+            except StageUnavailableError as exc:
+                if full:
+                    raise all_full(spec.name, full, others=str(exc)) from exc
                 raise name_stage(exc, spec.name) from exc
-            logger.log(
-                logging.INFO if overloaded else logging.WARNING,
-                "request %s: stage %s replica %s %s, trying another: %s",
-                stage_input.request_id,
-                spec.name,
-                replica.address,
-                "full" if overloaded else "unavailable",
-                exc,
-            )
-        except OmnistageError as exc:
-            logger.info("request %s failed in stage %s: %s", stage_input.request_id, spec.name, exc)
-            raise name_stage(exc, spec.name) from exc
+            if span is not None:
+                span.set_attribute("omnistage.replica", replica.address)
+            started = False
+            try:
+                timeout = stage_timeout(spec, deadline)
+                deltas = replica.client.generate(stage_input, timeout=timeout, metadata=metadata)
+                async with closing(deltas):
+                    async for delta in deltas:
+                        started = True
+                        if span is not None and delta.finished:
+                            _annotate(span, delta)
+                        yield delta, replica.address
+                return
+            except (StageUnavailableError, OverloadedError) as exc:
+                _skip_replica(pool, spec, stage_input, replica, exc, tried, full, started=started)
+            except OmnistageError as exc:
+                logger.info(
+                    "request %s failed in stage %s: %s", stage_input.request_id, spec.name, exc
+                )
+                raise name_stage(exc, spec.name) from exc
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if span is not None:
+            tracing.end_span(span, outcome_code(error), error)
+
+
+def _skip_replica(
+    pool: StagePool,
+    spec: StageSpec,
+    stage_input: GenerateInput,
+    replica: StageReplica,
+    exc: StageUnavailableError | OverloadedError,
+    tried: list[str],
+    full: dict[str, OverloadedError],
+    *,
+    started: bool,
+) -> None:
+    """Note a replica that was unreachable or full, so the call tries the next one; raise
+    when output had flowed already, or no replica is left to try."""
+    tried.append(replica.address)
+    overloaded = isinstance(exc, OverloadedError)
+    if isinstance(exc, OverloadedError):
+        full[replica.address] = exc
+    else:
+        pool.mark(replica, "UNAVAILABLE")
+    others = [r for r in pool.replicas(spec.name) if r.address not in tried]
+    if started or not others:
+        logger.info("request %s: stage %s: %s", stage_input.request_id, spec.name, exc)
+        if full and not started:
+            raise all_full(spec.name, full) from exc
+        raise name_stage(exc, spec.name) from exc
+    logger.log(
+        logging.INFO if overloaded else logging.WARNING,
+        "request %s: stage %s replica %s %s, trying another: %s",
+        stage_input.request_id,
+        spec.name,
+        replica.address,
+        "full" if overloaded else "unavailable",
+        exc,
+    )
+
+
+def _span_attributes(spec: StageSpec, stage_input: GenerateInput) -> dict[str, str]:
+    return {
+        "rpc.system": "grpc",
+        "rpc.service": STAGE_SERVICE,
+        "rpc.method": "Generate",
+        "omnistage.stage": spec.name,
+        "omnistage.request_id": stage_input.request_id,
+    }
+
+
+def _annotate(span: Any, delta: OutputDelta) -> None:
+    """The stage's finish reason and tokens, on its call's span."""
+    span.set_attribute("omnistage.finish_reason", delta.finish_reason)
+    if delta.metrics is not None:
+        span.set_attribute("omnistage.prompt_tokens", delta.metrics.prompt_tokens)
+        span.set_attribute("omnistage.generated_tokens", delta.metrics.generated_tokens)
 
 
 def all_full(stage: str, full: dict[str, OverloadedError], *, others: str = "") -> OverloadedError:

@@ -61,6 +61,9 @@ class StageConfig(BaseModel):
     health_port: int | None = Field(
         default=None, ge=0, le=65535, description="An extra plaintext port for health only."
     )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve Prometheus' /metrics here; None: off."
+    )
     profile_max_sessions: int = Field(
         default=10,
         ge=0,

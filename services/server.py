@@ -11,10 +11,13 @@ from collections.abc import Callable
 from grpc_health.v1 import health_pb2
 
 from omnistage.server import GrpcServer, serve_until_signalled
+from omnistage.server.metrics import MetricsEndpoint
+from omnistage.server.tracing import setup_tracing, shutdown_tracing
 from omnistage.v1 import stage_pb2, stage_pb2_grpc
 from services.admission import InflightLimiter
 from services.config import StageConfig
 from services.engines.base import Engine
+from services.metrics import StageMetrics
 from services.profiling.sessions import ProfileSessionStore
 from services.servicer import StageServicer
 
@@ -53,11 +56,14 @@ class StageServer:
             root=root,
             retention=config.profile_retention,
         )
+        limiter = InflightLimiter(config.name, config.max_inflight)
+        self.metrics = self._metrics(limiter)
         servicer = StageServicer(
             name=config.name,
             engine=engine,
             sessions=self.sessions,
-            limiter=InflightLimiter(config.name, config.max_inflight),
+            limiter=limiter,
+            metrics=self.metrics,
         )
         self._watch: asyncio.Task[None] | None = None
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
@@ -67,6 +73,27 @@ class StageServer:
             if config.health_port is None
             else self._grpc.bind_health(config.host, config.health_port)
         )
+        self.metrics_endpoint = (
+            None
+            if self.metrics is None or config.metrics_port is None
+            else MetricsEndpoint(self.metrics.registry, host=config.host, port=config.metrics_port)
+        )
+        self.metrics_port = self.metrics_endpoint.port if self.metrics_endpoint else None
+
+    def _metrics(self, limiter: InflightLimiter) -> StageMetrics | None:
+        """The stage's metrics when --metrics-port is given; None records nothing."""
+        if self.config.metrics_port is None:
+            return None
+        metrics = StageMetrics(
+            stage=self.config.name,
+            engine=self.config.engine,
+            running=lambda: limiter.inflight,
+            profiling=lambda: 1 if self.sessions.active_session_id else 0,
+        )
+        observe_steps = getattr(self.engine, "observe_steps", None)
+        if observe_steps is not None:
+            observe_steps(metrics.step)
+        return metrics
 
     def _mark_not_serving(self) -> None:
         asyncio.get_running_loop().create_task(
@@ -119,6 +146,8 @@ class StageServer:
         finally:
             self.sessions.close()
             await self.engine.close()
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.close()
 
 
 async def build_server(config: StageConfig) -> tuple[StageServer, int]:
@@ -128,8 +157,13 @@ async def build_server(config: StageConfig) -> tuple[StageServer, int]:
 
 
 async def serve(config: StageConfig, *, on_bound: Callable[[int], None] | None = None) -> None:
-    """Run a stage until SIGTERM or SIGINT, then shut it down gracefully."""
-    stage, port = await build_server(config)
-    if on_bound is not None:
-        on_bound(port)
-    await serve_until_signalled(stage.start, stage.stop)
+    """Run a stage until SIGTERM or SIGINT, then shut it down gracefully. Spans go over
+    OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (omnistage.server.tracing)."""
+    setup_tracing(f"omnistage-stage-{config.name}")
+    try:
+        stage, port = await build_server(config)
+        if on_bound is not None:
+            on_bound(port)
+        await serve_until_signalled(stage.start, stage.stop)
+    finally:
+        shutdown_tracing()

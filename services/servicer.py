@@ -17,15 +17,19 @@ from omnistage.convert import (
 )
 from omnistage.convert_sessions import file_chunks_to_pb
 from omnistage.server import Context
-from omnistage.types import StageDescription
+from omnistage.server.observe import ObservedCall, RequestObserver
+from omnistage.types import OutputDelta, StageDescription
 from omnistage.v1 import common_pb2, stage_pb2, stage_pb2_grpc
 from omnistage.validation import validate_generate_input
 from services.admission import InflightLimiter
 from services.config import DEFAULT_MAX_INFLIGHT
 from services.engines.base import Engine
+from services.metrics import StageMetrics
 from services.profiling.sessions import ProfileSessionStore
 
 logger = logging.getLogger(__name__)
+
+GENERATE_SPAN = f"{stage_pb2.DESCRIPTOR.services_by_name['Stage'].full_name}/Generate"
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
@@ -36,25 +40,49 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
         engine: Engine,
         sessions: ProfileSessionStore,
         limiter: InflightLimiter | None = None,
+        metrics: StageMetrics | None = None,
     ) -> None:
         self._name = name
         self._engine = engine
         self._sessions = sessions
         self._limiter = limiter or InflightLimiter(name, DEFAULT_MAX_INFLIGHT)
+        self._metrics = metrics
+        self._observer = RequestObserver(
+            metrics.requests if metrics is not None else None,
+            span_name=GENERATE_SPAN,
+            attributes={"omnistage.stage": name},
+        )
 
     async def Generate(
         self, request: stage_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[stage_pb2.GenerateResponse]:
-        generate_input = generate_input_from_pb(request)
-        validate_generate_input(generate_input)
-        with self._limiter.admit():
-            try:
-                async for delta in self._engine.generate(generate_input):
-                    yield delta_to_pb(delta)
-            except asyncio.CancelledError:
-                logger.info("request %s cancelled by the client", generate_input.request_id)
-                await self._engine.abort(generate_input.request_id)
-                raise
+        session = self._sessions.active_session_id
+        with self._observer.observe(context, profile_session_id=session) as call:
+            generate_input = generate_input_from_pb(request)
+            call.annotate(request_id=generate_input.request_id)
+            validate_generate_input(generate_input)
+            with self._limiter.admit():
+                try:
+                    async for delta in self._engine.generate(generate_input):
+                        call.output()
+                        if delta.finished:
+                            self._finished(call, delta)
+                        yield delta_to_pb(delta)
+                except asyncio.CancelledError:
+                    logger.info("request %s cancelled by the client", generate_input.request_id)
+                    await self._engine.abort(generate_input.request_id)
+                    raise
+
+    def _finished(self, call: ObservedCall, delta: OutputDelta) -> None:
+        """The last delta of a call: its queue time (metrics), tokens and finish (span)."""
+        if self._metrics is not None:
+            self._metrics.finished(delta)
+        call.annotate(finish_reason=delta.finish_reason)
+        if delta.metrics is not None:
+            call.annotate(
+                prompt_tokens=delta.metrics.prompt_tokens,
+                generated_tokens=delta.metrics.generated_tokens,
+            )
 
     async def StartProfile(
         self, request: stage_pb2.StartProfileRequest, context: Context

@@ -45,6 +45,7 @@ class RequestSpan:
     end_unix_ns: int
     handoff_s: float
     queue_time_s: float
+    trace_id: str = ""  # the request's OpenTelemetry trace, when the orchestrator traces
 
 
 SPAN_DEFAULTS: dict[str, Any] = {
@@ -53,6 +54,7 @@ SPAN_DEFAULTS: dict[str, Any] = {
     "first_output_unix_ns": 0,
     "handoff_s": 0.0,
     "queue_time_s": 0.0,
+    "trace_id": "",
 }
 """What a span written by an older omnistage may lack; the other fields are required."""
 
@@ -108,6 +110,8 @@ def orchestrator_events(spans: Sequence[RequestSpan], *, origin_ns: int) -> list
                 "queue_time_s": span.queue_time_s,
                 "handoff_s": span.handoff_s,
             }
+            if span.trace_id:
+                args["trace_id"] = span.trace_id
             events.append(_slice(f"stage {span.stage}", pid, tid, ts, end - ts, args))
             edges = [ts, end]
             if span.first_output_unix_ns >= span.start_unix_ns:

@@ -96,6 +96,11 @@ class TorchEngine:
         )
         self.steps = 0
         """Engine steps (batched forwards) run so far."""
+        self._on_step: Callable[[int, float], None] | None = None
+
+    def observe_steps(self, observer: Callable[[int, float], None]) -> None:
+        """Call `observer(batch_size, seconds)` after each step, on the event loop."""
+        self._on_step = observer
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -265,6 +270,8 @@ class TorchEngine:
             if not live[0].result.done():  # the servicer logs it and answers its status
                 live[0].result.set_exception(exc)
             return
+        if self._on_step is not None:
+            self._on_step(len(live), time.monotonic() - started)
         for item, result in zip(live, results, strict=True):
             if item.result.done():
                 continue

@@ -26,3 +26,13 @@ def takes_one(output: StageOutput) -> GenerateInput:
 
 
 NOT_CALLABLE = 42
+
+
+def tensor_to_token_ids(
+    output: StageOutput, original: GenerateInput, config: InputConfig
+) -> GenerateInput:
+    """The previous (torch) stage's tensors, their values as the next stage's token_ids."""
+    from omnistage.tensors import tensor_to_numpy
+
+    values = [int(v) for t in output.tensors for v in tensor_to_numpy(t).reshape(-1)]
+    return GenerateInput(request_id=original.request_id, token_ids=tuple(values))

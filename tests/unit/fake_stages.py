@@ -4,7 +4,7 @@ echoes them, picked from a pool without gRPC."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,14 +25,20 @@ class FakeStage:
     tensors: bool = False  # talker: send each token as a tensor, as a torch stage would
     calls: list[GenerateInput] = field(default_factory=list)
     timeouts: list[float | None] = field(default_factory=list)  # each call's gRPC deadline
+    metadata: list[dict[str, str]] = field(default_factory=list)  # each call's (traceparent)
     active: int = 0
     cancelled: int = 0
 
     async def generate(
-        self, request: GenerateInput, *, timeout: float | None = None
+        self,
+        request: GenerateInput,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[OutputDelta]:
         self.calls.append(request)
         self.timeouts.append(timeout)
+        self.metadata.append(dict(metadata))
         self.active += 1
         try:
             if self.fail_on_call == len(self.calls) - 1:

@@ -220,8 +220,25 @@ def test_compose_talker_scales_without_a_host_port(compose):
     talker = compose["services"]["talker"]
     assert "ports" not in talker, "replicas cannot share one host port"
     assert talker["deploy"]["replicas"] == "${TALKER_REPLICAS:-1}"
-    assert talker["expose"] == [str(_port_of(talker))]
+    assert talker["expose"] == [str(_port_of(talker)), str(METRICS_PORT)]
     assert "container_name" not in talker
+
+
+METRICS_PORT = 9400  # every container's --metrics-port
+
+
+def _scrape_annotations(annotations: dict[str, str], name: str) -> None:
+    assert annotations["prometheus.io/scrape"] == "true", name
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT), name
+    assert annotations["prometheus.io/path"] == "/metrics", name
+
+
+def test_compose_servers_serve_metrics_on_the_compose_network_only(compose):
+    for name, service in compose["services"].items():
+        assert _flag(service["command"], "--metrics-port") == str(METRICS_PORT), name
+        assert str(METRICS_PORT) in service["expose"], name
+        assert not any(p.endswith(f":{METRICS_PORT}") for p in service.get("ports", [])), name
+        _scrape_annotations(service["labels"], name)
 
 
 def test_compose_stop_grace_covers_the_drain(compose):
@@ -517,6 +534,15 @@ def test_probes_are_grpc_on_the_container_port(rendered):
         assert budget_s >= (180 if name in VLLM_STAGES else 30), f"{name}: startup too short"
         if name != "orchestrator":
             assert _flag(container["args"], "--port") == str(container["ports"][0]["containerPort"])
+
+
+def test_pods_ask_prometheus_to_scrape_their_metrics_port(rendered):
+    _, objects = rendered
+    for name, deployment in _by_kind(objects, "Deployment").items():
+        _scrape_annotations(deployment["spec"]["template"]["metadata"]["annotations"], name)
+        container = _container(deployment)
+        assert _flag(container["args"], "--metrics-port") == str(METRICS_PORT), name
+        assert {"name": "metrics", "containerPort": METRICS_PORT} in container["ports"], name
 
 
 def test_termination_grace_exceeds_the_stage_drain(rendered):

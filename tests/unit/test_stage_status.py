@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,7 +27,11 @@ class FailingStage:
     closed: list[bool] = field(default_factory=list)
 
     async def generate(
-        self, request: GenerateInput, *, timeout: float | None = None
+        self,
+        request: GenerateInput,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[OutputDelta]:
         try:
             for token in range(self.tokens):

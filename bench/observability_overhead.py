@@ -1,0 +1,272 @@
+"""What metrics and tracing cost: the same two-stage pipeline (two torch stages whose model
+doubles its input, behind an orchestrator) served three ways, one after the other and in
+alternating rounds: with neither, with `--metrics-port` on every server (scraped every
+second, as Prometheus would), and with metrics and OpenTelemetry spans exported over OTLP/gRPC
+to a real OTLP TraceService in a process of its own (a collector runs apart from the servers;
+in the load generator's process its decoding would slow the client). The stages' model takes
+microseconds, so what is measured is the serving path itself, the worst case for any
+per-request cost.
+
+    .venv/bin/python bench/observability_overhead.py [--requests N] [--rounds N] [--out FILE]
+
+Every number printed is measured in this run. docs/observability.md quotes the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench_machine import machine_info
+
+import omnistage
+from omnistage.launch import ServerProcess, stage_args
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "observability_overhead.json"
+MODEL = "tests.torch_models:build_recording"
+PROCESSOR = "tests.unit.custom_processors:tensor_to_token_ids"
+OPTIONS = '{"max_batch_size": 8, "max_wait_ms": 0, "num_threads": 1}'
+MODES = ("off", "metrics", "metrics+tracing")
+CONCURRENCY = 8
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Receiver:
+    """An OTLP TraceService (tests/otlp.py) in its own process; `endpoint` is where it listens."""
+
+    def __init__(self) -> None:
+        code = (
+            "import sys; from tests.otlp import TraceReceiver; r = TraceReceiver(); "
+            "print(r.endpoint, flush=True); sys.stdin.read(); n = len(r.spans); r.close(); print(n)"
+        )
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert self._process.stdout is not None
+        self.endpoint = self._process.stdout.readline().strip()
+
+    def close(self) -> int:
+        """Stop it; return how many spans it received."""
+        out, _ = self._process.communicate("", timeout=60)
+        return int(out.strip() or 0)
+
+
+class Pipeline:
+    """Two stages and an orchestrator, started for one mode."""
+
+    def __init__(self, mode: str, folder: Path, receiver: Receiver) -> None:
+        env = {"OTEL_BSP_SCHEDULE_DELAY": "1000"}
+        if mode == "metrics+tracing":
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+        self.metrics_ports: list[int] = []
+        self.processes: list[ServerProcess] = []
+        addresses = []
+        for name in ("first", "second"):
+            extra = ["--engine-options", OPTIONS, "--grace-seconds", "1"]
+            extra += self._metrics(mode)
+            args = stage_args(name=name, engine="torch", model=MODEL, extra=extra)
+            process = ServerProcess(name, args, log_path=folder / f"{name}.log", env=env)
+            self.processes.append(process)
+        for process in self.processes:
+            addresses.append(process.wait_serving(timeout=120))
+        pipeline = folder / "pipeline.yaml"
+        pipeline.write_text(
+            "stages:\n"
+            f"  - {{name: first, address: '{addresses[0]}'}}\n"
+            f"  - {{name: second, address: '{addresses[1]}',\n"
+            f"      input: {{processor: '{PROCESSOR}'}}}}\n"
+        )
+        args = ["orchestrator", "serve", "--pipeline", str(pipeline), "--port", "0"]
+        args += ["--host", "127.0.0.1", *self._metrics(mode)]
+        orchestrator = ServerProcess("orchestrator", args, log_path=folder / "o.log", env=env)
+        self.processes.append(orchestrator)
+        self.address = orchestrator.wait_serving(timeout=60)
+        self._scraping = threading.Event()
+        self._scraper = threading.Thread(target=self._scrape, daemon=True)
+        self._scraper.start()
+
+    def _metrics(self, mode: str) -> list[str]:
+        if mode == "off":
+            return []
+        self.metrics_ports.append(free_port())
+        return ["--metrics-port", str(self.metrics_ports[-1])]
+
+    def _scrape(self) -> None:
+        while not self._scraping.wait(1.0):
+            for port in self.metrics_ports:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    r.read()
+
+    def stop(self) -> None:
+        self._scraping.set()
+        self._scraper.join()
+        for process in reversed(self.processes):
+            process.stop()
+
+
+async def load(address: str, requests: int) -> tuple[float, list[float]]:
+    """`requests` requests, CONCURRENCY at a time: (requests/s, latencies)."""
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(requests):
+        queue.put_nowait(n)
+    async with omnistage.AsyncClient(address) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                n = queue.get_nowait()
+                started = time.perf_counter()
+                async for _ in client.generate(token_ids=[1 + n % 7] * 16):
+                    pass
+                latencies.append(time.perf_counter() - started)
+
+        for _ in range(20):  # warm up the channels and the engines
+            async for _ in client.generate(token_ids=[1] * 16):
+                pass
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return requests / (time.perf_counter() - began), latencies
+
+
+def micro(calls: int = 20_000) -> dict[str, float]:
+    """Microseconds of CPU one observed call costs in process: the orchestrator's per-request
+    bookkeeping with metrics alone, and with a server span and two stage-call spans, batched
+    and encoded to OTLP protobuf as the exporter would send them (not sent: the receiver's
+    decoding would count too). Steadier than throughput on a busy machine, where two runs of
+    the same setup differ by a quarter."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class EncodingExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            encode_spans(spans).SerializeToString()
+            return SpanExportResult.SUCCESS
+
+    from omnistage.server import tracing
+    from omnistage.server.metrics import RequestMeter, new_registry
+    from omnistage.server.observe import RequestObserver
+
+    class Context:
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        def time_remaining(self) -> None:
+            return None
+
+    meter = RequestMeter(
+        new_registry(), total="t_total", latency="l", first_output="f", in_flight="i", what="x"
+    )
+    observer, context = RequestObserver(meter, span_name="omnistage.v1.X/Generate"), Context()
+
+    def one() -> None:
+        with observer.observe(context) as call:
+            for _ in range(2):
+                span = tracing.start_client_span("stage s", {"omnistage.stage": "s"})
+                tracing.span_metadata(span)
+                tracing.end_span(span, "OK")
+            call.output()
+
+    out = {}
+    for name in ("metrics", "metrics+tracing"):
+        if name == "metrics+tracing":
+            provider = TracerProvider()
+            processor = BatchSpanProcessor(EncodingExporter(), max_queue_size=4 * calls)
+            provider.add_span_processor(processor)
+            tracing._tracer = provider.get_tracer("bench")
+        started = time.process_time()
+        for _ in range(calls):
+            one()
+        out[name] = (time.process_time() - started) / calls * 1e6
+        if name == "metrics+tracing":
+            provider.shutdown()  # the export of what is batched counts too
+            out[name] = (time.process_time() - started) / calls * 1e6
+            tracing._tracer = None
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=600, help="per mode and round")
+    parser.add_argument("--rounds", type=int, default=3, help="each runs every mode once")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    receiver = Receiver()
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    try:
+        for round_index in range(args.rounds):
+            order = MODES if round_index % 2 == 0 else tuple(reversed(MODES))
+            for mode in order:
+                with tempfile.TemporaryDirectory(prefix="omnistage-obs-") as folder:
+                    pipeline = Pipeline(mode, Path(folder), receiver)
+                    try:
+                        rate, latencies = asyncio.run(load(pipeline.address, args.requests))
+                    finally:
+                        pipeline.stop()
+                p50 = statistics.median(latencies)
+                say(f"round {round_index + 1} {mode}: {rate:.1f} req/s, p50 {p50 * 1000:.2f} ms")
+                results[mode].append({"requests_per_s": rate, "latency_p50_s": p50})
+        per_call = micro()
+        say(f"in process, per request: {per_call}")
+    finally:
+        spans = receiver.close()
+    summary = summarize(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": machine_info(),
+        "rounds": results,
+        "summary": summary,
+        "per_request_cpu_us": per_call,
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    for mode, row in summary.items():
+        print(
+            f"{mode:16} {row['requests_per_s']:8.1f} req/s  x{row['relative']:.3f}  "
+            f"p50 {row['latency_p50_s'] * 1000:.2f} ms"
+        )
+    for name, us in per_call.items():
+        print(f"{name:16} {us:8.1f} µs of CPU per request in the orchestrator's process")
+    print(f"spans received: {spans}; written {args.out}")
+    return 0
+
+
+def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per mode the median over rounds, and its throughput relative to `off`'s."""
+    rows = {
+        mode: {
+            "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
+            "latency_p50_s": statistics.median(r["latency_p50_s"] for r in runs),
+        }
+        for mode, runs in results.items()
+    }
+    base = rows["off"]["requests_per_s"]
+    for row in rows.values():
+        row["relative"] = row["requests_per_s"] / base
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
