@@ -137,9 +137,13 @@ def test_a_request_span_carries_its_trace_id_onto_the_timeline() -> None:
 class _FakeProcess:
     def __init__(self, name: str, args: list[str], **options: Any) -> None:
         self.name, self.args, self.address = name, args, "127.0.0.1:1"
+        self.http_port = 0  # as ServerProcess: an orchestrator's HTTP port, when it has one
 
     def wait_serving(self, timeout: float = 0, **options: Any) -> str:
         return self.address
+
+    def stop(self) -> None:
+        pass
 
 
 def test_up_gives_each_server_the_launch_sections_metrics_port(

@@ -254,11 +254,12 @@ def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, FakeContext]:
 
     from omnistage.server.errors import abort_for
     from omnistage.v1 import orchestrator_pb2
+    from orchestrator.config import parse_pipeline
     from orchestrator.servicer import OrchestratorServicer
 
     profiler, context = _Profiler(), FakeContext()
     servicer = OrchestratorServicer(
-        pipeline=None,  # type: ignore[arg-type]
+        pipeline=parse_pipeline("stages:\n  - {name: a, address: 'h:1'}\n"),
         pool=None,  # type: ignore[arg-type]
         runner=None,  # type: ignore[arg-type]
         profiler=profiler,  # type: ignore[arg-type]
