@@ -185,6 +185,9 @@ class PipelineProfiler:
                 end_unix_ns=timing.end_unix_ns,
                 handoff_s=timing.handoff_s,
                 queue_time_s=timing.queue_time_s,
+                stage_time_s=timing.stage_time_s,
+                stage_first_output_s=timing.stage_first_output_s,
+                chunks=timing.chunks,
             )
         )
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from omnistage.errors import OmnistageError, OverloadedError, StageUnavailableError, reworded
+from omnistage.traces.spans import ChunkSpan
 from omnistage.types import GenerateInput, OutputDelta
 from orchestrator.config import StageSpec
 from orchestrator.pool import StagePool
@@ -31,6 +32,8 @@ class StageTiming:
     first_output_unix_ns: int
     end_unix_ns: int
     stage_time_s: float = 0.0  # as the stage reported it; duration_s minus it is the hop
+    stage_first_output_s: float = 0.0  # the stage's own time to its first output
+    chunks: tuple[ChunkSpan, ...] = ()  # a streamed stage's chunk calls, in order
 
 
 @dataclass(frozen=True)
