@@ -224,6 +224,44 @@ class ProfileSlimming(SizeSaving):
 
 
 @dataclass(frozen=True)
+class CriticalSegment:
+    """One piece of a request's critical path, on the orchestrator's wall clock.
+
+    ``kind`` is one of ``queued``, ``compute``, ``waiting_for_upstream``, ``handoff`` and
+    ``transport`` (docs/profiling.md, *Critical path*)."""
+
+    stage: str
+    kind: str
+    start_unix_ns: int
+    end_unix_ns: int
+
+    @property
+    def seconds(self) -> float:
+        return (self.end_unix_ns - self.start_unix_ns) / 1e9
+
+
+@dataclass(frozen=True)
+class RequestCriticalPath:
+    """What bounded one request: the segments, in time order, that tile its time from its
+    start to the final stage's first output, and to its end."""
+
+    request_id: str
+    start_unix_ns: int
+    first_output_unix_ns: int
+    end_unix_ns: int
+    first_output: tuple[CriticalSegment, ...] = ()
+    end_to_end: tuple[CriticalSegment, ...] = ()
+
+    @property
+    def time_to_first_output_s(self) -> float:
+        return (self.first_output_unix_ns - self.start_unix_ns) / 1e9
+
+    @property
+    def total_s(self) -> float:
+        return (self.end_unix_ns - self.start_unix_ns) / 1e9
+
+
+@dataclass(frozen=True)
 class ProfileReport:
     """A pipeline profile session, collected on the orchestrator's side."""
 
