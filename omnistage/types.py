@@ -280,6 +280,8 @@ class ProfileReport:
     """Every merged timeline written: ``timeline`` (JSON) first, then the protobuf one."""
     warnings: tuple[str, ...] = ()
     """Problems that did not stop the report, such as a trace that could not be read."""
+    critical_paths: tuple[RequestCriticalPath, ...] = ()
+    """Per request of the session that passed every stage: what bounded its time."""
 
     @property
     def failed(self) -> list[StageProfileResult]:

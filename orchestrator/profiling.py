@@ -21,6 +21,7 @@ from omnistage.errors import (
 )
 from omnistage.profile_files import new_session_id
 from omnistage.traces.clock import ClockEstimate, ClockSample, combine, estimate_offset
+from omnistage.traces.critical import critical_paths
 from omnistage.traces.report import rebuild_report, write_session
 from omnistage.traces.slimming import SlimOptions
 from omnistage.traces.spans import RequestSpan
@@ -343,7 +344,10 @@ class PipelineProfiler:
             if not session.stages:
                 self._active = None
             report = ProfileReport(
-                session_id=session.session_id, output_dir=str(session_dir), stages=tuple(results)
+                session_id=session.session_id,
+                output_dir=str(session_dir),
+                stages=tuple(results),
+                critical_paths=critical_paths(session.spans),
             )
             clocks = {
                 key: combine(session.clock_start.get(key), clock_stop.get(key))

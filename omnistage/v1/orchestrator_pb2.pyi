@@ -135,7 +135,7 @@ class StageProfileResult(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., stage_session_id: _Optional[str] = ..., replica: _Optional[str] = ..., local_dir: _Optional[str] = ..., stop_seconds: _Optional[float] = ...) -> None: ...
 
 class ProfileReport(_message.Message):
-    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary", "slimming", "session_files", "timelines", "warnings")
+    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary", "slimming", "session_files", "timelines", "warnings", "critical_paths")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class ProfileReport(_message.Message):
     SESSION_FILES_FIELD_NUMBER: _ClassVar[int]
     TIMELINES_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_PATHS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     output_dir: str
     stages: _containers.RepeatedCompositeFieldContainer[StageProfileResult]
@@ -154,7 +155,36 @@ class ProfileReport(_message.Message):
     session_files: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProfileFile]
     timelines: _containers.RepeatedScalarFieldContainer[str]
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ..., slimming: _Optional[_Union[ProfileSlimming, _Mapping]] = ..., session_files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., timelines: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    critical_paths: _containers.RepeatedCompositeFieldContainer[RequestCriticalPath]
+    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ..., slimming: _Optional[_Union[ProfileSlimming, _Mapping]] = ..., session_files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., timelines: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ..., critical_paths: _Optional[_Iterable[_Union[RequestCriticalPath, _Mapping]]] = ...) -> None: ...
+
+class CriticalSegment(_message.Message):
+    __slots__ = ("stage", "kind", "start_unix_ns", "end_unix_ns")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    kind: str
+    start_unix_ns: int
+    end_unix_ns: int
+    def __init__(self, stage: _Optional[str] = ..., kind: _Optional[str] = ..., start_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ...) -> None: ...
+
+class RequestCriticalPath(_message.Message):
+    __slots__ = ("request_id", "start_unix_ns", "first_output_unix_ns", "end_unix_ns", "first_output", "end_to_end")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OUTPUT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    END_TO_END_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    start_unix_ns: int
+    first_output_unix_ns: int
+    end_unix_ns: int
+    first_output: _containers.RepeatedCompositeFieldContainer[CriticalSegment]
+    end_to_end: _containers.RepeatedCompositeFieldContainer[CriticalSegment]
+    def __init__(self, request_id: _Optional[str] = ..., start_unix_ns: _Optional[int] = ..., first_output_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ..., first_output: _Optional[_Iterable[_Union[CriticalSegment, _Mapping]]] = ..., end_to_end: _Optional[_Iterable[_Union[CriticalSegment, _Mapping]]] = ...) -> None: ...
 
 class StopProfileProgress(_message.Message):
     __slots__ = ("phase", "stage", "replica", "file", "bytes_done", "bytes_total", "seconds", "message", "report")
