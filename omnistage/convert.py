@@ -140,11 +140,13 @@ def delta_from_pb(msg: stage_pb2.GenerateResponse) -> OutputDelta:
 
 
 def profile_options_from_pb(msg: Any) -> ProfileOptions:
-    """A StartProfileRequest or PipelineStartProfileRequest; 0 means the configured value."""
+    """A StartProfileRequest or PipelineStartProfileRequest; 0 means the configured value.
+    Only the pipeline's request has `timing_only`."""
     return ProfileOptions(
         label=msg.label,
         delay_iterations=msg.delay_iterations or None,
         max_iterations=msg.max_iterations or None,
+        timing_only=bool(getattr(msg, "timing_only", False)),
     )
 
 

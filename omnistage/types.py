@@ -101,6 +101,8 @@ class ProfileOptions:
     label: str = ""
     delay_iterations: int | None = None
     max_iterations: int | None = None
+    timing_only: bool = False
+    """Record the requests' spans and the clocks, and start no stage's torch profiler."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,8 @@ class ProfileReport:
     """Problems that did not stop the report, such as a trace that could not be read."""
     critical_paths: tuple[RequestCriticalPath, ...] = ()
     """Per request of the session that passed every stage: what bounded its time."""
+    timing_only: bool = False
+    """The session recorded spans and clocks only: no stage's torch profiler ran."""
 
     @property
     def failed(self) -> list[StageProfileResult]:

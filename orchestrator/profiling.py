@@ -25,7 +25,7 @@ from omnistage.traces.critical import critical_paths
 from omnistage.traces.report import rebuild_report, write_session
 from omnistage.traces.slimming import SlimOptions
 from omnistage.traces.spans import RequestSpan
-from omnistage.types import ProfileOptions, ProfileReport, StopProgress
+from omnistage.types import ProfileOptions, ProfileReport, StageProfileResult, StopProgress
 from omnistage.validation import validate_profile_options
 from orchestrator.collect import Progress, StageCollector, replica_dir
 from orchestrator.config import PipelineConfig
@@ -54,6 +54,7 @@ class _ActiveSession:
     # clock key -> the offset estimated when the session started
     clock_start: dict[str, ClockEstimate] = field(default_factory=dict)
     spans: list[RequestSpan] = field(default_factory=list)
+    timing_only: bool = False  # no stage's profiler started: nothing to stop or pull
 
 
 class PipelineProfiler:
@@ -99,12 +100,12 @@ class PipelineProfiler:
                     f"profile session {self._active.session_id} is active on stages "
                     f"{list(self._active.stages)}; call StopProfile first"
                 )
-            session = _ActiveSession(new_session_id(options.label), options.label, time.time_ns())
+            session = _new_session(options)
             targets = await self._serving_replicas(names)
             asked: list[StageReplica] = []
 
             async def start_one(replica: StageReplica) -> str:
-                asked.append(replica)
+                asked.extend(() if options.timing_only else (replica,))  # timing-only: none
                 return await self._start_one(replica, session.session_id, options)
 
             try:
@@ -221,6 +222,8 @@ class PipelineProfiler:
     async def _start_one(
         self, replica: StageReplica, session_id: str, options: ProfileOptions
     ) -> str:
+        if options.timing_only:  # spans, stage times and clocks only: the stage is not asked
+            return ""
         return await replica.client.start_profile(
             label=session_id,
             delay_iterations=options.delay_iterations or 0,
@@ -273,6 +276,23 @@ class PipelineProfiler:
             slimming=files.slimming(),
         )
 
+    async def _collect(
+        self,
+        session: _ActiveSession,
+        targets: list[tuple[StageReplica, str]],
+        session_dir: Path,
+        progress: Progress,
+    ) -> list[StageProfileResult]:
+        """Stop each replica and pull its files (a timing-only session: neither)."""
+        if session.timing_only:
+            return await asyncio.gather(*(_collected_nothing(r) for r, _ in targets))
+        multi = {r.stage for r, _ in targets if self._pool.has_replicas(r.stage)}
+        collectors = [
+            StageCollector(r, sid, replica_dir(session_dir, r, r.stage in multi), progress)
+            for r, sid in targets
+        ]
+        return await asyncio.gather(*(c.collect() for c in collectors))
+
     async def stop(
         self,
         keys: list[str],
@@ -314,6 +334,11 @@ class PipelineProfiler:
                     f"stages {idle} are not profiling in session {session.session_id}; "
                     f"the profiling stages are {list(session.stages)}"
                 )
+            if session.timing_only and slim is not None:
+                raise InvalidRequestError(
+                    f"session {session.session_id} is timing-only: it has no traces to slim; "
+                    "stop it without slimming (it is still recording)"
+                )
             try:
                 parent = self._sessions.parent_for(output_dir)
             except InvalidRequestError as exc:
@@ -329,13 +354,8 @@ class PipelineProfiler:
                     f"writable output_dir: session {session.session_id} is still profiling"
                 ) from exc
             targets = [(r, sid) for n in names for r, sid in session.stages[n]]
-            multi = {n for n in names if self._pool.has_replicas(n)}
             clock_stop = await self._clocks([r for r, _ in targets])
-            collectors = [
-                StageCollector(r, sid, replica_dir(session_dir, r, r.stage in multi), progress)
-                for r, sid in targets
-            ]
-            results = await asyncio.gather(*(c.collect() for c in collectors))
+            results = await self._collect(session, targets, session_dir, progress)
             for result in results:  # checked on the pull: the listing below need not rehash
                 for item in result.files if result.ok else ():
                     self._sessions.remember(Path(result.local_dir) / item.name, item.sha256)
@@ -348,6 +368,7 @@ class PipelineProfiler:
                 output_dir=str(session_dir),
                 stages=tuple(results),
                 critical_paths=critical_paths(session.spans),
+                timing_only=session.timing_only,
             )
             clocks = {
                 key: combine(session.clock_start.get(key), clock_stop.get(key))
@@ -358,6 +379,20 @@ class PipelineProfiler:
             listed = await self._sessions.summary(session_dir)
             await self._sessions.prune(keep=session_dir)
             return replace(report, session_files=listed.files)
+
+
+def _new_session(options: ProfileOptions) -> _ActiveSession:
+    return _ActiveSession(
+        new_session_id(options.label),
+        options.label,
+        time.time_ns(),
+        timing_only=options.timing_only,
+    )
+
+
+async def _collected_nothing(replica: StageReplica) -> StageProfileResult:
+    """A timing-only session's stage: no profiler to stop, no file to pull."""
+    return StageProfileResult(stage=replica.stage, replica=replica.address, ok=True)
 
 
 def _ignore(event: StopProgress) -> None:

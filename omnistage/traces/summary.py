@@ -110,6 +110,11 @@ def _overview(
         f"- stages profiled: {len(results)} ({len(failed)} failed)",
         f"- requests seen: {len({s.request_id for s in spans})}",
     ]
+    if report.get("timing_only"):
+        lines[0] = (
+            f"- timing only: spans, stage times and clocks of {len(results)} stage replicas; "
+            "no stage's torch profiler ran, so there are no traces or op tables"
+        )
     if window[1] > window[0]:
         lines.append(f"- profiled window: {_ms(window[1] - window[0])}")
     if (session_dir / TIMELINE_NAME).exists():

@@ -168,6 +168,7 @@ def test_a_profile_report_survives_the_wire_but_for_the_local_copy() -> None:
         warnings=("one trace was cut",),
         downloaded_to="here",
         critical_paths=(path,),
+        timing_only=True,
     )
     back = report_from_pb(report_to_pb(report))
     assert back.downloaded_to == ""
