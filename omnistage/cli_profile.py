@@ -34,8 +34,10 @@ def _profile_start(args: argparse.Namespace) -> int:
             label=args.label,
             delay_iterations=args.delay_iterations,
             max_iterations=args.max_iterations,
+            timing_only=args.timing_only,
         )
-    print(f"profile session {session} started on {', '.join(stages) if stages else 'all stages'}")
+    what = "timing-only session" if args.timing_only else "profile session"
+    print(f"{what} {session} started on {', '.join(stages) if stages else 'all stages'}")
     return 0
 
 
@@ -243,16 +245,26 @@ def _microseconds(text: str) -> float:
     return value
 
 
-def add_profile_commands(commands: Any, default_address: str) -> None:
-    """`omnistage profile start|stop|fetch|list|delete|report|diff`."""
-    profile = commands.add_parser("profile", help="profile pipeline stages")
-    sub = profile.add_subparsers(dest="profile_command", required=True)
+def _add_start(sub: Any) -> Any:
     pstart = sub.add_parser("start", help="start profiling some or all stages")
     pstart.add_argument("--stages", default="", help="names or indices, e.g. 0,2; default all")
     pstart.add_argument("--label", default="")
     pstart.add_argument("--delay-iterations", type=int, default=0)
     pstart.add_argument("--max-iterations", type=int, default=0)
+    pstart.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="record request spans, stage times and clocks; start no stage's torch profiler",
+    )
     pstart.set_defaults(func=_profile_start)
+    return pstart
+
+
+def add_profile_commands(commands: Any, default_address: str) -> None:
+    """`omnistage profile start|stop|fetch|list|delete|report|diff`."""
+    profile = commands.add_parser("profile", help="profile pipeline stages")
+    sub = profile.add_subparsers(dest="profile_command", required=True)
+    pstart = _add_start(sub)
     pstop = sub.add_parser("stop", help="stop profiling and collect every trace, showing progress")
     pstop.add_argument("--stages", default="", help="default: every profiling stage")
     pstop.add_argument(

@@ -114,13 +114,19 @@ class AsyncClient(AsyncRpcClient):
         label: str = "",
         delay_iterations: int = 0,
         max_iterations: int = 0,
+        timing_only: bool = False,
     ) -> str:
-        """Profile the given stages (names or indices; None means all). Returns the session id."""
+        """Profile the given stages (names or indices; None means all). Returns the session id.
+
+        `timing_only` records each request's spans, its stages' own times and the clocks, and
+        starts no stage's torch profiler; `stop_profile` then writes the report, summary.md
+        and the critical paths, and pulls no trace."""
         request = orchestrator_pb2.PipelineStartProfileRequest(
             stages=[str(s) for s in stages or ()],
             label=label,
             delay_iterations=delay_iterations,
             max_iterations=max_iterations,
+            timing_only=timing_only,
         )
         reply = await self._call(self._stub.StartProfile(request, timeout=300))
         return str(reply.session_id)

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from omnistage.types import (
     ChatTurn,
+    CriticalSegment,
     EngineInfo,
     GenerateInput,
     OutputDelta,
@@ -18,6 +19,7 @@ from omnistage.types import (
     ProfileOptions,
     ProfileReport,
     ProfileSlimming,
+    RequestCriticalPath,
     RequestMetrics,
     SamplingOptions,
     StageDescription,
@@ -138,11 +140,13 @@ def delta_from_pb(msg: stage_pb2.GenerateResponse) -> OutputDelta:
 
 
 def profile_options_from_pb(msg: Any) -> ProfileOptions:
-    """A StartProfileRequest or PipelineStartProfileRequest; 0 means the configured value."""
+    """A StartProfileRequest or PipelineStartProfileRequest; 0 means the configured value.
+    Only the pipeline's request has `timing_only`."""
     return ProfileOptions(
         label=msg.label,
         delay_iterations=msg.delay_iterations or None,
         max_iterations=msg.max_iterations or None,
+        timing_only=bool(getattr(msg, "timing_only", False)),
     )
 
 
@@ -193,6 +197,29 @@ def files_from_pb(files: Any) -> tuple[ProfileFileInfo, ...]:
     return tuple(from_fields(f, ProfileFileInfo) for f in files)
 
 
+def critical_path_to_pb(path: RequestCriticalPath) -> orchestrator_pb2.RequestCriticalPath:
+    def segments(items: tuple[CriticalSegment, ...]) -> list[orchestrator_pb2.CriticalSegment]:
+        return [orchestrator_pb2.CriticalSegment(**fields_of(s)) for s in items]
+
+    return orchestrator_pb2.RequestCriticalPath(
+        **fields_of(
+            path, first_output=segments(path.first_output), end_to_end=segments(path.end_to_end)
+        )
+    )
+
+
+def critical_path_from_pb(msg: orchestrator_pb2.RequestCriticalPath) -> RequestCriticalPath:
+    def segments(items: Any) -> tuple[CriticalSegment, ...]:
+        return tuple(from_fields(s, CriticalSegment) for s in items)
+
+    return from_fields(
+        msg,
+        RequestCriticalPath,
+        first_output=segments(msg.first_output),
+        end_to_end=segments(msg.end_to_end),
+    )
+
+
 def report_to_pb(report: ProfileReport) -> orchestrator_pb2.ProfileReport:
     slim = report.slimming
     stages = [
@@ -206,6 +233,7 @@ def report_to_pb(report: ProfileReport) -> orchestrator_pb2.ProfileReport:
             slimming=None if slim is None else orchestrator_pb2.ProfileSlimming(**fields_of(slim)),
             stages=stages,
             session_files=files_to_pb(report.session_files),
+            critical_paths=[critical_path_to_pb(p) for p in report.critical_paths],
         )
     )
 
@@ -222,5 +250,6 @@ def report_from_pb(msg: orchestrator_pb2.ProfileReport) -> ProfileReport:
         session_files=files_from_pb(msg.session_files),
         timelines=tuple(msg.timelines),
         warnings=tuple(msg.warnings),
+        critical_paths=tuple(critical_path_from_pb(p) for p in msg.critical_paths),
         downloaded_to="",
     )

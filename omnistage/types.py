@@ -101,6 +101,8 @@ class ProfileOptions:
     label: str = ""
     delay_iterations: int | None = None
     max_iterations: int | None = None
+    timing_only: bool = False
+    """Record the requests' spans and the clocks, and start no stage's torch profiler."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,44 @@ class ProfileSlimming(SizeSaving):
 
 
 @dataclass(frozen=True)
+class CriticalSegment:
+    """One piece of a request's critical path, on the orchestrator's wall clock.
+
+    ``kind`` is one of ``queued``, ``compute``, ``waiting_for_upstream``, ``handoff`` and
+    ``transport`` (docs/profiling.md, *Critical path*)."""
+
+    stage: str
+    kind: str
+    start_unix_ns: int
+    end_unix_ns: int
+
+    @property
+    def seconds(self) -> float:
+        return (self.end_unix_ns - self.start_unix_ns) / 1e9
+
+
+@dataclass(frozen=True)
+class RequestCriticalPath:
+    """What bounded one request: the segments, in time order, that tile its time from its
+    start to the final stage's first output, and to its end."""
+
+    request_id: str
+    start_unix_ns: int
+    first_output_unix_ns: int
+    end_unix_ns: int
+    first_output: tuple[CriticalSegment, ...] = ()
+    end_to_end: tuple[CriticalSegment, ...] = ()
+
+    @property
+    def time_to_first_output_s(self) -> float:
+        return (self.first_output_unix_ns - self.start_unix_ns) / 1e9
+
+    @property
+    def total_s(self) -> float:
+        return (self.end_unix_ns - self.start_unix_ns) / 1e9
+
+
+@dataclass(frozen=True)
 class ProfileReport:
     """A pipeline profile session, collected on the orchestrator's side."""
 
@@ -244,6 +284,10 @@ class ProfileReport:
     """Problems that did not stop the report, such as a trace that could not be read."""
     summary_html: str = ""
     """``summary.html`` beside ``summary``: the summary as one offline page, with a waterfall."""
+    critical_paths: tuple[RequestCriticalPath, ...] = ()
+    """Per request of the session that passed every stage: what bounded its time."""
+    timing_only: bool = False
+    """The session recorded spans and clocks only: no stage's torch profiler ran."""
 
     @property
     def failed(self) -> list[StageProfileResult]:

@@ -111,3 +111,9 @@ def validate_profile_options(options: ProfileOptions) -> None:
         value = getattr(options, key)
         if value is not None and value < 0:
             raise InvalidRequestError(f"{key} must be ≥ 0 (got {value})")
+        if value and options.timing_only:
+            raise InvalidRequestError(
+                f"timing_only starts no profiler, so {key} (which counts a profiler's engine "
+                f"steps) does not apply (got {key}={value}); drop {key}, or timing_only to "
+                "profile the stages"
+            )

@@ -23,12 +23,14 @@ from omnistage.errors import (
 )
 from omnistage.profile_files import new_session_id
 from omnistage.trace_context import current_trace_id
-from omnistage.traces.clock import ClockEstimate, ClockSample, combine, estimate_offset
+from omnistage.traces.clock import ClockEstimate, combine
+from omnistage.traces.critical import critical_paths
 from omnistage.traces.report import rebuild_report, write_session
 from omnistage.traces.slimming import SlimOptions
 from omnistage.traces.spans import RequestSpan
-from omnistage.types import ProfileOptions, ProfileReport, StopProgress
+from omnistage.types import ProfileOptions, ProfileReport, StageProfileResult, StopProgress
 from omnistage.validation import validate_profile_options
+from orchestrator.clock_sampling import sample_clocks
 from orchestrator.collect import Progress, StageCollector, replica_dir
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import SERVING, StagePool, StageReplica
@@ -37,8 +39,6 @@ from orchestrator.sessions import CollectedSessions
 
 logger = logging.getLogger(__name__)
 
-
-CLOCK_SAMPLES = 5
 
 # Errors after which a StartProfile may still have reached its stage (the answer was lost, not
 # refused), so the rollback stops that stage too. A refusal (already profiling, profiling off,
@@ -56,6 +56,7 @@ class _ActiveSession:
     # clock key -> the offset estimated when the session started
     clock_start: dict[str, ClockEstimate] = field(default_factory=dict)
     spans: list[RequestSpan] = field(default_factory=list)
+    timing_only: bool = False  # no stage's profiler started: nothing to stop or pull
 
 
 class PipelineProfiler:
@@ -107,12 +108,12 @@ class PipelineProfiler:
                     f"profile session {self._active.session_id} is active on stages "
                     f"{list(self._active.stages)}; call StopProfile first"
                 )
-            session = _ActiveSession(new_session_id(options.label), options.label, time.time_ns())
+            session = _new_session(options)
             targets = await self._serving_replicas(names)
             asked: list[StageReplica] = []
 
             async def start_one(replica: StageReplica) -> str:
-                asked.append(replica)
+                asked.extend(() if options.timing_only else (replica,))  # timing-only: none
                 return await self._start_one(replica, session.session_id, options)
 
             try:
@@ -195,28 +196,15 @@ class PipelineProfiler:
                 handoff_s=timing.handoff_s,
                 queue_time_s=timing.queue_time_s,
                 trace_id=current_trace_id(),
+                stage_time_s=timing.stage_time_s,
+                stage_first_output_s=timing.stage_first_output_s,
+                chunks=timing.chunks,
             )
         )
 
     async def _clocks(self, replicas: list[StageReplica]) -> dict[str, ClockEstimate]:
         """Each replica's clock offset from a few GetInfo round trips; failures are skipped."""
-
-        async def one(replica: StageReplica) -> tuple[str, ClockEstimate | None]:
-            samples = []
-            try:
-                for _ in range(CLOCK_SAMPLES):
-                    sent = time.time_ns()
-                    info = await replica.client.info(timeout=5)
-                    samples.append(ClockSample(sent, info.server_time_unix_ns, time.time_ns()))
-            except OmnistageError as exc:
-                logger.warning(
-                    "no clock sample from %s (%s): %s", replica.stage, replica.address, exc
-                )
-            estimate = estimate_offset(samples) if samples else None
-            return self._clock_key(replica), estimate
-
-        pairs = await asyncio.gather(*(one(r) for r in replicas))
-        return {key: estimate for key, estimate in pairs if estimate is not None}
+        return await sample_clocks(replicas, self._clock_key)
 
     def _clock_key(self, replica: StageReplica) -> str:
         """The stage's name, or stage/<replica folder> when the stage has replicas."""
@@ -227,6 +215,8 @@ class PipelineProfiler:
     async def _start_one(
         self, replica: StageReplica, session_id: str, options: ProfileOptions
     ) -> str:
+        if options.timing_only:  # spans, stage times and clocks only: the stage is not asked
+            return ""
         return await replica.client.start_profile(
             label=session_id,
             delay_iterations=options.delay_iterations or 0,
@@ -280,6 +270,23 @@ class PipelineProfiler:
             slimming=files.slimming(),
         )
 
+    async def _collect(
+        self,
+        session: _ActiveSession,
+        targets: list[tuple[StageReplica, str]],
+        session_dir: Path,
+        progress: Progress,
+    ) -> list[StageProfileResult]:
+        """Stop each replica and pull its files (a timing-only session: neither)."""
+        if session.timing_only:
+            return await asyncio.gather(*(_collected_nothing(r) for r, _ in targets))
+        multi = {r.stage for r, _ in targets if self._pool.has_replicas(r.stage)}
+        collectors = [
+            StageCollector(r, sid, replica_dir(session_dir, r, r.stage in multi), progress)
+            for r, sid in targets
+        ]
+        return await asyncio.gather(*(c.collect() for c in collectors))
+
     async def stop(
         self,
         keys: list[str],
@@ -323,6 +330,11 @@ class PipelineProfiler:
                     f"stages {idle} are not profiling in session {session.session_id}; "
                     f"the profiling stages are {list(session.stages)}"
                 )
+            if session.timing_only and slim is not None:
+                raise InvalidRequestError(
+                    f"session {session.session_id} is timing-only: it has no traces to slim; "
+                    "stop it without slimming (it is still recording)"
+                )
             try:
                 parent = self._sessions.parent_for(output_dir)
             except InvalidRequestError as exc:
@@ -338,13 +350,8 @@ class PipelineProfiler:
                     f"writable output_dir: session {session.session_id} is still profiling"
                 ) from exc
             targets = [(r, sid) for n in names for r, sid in session.stages[n]]
-            multi = {n for n in names if self._pool.has_replicas(n)}
             clock_stop = await self._clocks([r for r, _ in targets])
-            collectors = [
-                StageCollector(r, sid, replica_dir(session_dir, r, r.stage in multi), progress)
-                for r, sid in targets
-            ]
-            results = await asyncio.gather(*(c.collect() for c in collectors))
+            results = await self._collect(session, targets, session_dir, progress)
             for result in results:  # checked on the pull: the listing below need not rehash
                 for item in result.files if result.ok else ():
                     self._sessions.remember(Path(result.local_dir) / item.name, item.sha256)
@@ -353,7 +360,11 @@ class PipelineProfiler:
             if not session.stages:
                 self._active = None
             report = ProfileReport(
-                session_id=session.session_id, output_dir=str(session_dir), stages=tuple(results)
+                session_id=session.session_id,
+                output_dir=str(session_dir),
+                stages=tuple(results),
+                critical_paths=critical_paths(session.spans),
+                timing_only=session.timing_only,
             )
             clocks = {
                 key: combine(session.clock_start.get(key), clock_stop.get(key))
@@ -368,6 +379,20 @@ class PipelineProfiler:
     def _stopped(self, started: float, task: asyncio.Future[ProfileReport]) -> None:
         if self._on_stopped is not None and not task.cancelled() and task.exception() is None:
             self._on_stopped(time.monotonic() - started, task.result())
+
+
+def _new_session(options: ProfileOptions) -> _ActiveSession:
+    return _ActiveSession(
+        new_session_id(options.label),
+        options.label,
+        time.time_ns(),
+        timing_only=options.timing_only,
+    )
+
+
+async def _collected_nothing(replica: StageReplica) -> StageProfileResult:
+    """A timing-only session's stage: no profiler to stop, no file to pull."""
+    return StageProfileResult(stage=replica.stage, replica=replica.address, ok=True)
 
 
 def _ignore(event: StopProgress) -> None:

@@ -182,6 +182,9 @@ class PipelineRunner:
                         first_output_unix_ns=first_ns,
                         end_unix_ns=time.time_ns(),
                         stage_time_s=delta.metrics.duration_s if delta.metrics else 0.0,
+                        stage_first_output_s=(
+                            delta.metrics.time_to_first_token_s if delta.metrics else 0.0
+                        ),
                     )
                 event = StageEvent(
                     stage=spec.name,

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from omnistage.errors import OmnistageError, OverloadedError, StageUnavailableError, reworded
 from omnistage.server import tracing
 from omnistage.server.metrics import outcome_code
+from omnistage.traces.spans import ChunkSpan
 from omnistage.types import GenerateInput, OutputDelta
 from omnistage.v1 import stage_pb2
 from orchestrator.config import StageSpec
@@ -35,6 +36,8 @@ class StageTiming:
     first_output_unix_ns: int
     end_unix_ns: int
     stage_time_s: float = 0.0  # as the stage reported it; duration_s minus it is the hop
+    stage_first_output_s: float = 0.0  # the stage's own time to its first output
+    chunks: tuple[ChunkSpan, ...] = ()  # a streamed stage's chunk calls, in order
 
 
 @dataclass(frozen=True)

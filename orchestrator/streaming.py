@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omnistage.errors import OmnistageError
+from omnistage.traces.spans import ChunkSpan
 from omnistage.types import GenerateInput, OutputDelta, RequestMetrics
 from orchestrator.config import StageSpec
 from orchestrator.pool import StagePool
@@ -68,6 +69,23 @@ class _Chunk:
     )
     emitted: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    cut_ns: int = 0  # wall clock, for the request's spans: cut, call started, outputs
+    start_ns: int = 0
+    first_ns: int = 0
+    end_ns: int = 0
+    metrics: RequestMetrics | None = None  # the stage's own, from the call's `finished`
+
+    def span(self) -> ChunkSpan:
+        own = self.metrics or RequestMetrics()
+        return ChunkSpan(
+            ready_unix_ns=self.cut_ns,
+            start_unix_ns=self.start_ns,
+            first_output_unix_ns=self.first_ns or self.end_ns,
+            end_unix_ns=self.end_ns,
+            stage_time_s=own.duration_s,
+            stage_first_output_s=own.time_to_first_token_s,
+            queue_time_s=own.queue_time_s,
+        )
 
 
 def _has_content(delta: OutputDelta) -> bool:
@@ -172,10 +190,12 @@ class StreamedStage:
     async def _start_chunk(self, token_ids: list[int], text: str) -> None:
         """Cut one chunk and start its call; wait while STREAM_IN_FLIGHT chunks are pending."""
         number = self._count
+        cut_ns = time.time_ns()  # before the edge's processor: its time is the hand-off's
         output = StageOutput(stage=self._upstream_stage, text=text, token_ids=tuple(token_ids))
         built = self._build_input(output)
         request_id = f"{self._request_id}-chunk{number}" if self._request_id else ""
         chunk = _Chunk(number, replace(built, request_id=request_id), time.monotonic())
+        chunk.cut_ns = cut_ns
         await self._pending.put(chunk)
         ahead = self._live.get(number - self._in_flight)  # None: already sent on
         chunk.task = asyncio.create_task(
@@ -187,19 +207,25 @@ class StreamedStage:
     async def _call(self, chunk: _Chunk, ahead: _Chunk | None) -> None:
         if ahead is not None:
             await ahead.emitted.wait()
+        chunk.start_ns = time.time_ns()
         if chunk.number == 0:
-            self._started_at, self._start_ns = time.monotonic(), time.time_ns()
+            self._started_at, self._start_ns = time.monotonic(), chunk.start_ns
             self._handoff_s = self._started_at - chunk.ready_at
         deltas = call_stage(self._pool, self._spec, chunk.stage_input, deadline=self._deadline)
         async with closing(deltas):
             async for item in deltas:
+                chunk.first_ns = chunk.first_ns or time.time_ns()
+                if item[0].finished:
+                    chunk.metrics = item[0].metrics
                 await chunk.deltas.put(item)
+        chunk.end_ns = time.time_ns()
         await chunk.deltas.put(None)
 
     async def _emit(self) -> None:
         """Send the chunks' outputs on in chunk order, then one `finished` for the stage."""
         first_at, first_ns, replica = 0.0, 0, ""
         finishes: list[OutputDelta] = []
+        spans: list[ChunkSpan] = []
         while (chunk := await self._pending.get()) is not None:
             while (item := await chunk.deltas.get()) is not None:
                 delta, replica = item
@@ -212,6 +238,7 @@ class StreamedStage:
                     first_at, first_ns = time.monotonic(), time.time_ns()
                 await self._out.put(self._event(delta, replica))
             chunk.emitted.set()
+            spans.append(chunk.span())
             del self._live[chunk.number]
         ended = time.monotonic()
         first_at, first_ns = (first_at, first_ns) if first_at else (ended, time.time_ns())
@@ -225,6 +252,8 @@ class StreamedStage:
             first_output_unix_ns=first_ns,
             end_unix_ns=time.time_ns(),
             stage_time_s=sum(m.duration_s for m in metrics),
+            stage_first_output_s=metrics[0].time_to_first_token_s if metrics else 0.0,
+            chunks=tuple(spans),
         )
         finished = OutputDelta(
             request_id=self._request_id,

@@ -33,6 +33,24 @@ MARK_US = 2.0
 
 
 @dataclass(frozen=True)
+class ChunkSpan:
+    """One chunk call of a streamed stage (``input.stream_chunk``), on the orchestrator's
+    wall clock; the ``stage_*`` times are the stage's own, as it reported them."""
+
+    ready_unix_ns: int
+    """The chunk was cut: the previous stage's tokens for it had all arrived."""
+    start_unix_ns: int
+    """Its call started (the in-flight limit may have held it back after ``ready``)."""
+    first_output_unix_ns: int
+    end_unix_ns: int
+    """Its last output arrived."""
+    stage_time_s: float = 0.0
+    """The stage's own time for the call, from its arrival to its last output."""
+    stage_first_output_s: float = 0.0
+    queue_time_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class RequestSpan:
     """One request's passage through one stage, on the orchestrator's wall clock."""
 
@@ -46,6 +64,13 @@ class RequestSpan:
     handoff_s: float
     queue_time_s: float
     trace_id: str = ""  # the request's OpenTelemetry trace, when the orchestrator traces
+    stage_time_s: float = 0.0
+    """The stage server's own time, from the request's arrival to its last output (summed
+    over the chunk calls of a streamed stage); 0 where the stage did not report it."""
+    stage_first_output_s: float = 0.0
+    """The stage server's own time to its first output (its first chunk's, when streamed)."""
+    chunks: tuple[ChunkSpan, ...] = ()
+    """A streamed stage's chunk calls, in order; empty for a stage called once."""
 
 
 SPAN_DEFAULTS: dict[str, Any] = {
@@ -55,6 +80,9 @@ SPAN_DEFAULTS: dict[str, Any] = {
     "handoff_s": 0.0,
     "queue_time_s": 0.0,
     "trace_id": "",
+    "stage_time_s": 0.0,
+    "stage_first_output_s": 0.0,
+    "chunks": (),
 }
 """What a span written by an older omnistage may lack; the other fields are required."""
 
@@ -109,6 +137,8 @@ def orchestrator_events(spans: Sequence[RequestSpan], *, origin_ns: int) -> list
                 "replica": span.replica,
                 "queue_time_s": span.queue_time_s,
                 "handoff_s": span.handoff_s,
+                "stage_time_s": span.stage_time_s,
+                "chunks": len(span.chunks),
             }
             if span.trace_id:
                 args["trace_id"] = span.trace_id

@@ -12,7 +12,10 @@ Definitions used in the summary:
 * **request latency by stage**: from the orchestrator's spans (start → end of each request in
   each stage), p50 and p90 with linear interpolation;
 * **dominant stage**: the stage with the largest sum of span durations over the requests that
-  overlap the profiled window (all requests when no trace was read).
+  overlap the profiled window (all requests when no trace was read);
+* **critical path**: per request, the segments that bounded its time to the final stage's
+  first output and its end-to-end time (:mod:`omnistage.traces.critical` gives the rule), in
+  :mod:`omnistage.traces.critical_report`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from omnistage.traces.clock import ClockEstimate, resolve_clock
+from omnistage.traces.critical_report import critical_section
 from omnistage.traces.events import slim_copy_path
 from omnistage.traces.html import write_html
 from omnistage.traces.optable import OpStat
@@ -36,6 +40,10 @@ from omnistage.traces.timeline import (
     PROTO_TIMELINE_NAME,
     TIMELINE_NAME,
 )
+from omnistage.traces.units import mb as _mb
+from omnistage.traces.units import ms as _ms
+from omnistage.traces.units import pct as _pct
+from omnistage.traces.units import percentile as _percentile
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,7 @@ def write_summary(
     lines += _problems_section(stages, warnings)
     lines += _ops_sections(stages, window, top)
     lines += _request_section(spans, window)
+    lines += critical_section(spans)
     lines += _clock_section(clocks, stages)
     lines += _files_section(session_dir, slim_stats)
     path = session_dir / SUMMARY_NAME
@@ -104,6 +113,11 @@ def _overview(
         f"- stages profiled: {len(results)} ({len(failed)} failed)",
         f"- requests seen: {len({s.request_id for s in spans})}",
     ]
+    if report.get("timing_only"):
+        lines[0] = (
+            f"- timing only: spans, stage times and clocks of {len(results)} stage replicas; "
+            "no stage's torch profiler ran, so there are no traces or op tables"
+        )
     if window[1] > window[0]:
         lines.append(f"- profiled window: {_ms(window[1] - window[0])}")
     if (session_dir / TIMELINE_NAME).exists():
@@ -289,32 +303,6 @@ def _slim_line(slim_stats: Mapping[str, SlimStats]) -> str:
 
 def _length(intervals: Intervals) -> float:
     return float(np.sum(intervals[1] - intervals[0]))
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def _ms(us: float) -> str:
-    if math.isnan(us):
-        return "–"
-    if abs(us) >= 1e6:
-        return f"{us / 1e6:.3f} s"
-    return f"{us / 1e3:.3f} ms"
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
-
-
-def _pct(part: float, whole: float) -> str:
-    return f"{100.0 * part / whole:.1f}%" if whole > 0 else "–"
 
 
 def _name(name: str) -> str:

@@ -73,16 +73,18 @@ class PipelineResponse(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., finished: _Optional[bool] = ..., final: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class PipelineStartProfileRequest(_message.Message):
-    __slots__ = ("stages", "label", "delay_iterations", "max_iterations")
+    __slots__ = ("stages", "label", "delay_iterations", "max_iterations", "timing_only")
     STAGES_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     DELAY_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_ONLY_FIELD_NUMBER: _ClassVar[int]
     stages: _containers.RepeatedScalarFieldContainer[str]
     label: str
     delay_iterations: int
     max_iterations: int
-    def __init__(self, stages: _Optional[_Iterable[str]] = ..., label: _Optional[str] = ..., delay_iterations: _Optional[int] = ..., max_iterations: _Optional[int] = ...) -> None: ...
+    timing_only: bool
+    def __init__(self, stages: _Optional[_Iterable[str]] = ..., label: _Optional[str] = ..., delay_iterations: _Optional[int] = ..., max_iterations: _Optional[int] = ..., timing_only: _Optional[bool] = ...) -> None: ...
 
 class StageProfileStart(_message.Message):
     __slots__ = ("stage", "session_id")
@@ -135,7 +137,7 @@ class StageProfileResult(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., stage_session_id: _Optional[str] = ..., replica: _Optional[str] = ..., local_dir: _Optional[str] = ..., stop_seconds: _Optional[float] = ...) -> None: ...
 
 class ProfileReport(_message.Message):
-    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary", "slimming", "session_files", "timelines", "warnings", "summary_html")
+    __slots__ = ("session_id", "output_dir", "stages", "timeline", "summary", "slimming", "session_files", "timelines", "warnings", "summary_html", "critical_paths", "timing_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,8 @@ class ProfileReport(_message.Message):
     TIMELINES_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_HTML_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_PATHS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     output_dir: str
     stages: _containers.RepeatedCompositeFieldContainer[StageProfileResult]
@@ -156,7 +160,37 @@ class ProfileReport(_message.Message):
     timelines: _containers.RepeatedScalarFieldContainer[str]
     warnings: _containers.RepeatedScalarFieldContainer[str]
     summary_html: str
-    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ..., slimming: _Optional[_Union[ProfileSlimming, _Mapping]] = ..., session_files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., timelines: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ..., summary_html: _Optional[str] = ...) -> None: ...
+    critical_paths: _containers.RepeatedCompositeFieldContainer[RequestCriticalPath]
+    timing_only: bool
+    def __init__(self, session_id: _Optional[str] = ..., output_dir: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProfileResult, _Mapping]]] = ..., timeline: _Optional[str] = ..., summary: _Optional[str] = ..., slimming: _Optional[_Union[ProfileSlimming, _Mapping]] = ..., session_files: _Optional[_Iterable[_Union[_common_pb2.ProfileFile, _Mapping]]] = ..., timelines: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ..., summary_html: _Optional[str] = ..., critical_paths: _Optional[_Iterable[_Union[RequestCriticalPath, _Mapping]]] = ..., timing_only: _Optional[bool] = ...) -> None: ...
+
+class CriticalSegment(_message.Message):
+    __slots__ = ("stage", "kind", "start_unix_ns", "end_unix_ns")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    kind: str
+    start_unix_ns: int
+    end_unix_ns: int
+    def __init__(self, stage: _Optional[str] = ..., kind: _Optional[str] = ..., start_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ...) -> None: ...
+
+class RequestCriticalPath(_message.Message):
+    __slots__ = ("request_id", "start_unix_ns", "first_output_unix_ns", "end_unix_ns", "first_output", "end_to_end")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OUTPUT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    END_TO_END_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    start_unix_ns: int
+    first_output_unix_ns: int
+    end_unix_ns: int
+    first_output: _containers.RepeatedCompositeFieldContainer[CriticalSegment]
+    end_to_end: _containers.RepeatedCompositeFieldContainer[CriticalSegment]
+    def __init__(self, request_id: _Optional[str] = ..., start_unix_ns: _Optional[int] = ..., first_output_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ..., first_output: _Optional[_Iterable[_Union[CriticalSegment, _Mapping]]] = ..., end_to_end: _Optional[_Iterable[_Union[CriticalSegment, _Mapping]]] = ...) -> None: ...
 
 class StopProfileProgress(_message.Message):
     __slots__ = ("phase", "stage", "replica", "file", "bytes_done", "bytes_total", "seconds", "message", "report")

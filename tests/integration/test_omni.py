@@ -332,3 +332,34 @@ def test_the_timeline_reads_right_in_the_perfetto_ui(
             for s in ("orchestrator", "thinker", "talker", "code2wav")
         ]
         assert stages == sorted(stages), order
+
+
+def test_a_timing_only_session_profiles_no_stage_and_splits_each_request(
+    streaming: omnistage.Client,
+    stage: RunningStage,
+    talker_stage: RunningStage,
+    code2wav_stage: RunningStage,
+) -> None:
+    session = streaming.start_profile(label="timing", timing_only=True)
+    for running_stage in (stage, talker_stage, code2wav_stage):
+        info = running_stage.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5)
+        assert not info.profiling_active  # no StartProfile reached it
+    outputs = list(streaming.generate(messages=PROMPT))
+    report = streaming.stop_profile("timing")
+    assert report.session_id == session and report.timing_only
+    assert sorted(s.stage for s in report.stages) == ["code2wav", "talker", "thinker"]
+    assert all(s.ok and not s.files for s in report.stages)
+    folder = Path(report.output_dir)
+    assert not list(folder.rglob("*.pt.trace.json.gz"))
+    (path,) = report.critical_paths
+    assert path.request_id == outputs[-1].request_id
+    for segments, target in ((path.first_output, path.first_output_unix_ns),
+                             (path.end_to_end, path.end_unix_ns)):  # fmt: skip
+        assert sum(s.end_unix_ns - s.start_unix_ns for s in segments) == (
+            target - path.start_unix_ns
+        )
+    kinds = {(s.stage, s.kind) for s in path.end_to_end}
+    assert {("thinker", "compute"), ("code2wav", "compute")} <= kinds
+    assert ("code2wav", "waiting_for_upstream") in kinds  # streamed: it waited for chunks
+    summary = Path(report.summary).read_text()
+    assert "- timing only:" in summary and "## Critical path" in summary

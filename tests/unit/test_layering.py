@@ -137,9 +137,23 @@ def test_clients_plain_types_survive_the_wire() -> None:
 
 def test_a_profile_report_survives_the_wire_but_for_the_local_copy() -> None:
     from omnistage.convert import report_from_pb, report_to_pb
-    from omnistage.types import ProfileFileInfo, ProfileReport, ProfileSlimming, StageProfileResult
+    from omnistage.types import (
+        CriticalSegment,
+        ProfileFileInfo,
+        ProfileReport,
+        ProfileSlimming,
+        RequestCriticalPath,
+        StageProfileResult,
+    )
 
     files = (ProfileFileInfo("trace.json.gz", 123, "ab" * 32),)
+    wait = CriticalSegment(
+        "code2wav", "waiting_for_upstream", 1_796_000_000_000_000_000, 1_796_000_000_100_000_007
+    )
+    compute = CriticalSegment("code2wav", "compute", wait.end_unix_ns, wait.end_unix_ns + 5)
+    path = RequestCriticalPath(
+        "r1", wait.start_unix_ns, wait.end_unix_ns, compute.end_unix_ns, (wait,), (wait, compute)
+    )
     report = ProfileReport(
         session_id="s1",
         output_dir="out/s1",
@@ -154,6 +168,8 @@ def test_a_profile_report_survives_the_wire_but_for_the_local_copy() -> None:
         warnings=("one trace was cut",),
         downloaded_to="here",
         summary_html="out/s1/summary.html",
+        critical_paths=(path,),
+        timing_only=True,
     )
     back = report_from_pb(report_to_pb(report))
     assert back.downloaded_to == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +20,19 @@ from omnistage.errors import (
     ProfilerStateError,
     StageUnavailableError,
 )
-from omnistage.types import ProfileFileInfo, ProfileManifest, ProfileOptions, ProfileReport
+from omnistage.traces.slimming import SlimOptions
+from omnistage.types import (
+    OutputDelta,
+    ProfileFileInfo,
+    ProfileManifest,
+    ProfileOptions,
+    ProfileReport,
+)
 from orchestrator.config import parse_pipeline
 from orchestrator.pool import SERVING, StageReplica
 from orchestrator.profiling import PipelineProfiler
 from orchestrator.sessions import CollectedSessions, SessionStoreConfig
+from orchestrator.stage_call import StageEvent, StageTiming
 from tests.waiting import eventually
 
 TRACE = b'{"traceEvents": []}'
@@ -313,3 +322,67 @@ def test_an_unwritable_output_dir_stops_nothing(tmp_path: Path) -> None:
         assert all(s.ok for s in report.stages)
 
     asyncio.run(scenario())
+
+
+def _stage_done(stage: str, index: int, start_ms: float, end_ms: float) -> StageEvent:
+    base = time.time_ns()
+    start, end = base + round(start_ms * 1e6), base + round(end_ms * 1e6)
+    timing = StageTiming(
+        queue_time_s=0.001,
+        time_to_first_output_s=0.002,
+        duration_s=(end - start) / 1e9,
+        handoff_s=0.0,
+        start_unix_ns=start,
+        first_output_unix_ns=start + 2_000_000,
+        end_unix_ns=end,
+        stage_time_s=(end - start) / 1e9 * 0.9,
+    )
+    return StageEvent(stage, index, "r1", OutputDelta("r1", finished=True), True, timing)
+
+
+def test_a_timing_only_session_asks_no_stage_to_profile(tmp_path: Path) -> None:
+    clients = three()
+    prof = profiler(clients, tmp_path)
+
+    async def scenario() -> ProfileReport:
+        await prof.start([], ProfileOptions(label="timing", timing_only=True))
+        assert prof.profiling_stages() == ["thinker", "talker", "code2wav"]
+        for i, (name, start, end) in enumerate((("thinker", 0, 40), ("talker", 41, 90))):
+            prof.record(_stage_done(name, i, start, end))
+        prof.record(_stage_done("code2wav", 2, 91, 120))
+        with pytest.raises(InvalidRequestError, match="timing-only: it has no traces to slim"):
+            await prof.stop([], "", slim=SlimOptions())
+        return await prof.stop([], "")
+
+    report = asyncio.run(scenario())
+    assert [(c.starts, c.stops, c.fetched) for c in clients] == [(0, 0, [])] * 3
+    assert report.timing_only and not report.failed
+    assert all(s.ok and not s.files for s in report.stages)
+    (path,) = report.critical_paths
+    segments = path.end_to_end
+    assert sum(s.end_unix_ns - s.start_unix_ns for s in segments) == (
+        path.end_unix_ns - path.start_unix_ns
+    )
+    folder = Path(report.output_dir)
+    assert json.loads((folder / "report.json").read_text())["timing_only"] is True
+    summary = Path(report.summary).read_text()
+    assert "- timing only:" in summary and "## Critical path" in summary
+    assert "| r1 |" in summary and "**Bottleneck:**" in summary
+
+
+@pytest.mark.parametrize("key", ["delay_iterations", "max_iterations"])
+def test_timing_only_refuses_a_profilers_step_counts(tmp_path: Path, key: str) -> None:
+    clients = three()
+    options = ProfileOptions(timing_only=True, **{key: 3})  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match=f"timing_only starts no profiler, so {key}"):
+        asyncio.run(profiler(clients, tmp_path).start([], options))
+    assert all(c.starts == 0 for c in clients)
+
+
+def test_timing_only_comes_over_the_wire() -> None:
+    from omnistage.convert import profile_options_from_pb
+    from omnistage.v1 import orchestrator_pb2, stage_pb2
+
+    request = orchestrator_pb2.PipelineStartProfileRequest(label="x", timing_only=True)
+    assert profile_options_from_pb(request) == ProfileOptions(label="x", timing_only=True)
+    assert not profile_options_from_pb(stage_pb2.StartProfileRequest(label="x")).timing_only

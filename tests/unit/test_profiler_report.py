@@ -146,6 +146,9 @@ def test_an_offset_measured_through_get_info_is_recovered(session: Session, tmp_
     assert all(c.info_calls >= 2 for c in clients.values())  # at start and at stop
     assert not report.failed and report.timeline and report.slimming is None
     saved = json.loads((Path(report.output_dir) / "report.json").read_text())
+    # every request passed both stages: each has its critical path, in report.json too
+    assert [p.request_id for p in report.critical_paths] == ["r0", "r1", "r2"]
+    assert [p["request_id"] for p in saved["critical_paths"]] == ["r0", "r1", "r2"]
     for name, shift in (("talker", SHIFT_NS), ("thinker", 0)):
         clock = saved["clocks"][name]
         # ten round trips (start and stop), none shorter than the server's delay

@@ -15,6 +15,7 @@ from omnistage.traces.clock import ClockEstimate
 from omnistage.traces.report import ReportFiles, read_session, rebuild_report
 from omnistage.traces.slimming import SlimOptions
 from omnistage.traces.summary import write_summary
+from omnistage.traces.units import ms
 from omnistage.types import ProfileSlimming
 from tests.unit.trace_factory import (
     IDLE_PATTERN,
@@ -252,3 +253,55 @@ def test_report_json_is_written_and_read_from_the_same_dataclasses(tmp_path: Pat
     record = read_session(tmp_path)
     assert record.spans == (span,) and record.clocks == {"a": clock}
     assert record.report["session_id"] == "s1" and record.stage_order() == {"a": 0}
+
+
+def test_the_critical_path_section_splits_each_request(fresh: Session) -> None:
+    """The factory's stages run one after the other, neither reporting its own time: each
+    request's path is the thinker's call, the hand-off (until the talker took it up), and the
+    talker's call, each call queued for its queue time and compute for the rest."""
+    text = rebuild_report(fresh.dir).summary.read_text()
+    section = _section(text, "Critical path")
+    spans = {(s.stage, s.request_id): s for s in fresh.spans}
+    shares: dict[tuple[str, str], list[float]] = {}
+    talker_shares = []  # of the end-to-end time: its hand-off and its call
+    for rid in ("r0", "r1", "r2"):
+        thinker, talker = spans[("thinker", rid)], spans[("talker", rid)]
+        start = thinker.start_unix_ns  # the thinker's hand-off is 0
+        queued = round(thinker.queue_time_s * 1e9) + round(talker.queue_time_s * 1e9)
+        parts = {
+            ("thinker", "queued"): round(thinker.queue_time_s * 1e9),
+            ("thinker", "compute"): thinker.end_unix_ns - start - round(thinker.queue_time_s * 1e9),
+            ("talker", "hand-off"): talker.start_unix_ns - thinker.end_unix_ns,
+            ("talker", "queued"): round(talker.queue_time_s * 1e9),
+            ("talker", "compute"): talker.first_output_unix_ns
+            - talker.start_unix_ns
+            - round(talker.queue_time_s * 1e9),
+        }
+        first = talker.first_output_unix_ns - start
+        assert sum(parts.values()) == first
+        for key, ns in parts.items():
+            shares.setdefault(key, []).append(ns / first)
+        row = _row(section, rid)
+        assert row[1] == ms(first / 1e3)  # µs: 1.099 s, 98.933 ms
+        assert row[4] == ms((talker.end_unix_ns - start) / 1e3)
+        (stage, kind), most = max(parts.items(), key=lambda item: item[1])
+        assert row[2] == f"{stage} · {kind} ({100 * most / first:.1f}%)"
+        compute = parts[("thinker", "compute")] + parts[("talker", "compute")]
+        split = [
+            f"queued {100 * queued / first:.1f}%",
+            f"compute {100 * compute / first:.1f}%",
+            f"hand-off {100 * parts[('talker', 'hand-off')] / first:.1f}%",
+        ]
+        assert row[3] == " · ".join(split)
+        total = talker.end_unix_ns - start
+        talker_shares.append((talker.end_unix_ns - thinker.end_unix_ns) / total)
+    end_p50 = sorted(talker_shares)[1]
+    assert _row(section, "stage talker")[3] == f"{100 * end_p50:.1f}%"
+    (stage, kind), values = max(shares.items(), key=lambda item: sorted(item[1])[1])
+    assert kind == "hand-off" and stage == "talker"  # the talker began after every thinker call
+    median = f"{100 * sorted(values)[1]:.1f}%"
+    assert (
+        f"**Bottleneck:** the hand-off to talker (its edge's processor) took {median} of the "
+        "time to first output" in section
+    )
+    assert "(medians over the 3 requests)." in section
