@@ -18,7 +18,6 @@ only one session has are listed by name, never compared. :meth:`SessionDiff.to_j
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ import msgspec
 from omnistage.traces.figures import SessionFigures, StageFigures, session_figures
 from omnistage.traces.report import read_session
 from omnistage.traces.stats import collect_stats
+from omnistage.traces.units import ms as _time
+from omnistage.traces.units import share as _share
 
 SCHEMA = "omnistage.profile-diff/1"
 DEFAULT_TOP = 10
@@ -305,18 +306,6 @@ def _table(title: str, rows: list[Row], *, indent: str = "  ", head_indent: str 
     out = [line(head_indent + title.ljust(head_width), head)]
     out += [line(indent + r[0].ljust(widths[0]), r) for r in rows]
     return [*out, ""]
-
-
-def _time(us: float | None) -> str:
-    if us is None or math.isnan(us):
-        return "–"
-    if abs(us) >= 1e6:
-        return f"{us / 1e6:.3f} s"
-    return f"{us / 1e3:.3f} ms"
-
-
-def _share(share: float | None) -> str:
-    return "–" if share is None else f"{100 * share:.1f}%"
 
 
 def _count(value: float | None) -> str:

@@ -29,6 +29,8 @@ from omnistage.traces.figures import SessionFigures, StageFigures, session_figur
 from omnistage.traces.optable import OpStat
 from omnistage.traces.spans import RequestSpan, short_ids
 from omnistage.traces.stats import StageTraceStats
+from omnistage.traces.units import ms as _ms
+from omnistage.traces.units import share as _pct
 
 logger = logging.getLogger(__name__)
 
@@ -295,15 +297,3 @@ def _tr(cells: Sequence[str], *, header: bool = False, code: bool = False) -> st
 
 def _e(text: str) -> str:
     return html.escape(text, quote=True)
-
-
-def _ms(us: float | None) -> str:
-    if us is None or math.isnan(us):
-        return "–"
-    if abs(us) >= 1e6:
-        return f"{us / 1e6:.3f} s"
-    return f"{us / 1e3:.3f} ms"
-
-
-def _pct(share: float | None) -> str:
-    return "–" if share is None else f"{100 * share:.1f}%"

@@ -17,13 +17,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def ms(us: float) -> str:
-    """µs as ms (s from a second on); "–" for NaN."""
-    if math.isnan(us):
+def ms(us: float | None) -> str:
+    """µs as ms (s from a second on); "–" for NaN or None."""
+    if us is None or math.isnan(us):
         return "–"
     if abs(us) >= 1e6:
         return f"{us / 1e6:.3f} s"
     return f"{us / 1e3:.3f} ms"
+
+
+def share(value: float | None) -> str:
+    """A fraction as a percentage; "–" for None."""
+    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 def mb(size: int) -> str:
