@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -65,13 +66,21 @@ class FakeStage:
 
 @dataclass
 class FakeReplica:
-    client: FakeStage
+    client: Any  # a FakeStage, or another fake with its `generate`
     address: str
 
 
 class FakePool:
-    def __init__(self, **stages: FakeStage) -> None:
+    """One replica per stage, each always picked; health marks are ignored."""
+
+    def __init__(self, **stages: Any) -> None:
         self.stages = stages
 
     async def pick(self, stage: str, *, exclude: object = ()) -> FakeReplica:
         return FakeReplica(self.stages[stage], f"fake/{stage}")
+
+    def mark(self, replica: FakeReplica, health: str) -> None:
+        pass
+
+    def replicas(self, stage: str) -> list[FakeReplica]:
+        return [FakeReplica(self.stages[stage], f"fake/{stage}")]

@@ -5,6 +5,7 @@ FetchProfileFile's chunk sizes and resume offsets, with the status codes a calle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import os
@@ -18,13 +19,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from omnistage.errors import InvalidRequestError
-from omnistage.server.errors import abort_for
 from omnistage.types import EngineInfo, GenerateInput, ProfileOptions
 from omnistage.v1 import common_pb2, stage_pb2, stage_pb2_grpc
 from services.config import ProfilerSettings, StageConfig
 from services.profiling.sessions import ProfileSessionStore, ensure_op_table
 from services.server import StageServer
 from services.servicer import StageServicer
+from tests.unit.fake_grpc import Aborted, FakeContext, mapped
 
 
 def test_engine_table_wins_over_front_end_table_whatever_the_host_name(tmp_path: Path) -> None:
@@ -197,21 +198,6 @@ def test_fetch_reads_nothing_for_a_refused_name(no_filesystem: None) -> None:
 MiB = 1 << 20
 
 
-class _Aborted(Exception):
-    pass
-
-
-class _Context:
-    """Records the status the servers' error mapping aborts with, as grpc.aio would send it."""
-
-    def __init__(self) -> None:
-        self.status: tuple[grpc.StatusCode, str] | None = None
-
-    async def abort(self, code: grpc.StatusCode, message: str) -> None:
-        self.status = (code, message)
-        raise _Aborted
-
-
 def _fetch(
     store: ProfileSessionStore, session_id: str, name: str, **fields: int
 ) -> tuple[list[common_pb2.FileChunk], tuple[grpc.StatusCode, str] | None]:
@@ -221,16 +207,15 @@ def _fetch(
     request = stage_pb2.FetchProfileFileRequest(session_id=session_id, name=name, **fields)
 
     async def run() -> tuple[list[common_pb2.FileChunk], tuple[grpc.StatusCode, str] | None]:
-        context = _Context()
+        context = FakeContext()
         chunks = []
-        try:
-            try:
-                async for chunk in servicer.FetchProfileFile(request, context):  # type: ignore[arg-type]
-                    chunks.append(chunk)
-            except Exception as exc:
-                await abort_for(context, "FetchProfileFile", exc)  # type: ignore[arg-type]
-        except _Aborted:
-            pass
+
+        async def serve() -> None:
+            async for chunk in servicer.FetchProfileFile(request, context):  # type: ignore[arg-type]
+                chunks.append(chunk)
+
+        with contextlib.suppress(Aborted):
+            await mapped(context, "FetchProfileFile", serve())
         return chunks, context.status
 
     return asyncio.run(run())

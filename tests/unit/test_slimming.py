@@ -18,7 +18,7 @@ from omnistage.traces.slimming import (
     slim_events,
     slim_trace_file,
 )
-from tests.unit.fake_grpc import Aborted, FakeContext
+from tests.unit.fake_grpc import Aborted, FakeContext, mapped
 from tests.unit.trace_factory import IDLE_PATTERN, Session, shared_session, write_json
 
 TOP = 20
@@ -252,7 +252,6 @@ class _Profiler:
 def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, FakeContext]:
     """StopProfile through the orchestrator's servicer, with these request fields."""
 
-    from omnistage.server.errors import abort_for
     from omnistage.v1 import orchestrator_pb2
     from orchestrator.config import parse_pipeline
     from orchestrator.servicer import OrchestratorServicer
@@ -267,14 +266,9 @@ def _stop_over_grpc(**fields: Any) -> tuple[_Profiler, FakeContext]:
     )
     request = orchestrator_pb2.PipelineStopProfileRequest(output_dir="out", **fields)
 
-    async def call() -> None:
-        try:
-            await servicer.StopProfile(request, context)  # type: ignore[arg-type]
-        except Exception as exc:
-            await abort_for(context, "StopProfile", exc)  # type: ignore[arg-type]
-
+    body = servicer.StopProfile(request, context)  # type: ignore[arg-type]
     with contextlib.suppress(Aborted):
-        asyncio.run(call())
+        asyncio.run(mapped(context, "StopProfile", body))
     return profiler, context
 
 

@@ -11,11 +11,12 @@ import pytest
 
 from omnistage.errors import OmnistageError
 from omnistage.rpc import error_from_rpc
-from omnistage.server.errors import abort_for, status_code
+from omnistage.server.errors import status_code
 from omnistage.types import GenerateInput, OutputDelta
 from orchestrator.config import parse_pipeline
 from orchestrator.runner import PipelineRunner
-from tests.unit.fake_grpc import Aborted, FakeContext, FakeRpcError
+from tests.unit.fake_grpc import Aborted, FakeContext, FakeRpcError, mapped
+from tests.unit.fake_stages import FakePool
 
 
 @dataclass
@@ -42,26 +43,6 @@ class FailingStage:
             yield OutputDelta(request.request_id, finished=True, finish_reason="stop")
         finally:
             self.closed.append(True)
-
-
-@dataclass
-class FakeReplica:
-    client: FailingStage
-    address: str
-
-
-class FakePool:
-    def __init__(self, **stages: FailingStage) -> None:
-        self.stages = stages
-
-    async def pick(self, stage: str, *, exclude: object = ()) -> FakeReplica:
-        return FakeReplica(self.stages[stage], f"fake/{stage}")
-
-    def mark(self, replica: FakeReplica, health: str) -> None:
-        pass
-
-    def replicas(self, stage: str) -> list[FakeReplica]:
-        return [FakeReplica(self.stages[stage], f"fake/{stage}")]
 
 
 UNMAPPED_AND_MAPPED = [
@@ -91,14 +72,11 @@ def test_stage_failing_mid_stream_keeps_its_status(code: grpc.StatusCode) -> Non
     seen: list[str] = []
 
     async def serve() -> None:
-        try:
-            async for event in runner.run(GenerateInput(request_id="r1", prompt="hi")):
-                seen.append(event.stage)
-        except Exception as exc:
-            await abort_for(context, "Generate", exc)  # type: ignore[arg-type]
+        async for event in runner.run(GenerateInput(request_id="r1", prompt="hi")):
+            seen.append(event.stage)
 
     with pytest.raises(Aborted):
-        asyncio.run(serve())
+        asyncio.run(mapped(context, "Generate", serve()))
     assert context.status is not None
     status, message = context.status
     assert status is code
