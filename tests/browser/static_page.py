@@ -10,25 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.browser.perfetto_ui import chromium_path, node_modules
+from tests.browser.perfetto_ui import browser_unavailable, chromium_path, node_modules
 
 SCRIPT = Path(__file__).resolve().parent / "static_page.mjs"
 
 
 def available() -> str | None:
     """None when a page can be opened, else why not (for ``pytest.skip``)."""
-    if chromium_path() is None:
-        return "no chromium (run scripts/browser_setup.sh)"
-    if shutil.which("node") is None:
-        return "no node (install Node.js 18+)"
-    if node_modules() is None:
-        return "no puppeteer-core (run scripts/browser_setup.sh)"
-    return None
+    return browser_unavailable()
 
 
 @dataclass
