@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omnistage.security import ServerSecurity
 from omnistage.server import GrpcServer, serve_until_signalled
-from omnistage.server.metrics import MetricsEndpoint
+from omnistage.server.metrics import metrics_endpoint
 from omnistage.server.tracing import setup_tracing, shutdown_tracing
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config import PipelineConfig
@@ -101,16 +101,13 @@ class OrchestratorServer:
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, self.server)
         self.serving = False
         self.http = None if config.http is None else self._http_server(config.http)
-        self.port = self._grpc.bind(config.host, config.port)
-        self.health_port = (
-            None
-            if config.health_port is None
-            else self._grpc.bind_health(config.host, config.health_port)
+        self.port, self.health_port = self._grpc.bind_ports(
+            config.host, config.port, config.health_port
         )
-        self.metrics_endpoint = (
-            None
-            if self.metrics is None or config.metrics_port is None
-            else MetricsEndpoint(self.metrics.registry, host=config.host, port=config.metrics_port)
+        self.metrics_endpoint = metrics_endpoint(
+            self.metrics.registry if self.metrics else None,
+            host=config.host,
+            port=config.metrics_port,
         )
 
     def _stage_done(self, event: StageEvent) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from grpc_health.v1 import health_pb2
 
 from omnistage.server import GrpcServer, serve_until_signalled
-from omnistage.server.metrics import MetricsEndpoint
+from omnistage.server.metrics import metrics_endpoint
 from omnistage.server.tracing import setup_tracing, shutdown_tracing
 from omnistage.v1 import stage_pb2, stage_pb2_grpc
 from services.admission import InflightLimiter
@@ -67,16 +67,13 @@ class StageServer:
         )
         self._watch: asyncio.Task[None] | None = None
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
-        self.port = self._grpc.bind(config.host, config.port)
-        self.health_port = (
-            None
-            if config.health_port is None
-            else self._grpc.bind_health(config.host, config.health_port)
+        self.port, self.health_port = self._grpc.bind_ports(
+            config.host, config.port, config.health_port
         )
-        self.metrics_endpoint = (
-            None
-            if self.metrics is None or config.metrics_port is None
-            else MetricsEndpoint(self.metrics.registry, host=config.host, port=config.metrics_port)
+        self.metrics_endpoint = metrics_endpoint(
+            self.metrics.registry if self.metrics else None,
+            host=config.host,
+            port=config.metrics_port,
         )
         self.metrics_port = self.metrics_endpoint.port if self.metrics_endpoint else None
 

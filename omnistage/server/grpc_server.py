@@ -63,6 +63,11 @@ class GrpcServer:
         logger.info("%s on port %d: %s", self.service, bound, self.security.describe())
         return int(bound)
 
+    def bind_ports(self, host: str, port: int, health_port: int | None) -> tuple[int, int | None]:
+        """`bind`, and `bind_health` when a health port is given; the two bound ports."""
+        bound = self.bind(host, port)
+        return bound, None if health_port is None else self.bind_health(host, health_port)
+
     def bind_health(self, host: str, port: int) -> int:
         """A second, plaintext port that serves only grpc.health.v1, from the same health
         servicer: for probes that cannot speak TLS (Kubernetes' gRPC probes). Returns it."""

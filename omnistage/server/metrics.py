@@ -81,6 +81,15 @@ class MetricsEndpoint:
         self._thread.join(timeout=5)
 
 
+def metrics_endpoint(
+    registry: CollectorRegistry | None, *, host: str, port: int | None
+) -> MetricsEndpoint | None:
+    """`/metrics` of `registry` on `port`; None when either is None (metrics are off)."""
+    if registry is None or port is None:
+        return None
+    return MetricsEndpoint(registry, host=host, port=port)
+
+
 def outcome_code(error: BaseException | None, context: Any = None) -> str:
     """The gRPC status name a call ends with, from what its body raised (None: OK).
 
