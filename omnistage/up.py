@@ -39,8 +39,13 @@ def launch_pipeline(
     port: int | None = None,
     http_port: int | None = None,
     log_dir: Path | None = None,
+    on_serving: Callable[[], None] | None = None,
 ) -> list[ServerProcess]:
-    """Start the launch section's stages and the orchestrator; return them once all SERVING."""
+    """Start the launch section's stages and the orchestrator; return them once all SERVING.
+
+    `on_serving` runs just before the SERVING line is printed: whoever reads that line and then
+    signals `up` must find it already past start-up.
+    """
     from orchestrator.config import load_pipeline
 
     pipeline = load_pipeline(pipeline_file)
@@ -70,6 +75,8 @@ def launch_pipeline(
         )
         processes.append(orchestrator)
         orchestrator.wait_serving(timeout=60)
+        if on_serving is not None:
+            on_serving()
         _say(f"==> pipeline {pipeline.name!r} SERVING: orchestrator at {orchestrator.address}")
         if orchestrator.http_port:
             _say(f"    OpenAI-compatible HTTP API at {orchestrator.http_url}/v1")
@@ -155,6 +162,9 @@ class StopSignals:
         self.launched = False
         self.requested = threading.Event()
 
+    def mark_launched(self) -> None:
+        self.launched = True
+
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested.is_set():
             print("omnistage up: already stopping every process", file=sys.stderr, flush=True)
@@ -173,8 +183,9 @@ def run_up(pipeline_file: Path, *, port: int | None = None, http_port: int | Non
     stop = StopSignals()
     for sig in STOP_SIGNALS:
         signal.signal(sig, stop.handle)
-    processes = launch_pipeline(pipeline_file, port=port, http_port=http_port)
-    stop.launched = True
+    processes = launch_pipeline(
+        pipeline_file, port=port, http_port=http_port, on_serving=stop.mark_launched
+    )
     _say("    press Ctrl-C to stop every process")
     try:
         while not stop.requested.wait(1.0):
