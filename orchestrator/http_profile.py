@@ -73,15 +73,11 @@ def add_profile_routes(app: FastAPI, door: FrontDoor) -> None:
     @app.post("/start_profile", dependencies=profiling)
     async def start_profile(request: Request) -> dict[str, Any]:
         body: StartProfileBody = await _body(request, StartProfileBody)
-        if body.timing_only:
-            raise InvalidRequestError(
-                "timing_only is not supported yet by this orchestrator; leave it out to "
-                "profile the stages with their torch profilers"
-            )
         options = ProfileOptions(
             label=body.label,
             delay_iterations=body.delay_iterations,
             max_iterations=body.max_iterations,
+            timing_only=body.timing_only,
         )
         session_id, started = await door.profiler.start([str(s) for s in body.stages], options)
         return {"session_id": session_id, "stages": started}

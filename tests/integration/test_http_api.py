@@ -261,8 +261,6 @@ def test_profiling_needs_the_token(
 
 
 def test_profile_over_http(http: httpx.Client, client: openai.OpenAI, tmp_path: Path) -> None:
-    refused = http.post("/start_profile", headers=AUTH, json={"timing_only": True})
-    assert refused.status_code == 400 and "not supported yet" in refused.json()["error"]["message"]
     started = http.post("/start_profile", headers=AUTH, json={"stages": [1], "label": "http"})
     assert started.status_code == 200, started.text
     session_id = started.json()["session_id"]
@@ -286,6 +284,26 @@ def test_profile_over_http(http: httpx.Client, client: openai.OpenAI, tmp_path: 
     assert http.get(table["url"]).status_code == 401
     outside = table["url"].replace("code2wav/profiler_out_code2wav.txt", "..%2Freport.json")
     assert http.get(outside, headers=AUTH).status_code in (400, 404)
+
+
+def test_timing_only_profile_over_http(http: httpx.Client, client: openai.OpenAI) -> None:
+    """`{"timing_only": true}` starts no stage's profiler; the report still has the request's
+    spans and critical path, and no stage trace. A profiler option it cannot honour is a 400."""
+    bad = http.post("/start_profile", headers=AUTH, json={"timing_only": True, "max_iterations": 2})
+    assert bad.status_code == 400 and "timing_only" in bad.json()["error"]["message"]
+    started = http.post("/start_profile", headers=AUTH, json={"timing_only": True})
+    assert started.status_code == 200, started.text
+    stage_sessions = started.json()["stages"]  # each stage is in, with no profiler session
+    assert set(stage_sessions) == {"thinker", "code2wav"}
+    assert not any(any(ids) for ids in stage_sessions.values()), stage_sessions
+    client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+    stopped = http.post("/stop_profile", headers=AUTH)
+    assert stopped.status_code == 200, stopped.text
+    report = stopped.json()
+    assert report["timing_only"] is True
+    assert report["critical_paths"], report
+    names = {f["name"] for f in report["session_files"]}
+    assert not [n for n in names if n.startswith(("thinker/", "code2wav/"))], names
 
 
 def running(stage: RunningStage) -> int:
