@@ -1,5 +1,6 @@
-"""The same two-stage chain run three ways: vLLM engines in this process, omnistage's gRPC
-stages and orchestrator, and two chained `vllm serve` OpenAI servers.
+"""The same two-stage chain run four ways: vLLM engines in this process, omnistage's gRPC
+stages and orchestrator (driven over gRPC, or over its OpenAI-compatible HTTP API), and two
+chained `vllm serve` OpenAI servers.
 
 Each system is an async context manager that starts its engines (and stops them on exit) and
 yields a `Chain`: `one(i)` sends request `i` through both stages and returns what its caller
@@ -39,7 +40,8 @@ from orchestrator.processors import StageOutput, resolve_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = ROOT / "examples" / "two-stage" / "pipeline.yaml"
-SYSTEMS = ("inprocess", "omnistage", "openai")
+SYSTEMS = ("inprocess", "omnistage", "omnistage-http", "openai")
+HTTP_MODEL = "bench-chain"
 PROMPTS = (
     "Explain how a hash map handles collisions.",
     "Write a short poem about the sea at night.",
@@ -299,10 +301,69 @@ class OmnistageChain:
         return RequestRecord(sent, first, time.perf_counter(), (tokens[0], tokens[1]))
 
 
+class OmnistageHttpChain:
+    """The same servers, driven through the orchestrator's OpenAI API: one streamed chat
+    completion per request, as an OpenAI client sends it to a vLLM server."""
+
+    def __init__(self, session: Any, url: str, s: ChainSettings, roots: dict[int, str]):
+        self._session = session
+        self._url = url
+        self._s = s
+        self.roots = roots
+
+    async def one(self, index: int) -> RequestRecord:
+        request = first_request(index)
+        path, body = chat_body(request, self._s, HTTP_MODEL)
+        first, tokens = math.nan, (0, 0)
+        sent = time.perf_counter()
+        async with self._session.post(self._url + path, json=body) as reply:
+            if reply.status != 200:
+                raise RuntimeError(f"orchestrator: HTTP {reply.status}: {await reply.text()}")
+            async for line in reply.content:
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    break
+                payload = json.loads(data)
+                piece, _ = sse_piece(payload)
+                if piece and math.isnan(first):
+                    first = time.perf_counter()
+                if payload.get("usage"):
+                    counts = [u["completion_tokens"] for u in payload["usage"]["stages"]]
+                    tokens = (counts[0], counts[-1])
+        return RequestRecord(sent, first, time.perf_counter(), tokens)
+
+
+@contextlib.asynccontextmanager
+async def omnistage_http_system(
+    s: ChainSettings, workdir: Path, say: Progress
+) -> AsyncIterator[OmnistageHttpChain]:
+    import aiohttp
+
+    async with omnistage_servers(s, workdir, say, http=True) as (orchestrator, roots):
+        timeout = aiohttp.ClientTimeout(total=None)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            yield OmnistageHttpChain(session, orchestrator.http_url, s, roots)
+
+
 @contextlib.asynccontextmanager
 async def omnistage_system(
     s: ChainSettings, workdir: Path, say: Progress
 ) -> AsyncIterator[OmnistageChain]:
+    async with (
+        omnistage_servers(s, workdir, say) as (orchestrator, roots),
+        omnistage.AsyncClient(orchestrator.address) as client,
+    ):
+        yield OmnistageChain(client, s, roots)
+
+
+@contextlib.asynccontextmanager
+async def omnistage_servers(
+    s: ChainSettings, workdir: Path, say: Progress, *, http: bool = False
+) -> AsyncIterator[tuple[ServerProcess, dict[int, str]]]:
+    """Two stages and an orchestrator over them (with its HTTP API when `http`), SERVING."""
     os.environ.update(kv_cache_env(s))
     flags = omnistage_stage_flags(s)
     stages = [
@@ -321,9 +382,10 @@ async def omnistage_system(
         say(f"omnistage: stages SERVING after {time.perf_counter() - started:.1f} s")
         addresses = {name: p.address for name, p in zip(s.stage_names, stages, strict=True)}
         pipeline = bench_pipeline_file(s, addresses, workdir)
+        http_flags = ["--http-port", "0", "--served-model-name", HTTP_MODEL] if http else []
         orchestrator = ServerProcess(
             "orchestrator",
-            ["orchestrator", "serve", "--pipeline", str(pipeline), *LOCAL_PORT_0],
+            ["orchestrator", "serve", "--pipeline", str(pipeline), *LOCAL_PORT_0, *http_flags],
             log_path=workdir / "omnistage-orchestrator.log",
         )
         servers.append(orchestrator)
@@ -332,8 +394,7 @@ async def omnistage_system(
         roots |= {
             p.process.pid: f"frontend:{n}" for n, p in zip(s.stage_names, stages, strict=True)
         }
-        async with omnistage.AsyncClient(orchestrator.address) as client:
-            yield OmnistageChain(client, s, roots)
+        yield orchestrator, roots
     finally:
         say("omnistage: stopping the orchestrator and the stages (SIGTERM)")
         await asyncio.gather(*(asyncio.to_thread(p.stop) for p in reversed(servers)))
@@ -522,5 +583,6 @@ SYSTEM_STARTERS: dict[
 ] = {
     "inprocess": inprocess_system,
     "omnistage": omnistage_system,
+    "omnistage-http": omnistage_http_system,
     "openai": openai_system,
 }

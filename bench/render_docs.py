@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_machine import align_table
+from compare_stats import ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "bench" / "results" / "bench.json"
@@ -25,9 +26,11 @@ DEFAULT_NOTES = ROOT / "docs" / "benchmarks-notes.md"
 LABELS = {
     "inprocess": "in process (lower bound)",
     "omnistage": "omnistage (gRPC)",
+    "omnistage-http": "omnistage (OpenAI HTTP)",
     "openai": "chained vllm serve",
 }
 IDLE_GOAL = 0.99
+HTTP_THROUGHPUT_GOAL = 0.97
 STOP_GOAL = 1.1
 
 
@@ -107,6 +110,56 @@ def cpu_rows(report: dict[str, Any]) -> list[list[str]]:
             cells = [fmt(by_role.get(r), ".2f") for r in roles]
             rows.append([level, name, *cells, fmt(s["cpu_s_outside_engines"], ".2f")])
     return rows
+
+
+def _per_request_ms(summary: dict[str, Any] | None, role: str) -> float | None:
+    if not summary or not summary.get("requests"):
+        return None
+    cpu = summary["cpu_s_by_role"].get(role)
+    return None if cpu is None else cpu / summary["requests"] * 1000
+
+
+def front_door_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The HTTP API against the gRPC client on the same servers, and the orchestrator's CPU per
+    request as an HTTP front door against one of vLLM's own OpenAI servers in the chain."""
+    systems = _systems(report)
+    http, grpc_, chain = (systems.get(n, {}).get("levels", {}) for n in SYSTEM_KEYS)
+    stage_names = report.get("settings", {}).get("stage_names") or ["?"]
+    first_front_end = f"frontend:{stage_names[0]}"
+    rows = [
+        [
+            "concurrency",
+            "HTTP tok/s",
+            "gRPC tok/s",
+            f"HTTP / gRPC (goal ≥ {HTTP_THROUGHPUT_GOAL})",
+            "orchestrator CPU ms/req, HTTP",
+            "orchestrator CPU ms/req, gRPC",
+            "vllm serve front end CPU ms/req (first stage)",
+            "HTTP orchestrator / vllm serve (goal ≤ 1)",
+        ]
+    ]
+    for level in _levels(report):
+        h, g, c = http.get(level), grpc_.get(level), chain.get(level)
+        if h is None:
+            continue
+        door = _per_request_ms(h, "orchestrator")
+        vllm_door = _per_request_ms(c, first_front_end)
+        rows.append(
+            [
+                level,
+                fmt(h["output_tok_s"], ".1f"),
+                fmt(g["output_tok_s"] if g else None, ".1f"),
+                fmt(ratio(h["output_tok_s"], g["output_tok_s"]) if g else None, ".3f"),
+                fmt(door, ".1f"),
+                fmt(_per_request_ms(g, "orchestrator"), ".1f"),
+                fmt(vllm_door, ".1f"),
+                fmt(ratio(door, vllm_door), ".3f"),
+            ]
+        )
+    return rows
+
+
+SYSTEM_KEYS = ("omnistage-http", "omnistage", "openai")
 
 
 def _all_levels(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -197,6 +250,7 @@ def sections(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
     return [
         ("Two-stage chain, per concurrency level", compare_rows(report)),
         ("CPU seconds by process role over each level", cpu_rows(report)),
+        ("The OpenAI HTTP front door", front_door_rows(report)),
         ("Profiling costs", profile_rows(report)),
         ("Tensor transfer through a stage (gRPC) against memcpy", tensor_rows(report)),
     ]
