@@ -35,6 +35,7 @@ class RunningStage:
     profiler_dir: Path | None
     health_seen: list[str] = field(default_factory=list)
     channel: grpc.Channel | None = None
+    metrics_port: int = 0  # its /metrics, where its recipe asks for one
 
     @property
     def stub(self) -> stage_pb2_grpc.StageStub:
@@ -69,6 +70,7 @@ class StageRecipe:
     engine: str = "vllm"
     model: str = "smollm2"
     extra: tuple[str, ...] = ()
+    metrics: bool = False  # serve /metrics (--metrics-port) on a free port
 
 
 SESSION_STAGES = {
@@ -76,7 +78,7 @@ SESSION_STAGES = {
     "stage": StageRecipe("thinker"),
     "rewriter_stage": StageRecipe("rewriter"),
     "plain_stage": StageRecipe(
-        "plain", profiled=False, extra=("--grace-seconds", str(PLAIN_GRACE_S))
+        "plain", profiled=False, extra=("--grace-seconds", str(PLAIN_GRACE_S)), metrics=True
     ),
     "talker_stage": StageRecipe("talker", model=str(TALKER_MODEL), extra=("--max-num-seqs", "16")),
     "code2wav_stage": StageRecipe(
@@ -106,12 +108,17 @@ class SessionStages:
         self._logs: Path | None = None
         self._started: dict[str, tuple[ServerProcess, Path | None]] = {}
         self._running: dict[str, RunningStage] = {}
+        self._metrics_ports: dict[str, int] = {}
 
     def _start(self, key: str) -> None:
         recipe = SESSION_STAGES[key]
         if self._logs is None:
             self._logs = self._folder("logs")
         profiler_dir = self._folder(f"{recipe.name}-profiles") if recipe.profiled else None
+        metrics: list[str] = []
+        if recipe.metrics:
+            self._metrics_ports[key] = free_port()
+            metrics = ["--metrics-port", str(self._metrics_ports[key])]
         process = ServerProcess(
             f"stage {recipe.name!r}",
             stage_args(
@@ -123,7 +130,12 @@ class SessionStages:
                     if profiler_dir
                     else None
                 ),
-                extra=["--grace-seconds", "20", *recipe.extra],
+                extra=[
+                    "--grace-seconds",
+                    "20",
+                    *recipe.extra,
+                    *(metrics if recipe.metrics else ()),
+                ],
             ),
             log_path=self._logs / f"{recipe.name}.log",
         )
@@ -142,7 +154,13 @@ class SessionStages:
                     address = process.wait_serving(
                         timeout=900, progress=lambda status, _s, seen=seen: seen.append(status)
                     )
-                    self._running[name] = RunningStage(process, address, profiler_dir, seen)
+                    self._running[name] = RunningStage(
+                        process,
+                        address,
+                        profiler_dir,
+                        seen,
+                        metrics_port=self._metrics_ports.get(name, 0),
+                    )
         return self._running[key]
 
     def close(self) -> None:

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client.parser import text_string_to_metric_families
 
 import omnistage
 from omnistage.errors import InvalidRequestError
 from omnistage.launch import ServerProcess, stage_args
 from omnistage.stage_client import StageClient, make_request
 from tests.otlp import ReceivedSpan, TraceReceiver
-from tests.servers import free_port
+from tests.prometheus_text import delta, scrape, total, value
+from tests.servers import RunningStage, free_port
 from tests.waiting import wait_until
 
 RECORDING = "tests.torch_models:build_recording"  # doubles token_ids; 13 is INVALID_ARGUMENT
@@ -119,26 +119,6 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         for process in reversed(started):
             process.stop()
         receiver.close()
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics page: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        assert reply.headers["Content-Type"].startswith("text/plain")
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def delta(before: dict, after: dict, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
 
 
 def run_requests(observed: Observed, count: int) -> None:
@@ -361,3 +341,25 @@ def test_a_real_prometheus_scrapes_every_server(observed: Observed, tmp_path: Pa
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_a_vllm_stage_re_exports_vllms_engine_metrics(plain_stage: RunningStage) -> None:
+    """A real vLLM stage's /metrics has vLLM's own `vllm:*` engine series beside the stage's,
+    and they count what the stage generated."""
+    before = scrape(plain_stage.metrics_port)
+    with StageClient(plain_stage.address) as stage:
+        for n in range(2):
+            request = make_request(prompt=f"Count to {n + 3}.", max_tokens=4, ignore_eos=True)
+            outputs = list(stage.generate(request))
+            assert sum(len(o.token_ids) for o in outputs) == 4
+    after = scrape(plain_stage.metrics_port)
+    assert (
+        total(after, "vllm:generation_tokens_total") - total(before, "vllm:generation_tokens_total")
+        == 8
+    )
+    success = "vllm:request_success_total"
+    assert total(after, success) - total(before, success) == 2
+    assert total(after, "vllm:num_requests_running") == 0
+    ok = {"stage": "plain", "code": "OK"}
+    assert delta(before, after, "omnistage_stage_requests_total", **ok) == 2
+    assert not [name for name, _ in after if name.startswith("omnistage_stage_batch_size")]
