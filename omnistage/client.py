@@ -29,7 +29,6 @@ from omnistage.convert import (
 from omnistage.convert_sessions import progress_from_pb, session_list_from_pb
 from omnistage.download import RESUME_FOR_S, FileProgressFn, download_session
 from omnistage.errors import NotFoundError, OmnistageError
-from omnistage.rpc import rpc_errors
 from omnistage.security import ClientSecurity
 from omnistage.stage_client import AsyncStageClient, StageClient, make_request
 from omnistage.trace_context import outgoing_metadata
@@ -103,7 +102,7 @@ class AsyncClient(AsyncRpcClient):
             request.stage_sampling[name].CopyFrom(sampling_to_pb(_sampling(options)))
         metadata = outgoing_metadata() or None
         call = self._stub.Generate(request, timeout=timeout, metadata=metadata)
-        with rpc_errors(self.address, call):
+        with self._errors(call):
             async for msg in call:
                 yield pipeline_output_from_pb(msg)
 
@@ -182,7 +181,7 @@ class AsyncClient(AsyncRpcClient):
     ) -> ProfileReport:
         call = self._stub.StopProfileStream(request, timeout=timeout)
         report = None
-        with rpc_errors(self.address, call):
+        with self._errors(call):
             async for msg in call:
                 event = progress_from_pb(msg)
                 if progress is not None:
@@ -227,7 +226,7 @@ class AsyncClient(AsyncRpcClient):
             session_id=session_id, name=name, offset=offset
         )
         call = self._stub.FetchSessionFile(request, timeout=FETCH_TIMEOUT_S)
-        with rpc_errors(self.address, call):
+        with self._errors(call):
             async for chunk in call:
                 yield chunk.offset, chunk.data, chunk.total_size
 

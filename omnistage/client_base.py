@@ -5,6 +5,7 @@ loop thread of its own."""
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -56,9 +57,13 @@ class AsyncRpcClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _errors(self, call: Any = None) -> AbstractContextManager[None]:
+        """`rpc_errors` for this client's link: its address, and whether it is TLS."""
+        return rpc_errors(self.address, call, tls=self.security is not None and self.security.tls)
+
     async def _call(self, call: Awaitable[T]) -> T:
         """Await one unary call, its failure as the omnistage error for its status."""
-        with rpc_errors(self.address):
+        with self._errors():
             return await call
 
 

@@ -50,27 +50,32 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[errors.OmnistageError]] = {
 }
 
 
-def error_from_rpc(exc: grpc.RpcError, *, address: str = "") -> errors.OmnistageError:
-    """The omnistage error for a failed call, keeping the server's message."""
+def error_from_rpc(
+    exc: grpc.RpcError, *, address: str = "", tls: bool = False
+) -> errors.OmnistageError:
+    """The omnistage error for a failed call, keeping the server's message; `tls` says
+    whether the link was TLS, so that a hint about it fits the link."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     cls = _ERRORS_BY_CODE.get(code, errors.OmnistageError)
     where = f" ({address})" if address else ""
-    error = cls(f"{details}{where}{_tls_hint(code, details)}{_api_hint(code)}", code=code.name)
+    hint = _tls_hint(code, details, tls=tls)
+    error = cls(f"{details}{where}{hint}{_api_hint(code)}", code=code.name)
     if isinstance(error, errors.OverloadedError):
         error.retry_after_ms = retry_after_ms(exc)
     return error
 
 
 @contextlib.contextmanager
-def rpc_errors(address: str, call: Any = None) -> Iterator[None]:
+def rpc_errors(address: str, call: Any = None, *, tls: bool = False) -> Iterator[None]:
     """The one client-side translation: a `grpc.RpcError` raised inside becomes the omnistage
-    error for its status, naming `address`. A streaming `call` is cancelled on the way out, so
-    a caller that stops reading (or fails) stops the server sending."""
+    error for its status, naming `address` (`tls`: whether the link is TLS). A streaming
+    `call` is cancelled on the way out, so a caller that stops reading (or fails) stops the
+    server sending."""
     try:
         yield
     except grpc.RpcError as exc:
-        raise error_from_rpc(exc, address=address) from exc
+        raise error_from_rpc(exc, address=address, tls=tls) from exc
     finally:
         if call is not None:
             call.cancel()
@@ -95,14 +100,27 @@ def _api_hint(code: grpc.StatusCode) -> str:
     return "; check that the address serves this omnistage service, at a matching version"
 
 
-def _tls_hint(code: grpc.StatusCode, details: str) -> str:
-    """What to check when a connection failed in a way a TLS mismatch causes."""
-    if code is not grpc.StatusCode.UNAVAILABLE:
+def _tls_hint(code: grpc.StatusCode, details: str, *, tls: bool) -> str:
+    """What to check when a connection could not be set up in a way a TLS mismatch causes.
+
+    Only a failure to connect gets a hint: a link that was up and dropped (a stage killed
+    mid-call: "Stream removed", or "Connection refused" on the next try) is no TLS matter.
+    On a TLS link a failed handshake points at the certificates; on a plaintext link a peer
+    that closes the socket while connecting may speak TLS."""
+    if code is not grpc.StatusCode.UNAVAILABLE or "failed to connect" not in details:
         return ""
-    if "handshake" in details.lower() or "Socket closed" in details:
+    if tls and "handshake" in details.lower():
         return (
-            "; if the server uses TLS, pass the CA that signed its certificate (--tls-ca), and "
-            "for mutual TLS a client certificate it trusts (--tls-cert, --tls-key)"
+            "; the TLS handshake failed: check that --tls-ca is the CA that signed the "
+            "server's certificate, that --tls-server-name matches it, and for mutual TLS "
+            "that the server trusts --tls-cert; if the server speaks plaintext, connect "
+            "without TLS"
+        )
+    if not tls and "Socket closed" in details:
+        return (
+            "; this link is plaintext: if the server uses TLS, pass the CA that signed its "
+            "certificate (--tls-ca), and for mutual TLS a client certificate it trusts "
+            "(--tls-cert, --tls-key)"
         )
     return ""
 

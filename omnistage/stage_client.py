@@ -17,7 +17,7 @@ from omnistage.convert import (
     stage_description_from_pb,
 )
 from omnistage.errors import InvalidRequestError
-from omnistage.rpc import STOP_PROFILE_TIMEOUT_S, rpc_errors
+from omnistage.rpc import STOP_PROFILE_TIMEOUT_S
 from omnistage.trace_context import outgoing_metadata
 from omnistage.types import (
     ChatTurn,
@@ -81,7 +81,7 @@ class AsyncStageClient(AsyncRpcClient):
         call = self._stub.Generate(
             generate_input_to_pb(request), timeout=timeout, metadata=sent or None
         )
-        with rpc_errors(self.address, call):
+        with self._errors(call):
             async for msg in call:
                 yield delta_from_pb(msg)
 
@@ -133,7 +133,7 @@ class AsyncStageClient(AsyncRpcClient):
         call = self._stub.FetchProfileFile(request, timeout=600)
         try:
             # cancelled on the way out: a write that failed mid-stream stops the stage sending
-            with rpc_errors(self.address, call), dest.open("r+b" if offset else "wb") as handle:
+            with self._errors(call), dest.open("r+b" if offset else "wb") as handle:
                 if offset:
                     handle.truncate(offset)
                 async for chunk in call:

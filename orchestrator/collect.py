@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -108,7 +109,7 @@ class StageCollector:
         pulled_before = time.monotonic()
         done = 0
         for item in manifest.files:
-            target = self.local_dir / item.name
+            target = await asyncio.to_thread(self._target, item.name, manifest.session_id)
             reported = done
 
             def on_bytes(count: int, name: str = item.name) -> None:
@@ -144,6 +145,20 @@ class StageCollector:
             bytes_total=total,
             seconds=seconds,
         )
+
+    def _target(self, name: str, stage_session: str) -> Path:
+        """Where a pulled file goes: a new regular file in `local_dir`, a real folder (the
+        session folder is a real path, so no symlink may lie on the way down to it)."""
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        target = self.local_dir / name
+        if os.path.realpath(self.local_dir) != str(self.local_dir) or target.is_symlink():
+            link = target if target.is_symlink() else self.local_dir
+            raise OmnistageError(
+                f"the orchestrator did not write {name}: {link} is a symlink on its own disk, "
+                "and pulled files are written only as regular files inside the session folder; "
+                f"the stage keeps its copy in session {stage_session}"
+            )
+        return target
 
     def _pulling(self, name: str, done: int, total: int) -> None:
         self._say(

@@ -335,20 +335,9 @@ class PipelineProfiler:
                     f"session {session.session_id} is timing-only: it has no traces to slim; "
                     "stop it without slimming (it is still recording)"
                 )
-            try:
-                parent = self._sessions.parent_for(output_dir)
-            except InvalidRequestError as exc:
-                raise InvalidRequestError(
-                    f"{exc}; session {session.session_id} is still profiling"
-                ) from None
-            session_dir = parent / session.session_id
-            try:
-                session_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise InvalidRequestError(
-                    f"output_dir {output_dir!r} cannot hold the session's files ({exc}); pass a "
-                    f"writable output_dir: session {session.session_id} is still profiling"
-                ) from exc
+            session_dir = await asyncio.to_thread(
+                self._sessions.make_session_dir, output_dir, session.session_id
+            )
             targets = [(r, sid) for n in names for r, sid in session.stages[n]]
             clock_stop = await self._clocks([r for r, _ in targets])
             results = await self._collect(session, targets, session_dir, progress)

@@ -100,6 +100,30 @@ class CollectedSessions:
             )
         return Path(os.path.realpath(target))
 
+    def make_session_dir(self, output_dir: str, session_id: str) -> Path:
+        """Create the folder of `session_id` for StopProfile's `output_dir`, confined by real
+        path: a folder in the way that is a symlink out is refused, as is one that cannot be
+        made. InvalidRequestError names output_dir and says the session still profiles."""
+        try:
+            parent = self.parent_for(output_dir)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"{exc}; session {session_id} is still profiling") from None
+        folder = parent / session_id
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"output_dir {echo(output_dir)} cannot hold the session's files ({exc}); pass "
+                f"a writable output_dir: session {session_id} is still profiling"
+            ) from exc
+        if os.path.realpath(folder) != str(folder):  # a symlink planted in the session's name
+            raise InvalidRequestError(
+                f"output_dir {echo(output_dir)}: {folder} is a symlink, and a session is "
+                f"written only to a real folder inside the profile root {str(self.root)!r}; "
+                f"pass another output_dir: session {session_id} is still profiling"
+            )
+        return folder
+
     def _folders(self) -> list[Path]:
         """Every collected session folder below the root (those holding a report.json)."""
         found: list[Path] = []

@@ -79,7 +79,10 @@ class BearerTokenInterceptor(HandlerInterceptor):
 
 
 def _refusal(handler: Handler, message: str) -> Handler:
-    """A handler of the same call kind as `handler` that aborts with UNAUTHENTICATED."""
+    """A handler of the same call kind as `handler` that aborts with UNAUTHENTICATED.
+
+    It takes the body as bytes and never decodes it: a call without the token is refused
+    whatever it sent, a corrupt message included."""
 
     async def refuse(request: Any, context: Context) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -94,7 +97,7 @@ def _refusal(handler: Handler, message: str) -> Handler:
         if getattr(handler, kind) is not None:
             return make(
                 refuse,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
     raise AssertionError(f"a method handler of no known kind: {handler!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -63,3 +64,62 @@ def test_the_error_interceptor_wraps_only_omnistage_methods() -> None:
     assert interceptor.wrap(handler, "/grpc.reflection.v1alpha.X/Y", details) is handler
     wrapped = interceptor.wrap(handler, "/omnistage.v1.Stage/GetInfo", details)
     assert wrapped is not handler and wrapped.unary_unary is not body
+
+
+# What grpc answers in each case (seen on grpcio 1.85 against real servers).
+KILLED_MID_CALL = "Stream removed (Socket closed)"
+KILLED_BEFORE = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: "
+    "Failed to connect to remote host: Connection refused"
+)
+PLAINTEXT_TO_TLS = (
+    "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:h:1: Socket closed"
+)
+UNTRUSTED_CERT = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:h:1: Tls handshake failed "
+    "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED"
+)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+@pytest.mark.parametrize("details", [KILLED_MID_CALL, KILLED_BEFORE])
+def test_a_killed_stages_unavailable_carries_no_tls_hint(details: str, tls: bool) -> None:
+    """The issue's case: a stage killed mid-call gave a TLS hint on a plaintext link."""
+    error = error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, details), tls=tls)
+    assert error.code == "UNAVAILABLE"
+    assert "TLS" not in str(error) and "--tls" not in str(error)
+
+
+def test_tls_hints_match_the_link() -> None:
+    def message(details: str, *, tls: bool) -> str:
+        return str(error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, details), tls=tls))
+
+    plaintext = message(PLAINTEXT_TO_TLS, tls=False)
+    assert "this link is plaintext: if the server uses TLS, pass the CA" in plaintext
+    handshake = message(UNTRUSTED_CERT, tls=True)
+    assert "the TLS handshake failed: check that --tls-ca" in handshake
+    assert "this link is plaintext" not in handshake
+    # a TLS link never hears it is plaintext, and a plaintext one has no handshake to fail
+    assert "--tls" not in message(PLAINTEXT_TO_TLS, tls=True)
+    assert "handshake failed: check" not in message(UNTRUSTED_CERT, tls=False)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_each_client_hints_for_its_own_link(tls: bool) -> None:
+    from omnistage.security import ClientSecurity
+    from omnistage.stage_client import AsyncStageClient
+
+    async def main() -> str:
+        security = ClientSecurity(use_tls=True) if tls else None
+        client = AsyncStageClient("127.0.0.1:9", security=security)
+        try:
+            with pytest.raises(errors.StageUnavailableError) as caught, client._errors():
+                details = UNTRUSTED_CERT if tls else PLAINTEXT_TO_TLS
+                raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, details)
+        finally:
+            await client.close()
+        return str(caught.value)
+
+    message = asyncio.run(main())
+    assert ("handshake failed: check" in message) is tls
+    assert ("this link is plaintext" in message) is not tls

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -386,3 +387,93 @@ def test_timing_only_comes_over_the_wire() -> None:
     request = orchestrator_pb2.PipelineStartProfileRequest(label="x", timing_only=True)
     assert profile_options_from_pb(request) == ProfileOptions(label="x", timing_only=True)
     assert not profile_options_from_pb(stage_pb2.StartProfileRequest(label="x")).timing_only
+
+
+# -- the orchestrator's own disk: pulled files are written only inside the session folder ------
+
+
+def planted(prof: PipelineProfiler, root: Path, plant: Callable[[Path], None]) -> Callable[[], Any]:
+    """Start a session, call `plant(session folder)` (where it will be), then stop it."""
+
+    async def scenario() -> Any:
+        session_id, _ = await prof.start([], ProfileOptions())
+        plant(root / session_id)
+        try:
+            return await prof.stop([], "")
+        except InvalidRequestError as exc:
+            return exc
+
+    return lambda: asyncio.run(scenario())
+
+
+def test_a_symlink_planted_in_a_stage_folder_is_never_written_through(tmp_path: Path) -> None:
+    """The issue's symlink to /etc/passwd, on the orchestrator's side: a link where a pulled
+    file goes fails that stage, and the file it points at is untouched."""
+    victim = tmp_path / "passwd"
+    victim.write_text("root:x:0:0\n")
+    root, clients = tmp_path / "root", three()
+
+    def plant(session: Path) -> None:
+        (session / "thinker").mkdir(parents=True)
+        (session / "thinker" / "profiler_out_0.txt").symlink_to(victim)
+
+    report = planted(profiler(clients, root), root, plant)()
+    by_stage = {s.stage: s for s in report.stages}
+    error = by_stage["thinker"].error
+    assert not by_stage["thinker"].ok and "is a symlink on its own disk" in error
+    assert "the orchestrator did not write profiler_out_0.txt" in error and "thinker-s" in error
+    assert victim.read_text() == "root:x:0:0\n" and clients[0].fetched == []
+    assert by_stage["talker"].ok and by_stage["code2wav"].ok
+
+
+def test_a_stage_folder_that_is_a_symlink_out_is_never_written(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root, clients = tmp_path / "root", three()
+
+    def plant(session: Path) -> None:
+        session.mkdir(parents=True)
+        (session / "talker").symlink_to(elsewhere, target_is_directory=True)
+
+    report = planted(profiler(clients, root), root, plant)()
+    by_stage = {s.stage: s for s in report.stages}
+    assert not by_stage["talker"].ok and "is a symlink" in by_stage["talker"].error
+    assert list(elsewhere.iterdir()) == []
+    assert by_stage["thinker"].ok and by_stage["code2wav"].ok
+
+
+def test_a_session_folder_that_is_a_symlink_out_is_refused_and_stays_active(
+    tmp_path: Path,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root, clients = tmp_path / "root", three()
+    prof = profiler(clients, root)
+
+    def plant(session: Path) -> None:
+        root.mkdir()
+        session.symlink_to(elsewhere, target_is_directory=True)
+
+    error = planted(prof, root, plant)()
+    assert isinstance(error, InvalidRequestError), error
+    assert "is a symlink" in str(error) and "still profiling" in str(error)
+    assert list(elsewhere.iterdir()) == [] and all(c.profiling for c in clients)
+    assert prof.active_session_id  # stop again with another output_dir
+
+
+def test_nul_in_output_dir_is_the_callers_error_not_a_stages(tmp_path: Path) -> None:
+    """The issue's NUL in output_dir was INTERNAL "StopProfile failed inside the stage": the
+    orchestrator's own ValueError. It is refused before any stage is asked to stop."""
+    clients = three()
+    prof = profiler(clients, tmp_path / "root")
+
+    async def scenario() -> InvalidRequestError:
+        await prof.start([], ProfileOptions())
+        with pytest.raises(InvalidRequestError) as info:
+            await prof.stop([], "runs\0/x")
+        return info.value
+
+    error = asyncio.run(scenario())
+    assert "output_dir must not contain NUL" in str(error) and "still profiling" in str(error)
+    assert "stage" not in str(error).replace("still profiling", "")
+    assert [c.stops for c in clients] == [0, 0, 0] and all(c.profiling for c in clients)
