@@ -1,8 +1,8 @@
-"""Every later stage's sampling, checked by that stage's own engine before the first stage runs.
+"""Every stage's sampling, checked by that stage's own engine before the first stage runs.
 
 A bad value for a later stage (a talker temperature past vLLM's bound) would otherwise be found
 only when that stage is called: after the earlier stages ran and the client got their output.
-So before a request's first stage is called, each later stage is asked, concurrently, whether its
+So before a request's first stage is called, every stage is asked, concurrently, whether its
 engine accepts the sampling the request will give it (`Stage.ValidateSampling`, which builds the
 engine's own sampling parameters and runs nothing). The stage is the one authority on its
 engine's limits: the orchestrator keeps no copy of vLLM's rules, which change with its version.
@@ -44,7 +44,6 @@ class SamplingPreflight:
         self._verdicts: OrderedDict[tuple[str, SamplingOptions], tuple[float, Verdict]] = (
             OrderedDict()
         )
-        self.calls = 0  # checks sent to stages, for tests and metrics
 
     async def check(
         self, stages: Sequence[tuple[str, SamplingOptions]], *, deadline: float | None = None
@@ -97,7 +96,6 @@ class SamplingPreflight:
         serving = [r for r in self._pool.replicas(stage) if r.health == SERVING]
         if not serving:
             return _NO_VERDICT  # the stage's call will say why it cannot be reached
-        self.calls += 1
         try:
             await serving[0].client.validate_sampling(options, timeout=timeout)
         except InvalidRequestError as exc:

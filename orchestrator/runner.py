@@ -71,10 +71,11 @@ class PipelineRunner:
         self.check_stage_sampling(overrides)
         last = len(self._names) - 1
         samplings = [self._sampling(i, request, overrides) for i in range(last + 1)]
-        # The first stage checks its own sampling before it sends anything; every later one
-        # is asked now, so a value it refuses fails the request before any stage has run.
-        later = list(zip(self._names[1:], samplings[1:], strict=True))
-        await self._preflight.check(later, deadline=deadline)
+        # Every stage's engine is asked (once per sampling: the verdicts are cached) before
+        # any stage runs, so a value a later stage refuses reaches no earlier stage.
+        await self._preflight.check(
+            list(zip(self._names, samplings, strict=True)), deadline=deadline
+        )
         first_input = replace(request, sampling=samplings[0])
         events = self._run_stage(
             0, first_input, time.monotonic(), deadline=deadline, final=not last

@@ -94,7 +94,7 @@ def test_talker_temperature_past_its_engine_bound_fails_before_the_thinker_runs(
     assert all(stage.calls == [] for stage in pool.stages.values())  # no stage ran
     # The talker was asked with what it would get: the override over the file's defaults.
     assert pool.stages["talker"].validated == [SamplingOptions(max_tokens=4, temperature=2.5)]
-    assert pool.stages["thinker"].validated == []  # the first stage checks its own
+    assert len(pool.stages["thinker"].validated) == 1  # every stage is asked, concurrently
 
 
 def test_each_later_stage_is_asked_once_per_sampling_then_the_verdict_is_cached() -> None:
@@ -148,3 +148,22 @@ def test_a_stage_without_a_serving_replica_is_not_asked() -> None:
     runner = PipelineRunner(parse_pipeline(THREE_STAGES), pool)  # type: ignore[arg-type]
     run_all(runner, {})
     assert pool.stages["talker"].validated == [] and len(pool.stages["code2wav"].validated) == 1
+
+
+def test_the_verdict_cache_is_bounded_and_verdicts_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import preflight
+
+    talker = FakeStage("talker")
+    check = preflight.SamplingPreflight(FakePool(talker=talker), cache_size=2)  # type: ignore[arg-type]
+    clock = [1000.0]
+    monkeypatch.setattr(preflight.time, "monotonic", lambda: clock[0])
+
+    def ask(temperature: float) -> None:
+        asyncio.run(check.check([("talker", SamplingOptions(temperature=temperature))]))
+
+    for temperature in (0.1, 0.2, 0.1, 0.3, 0.2):  # 0.2 was evicted by 0.3 (0.1 was newer)
+        ask(temperature)
+    assert [o.temperature for o in talker.validated] == [0.1, 0.2, 0.3, 0.2]
+    clock[0] += preflight.VERDICT_TTL_S + 1
+    ask(0.2)
+    assert len(talker.validated) == 5  # expired: asked again
