@@ -64,8 +64,8 @@ def test_vllm_sampling_bounds_are_invalid_argument_not_internal(
     """Before the fix vLLM's VLLMValidationError (not a ValueError) escaped: INTERNAL."""
     engine = vllm_engine()
     for call in (
-        lambda: engine.check_sampling(options),
-        lambda: engine._sampling_params(options, prompt_len=5),
+        lambda: engine._sampling_params(options, prompt_len=5),  # Generate's path
+        lambda: engine.check_sampling(options),  # ValidateSampling's
     ):
         with pytest.raises(InvalidRequestError) as caught:
             call()
