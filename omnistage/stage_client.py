@@ -14,6 +14,7 @@ from omnistage.convert import (
     delta_from_pb,
     generate_input_to_pb,
     manifest_from_pb,
+    sampling_to_pb,
     stage_description_from_pb,
 )
 from omnistage.errors import InvalidRequestError
@@ -148,6 +149,12 @@ class AsyncStageClient(AsyncRpcClient):
             raise
         return written
 
+    async def validate_sampling(self, options: SamplingOptions, *, timeout: float = 5.0) -> None:
+        """Return when the stage's engine would accept `options` (ValidateSampling); raise
+        `InvalidRequestError` naming the field when it would not. Nothing runs."""
+        request = stage_pb2.ValidateSamplingRequest(sampling=sampling_to_pb(options))
+        await self._call(self._stub.ValidateSampling(request, timeout=timeout))
+
     async def info(self, *, timeout: float = 10.0) -> StageDescription:
         """The stage's engine, model, profiling state and wall clock (GetInfo)."""
         request = stage_pb2.GetInfoRequest()
@@ -174,6 +181,9 @@ class StageClient(SyncRpcClient[AsyncStageClient]):
     def fetch_file(self, session_id: str, name: str, dest: Path, **options: Any) -> int:
         """See `AsyncStageClient.fetch_file`; `on_bytes` runs on the client's loop thread."""
         return self._loop.run(self._async.fetch_file(session_id, name, dest, **options))
+
+    def validate_sampling(self, options: SamplingOptions) -> None:
+        self._loop.run(self._async.validate_sampling(options))
 
     def info(self) -> StageDescription:
         return self._loop.run(self._async.info())

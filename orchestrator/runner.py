@@ -17,6 +17,7 @@ from omnistage.types import GenerateInput, SamplingOptions, TensorData
 from omnistage.validation import validate_sampling
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool
+from orchestrator.preflight import SamplingPreflight
 from orchestrator.processors import EdgeProcessor, StageOutput, resolve_processor
 from orchestrator.stage_call import StageEvent, StageTiming, call_stage, closing, name_stage
 from orchestrator.streaming import StreamedStage
@@ -43,6 +44,7 @@ class PipelineRunner:
             resolve_processor(spec.input) for spec in pipeline.stages
         ]
         self._names = [spec.name for spec in pipeline.stages]
+        self._preflight = SamplingPreflight(pool)
 
     def check_stage_sampling(self, stage_sampling: dict[str, SamplingOptions]) -> None:
         """Every override names a stage and holds valid values, checked before any stage runs."""
@@ -68,13 +70,19 @@ class PipelineRunner:
         overrides = stage_sampling or {}
         self.check_stage_sampling(overrides)
         last = len(self._names) - 1
-        first_input = replace(request, sampling=self._sampling(0, request, overrides))
+        samplings = [self._sampling(i, request, overrides) for i in range(last + 1)]
+        # Every stage's engine is asked (once per sampling: the verdicts are cached) before
+        # any stage runs, so a value a later stage refuses reaches no earlier stage.
+        await self._preflight.check(
+            list(zip(self._names, samplings, strict=True)), deadline=deadline
+        )
+        first_input = replace(request, sampling=samplings[0])
         events = self._run_stage(
             0, first_input, time.monotonic(), deadline=deadline, final=not last
         )
         for index in range(1, last + 1):
             spec = self._pipeline.stages[index]
-            sampling = self._sampling(index, request, overrides)
+            sampling = samplings[index]
             if spec.input.stream_chunk is None:
                 events = self._after(index, events, request, sampling, deadline=deadline)
                 continue

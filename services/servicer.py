@@ -13,6 +13,7 @@ from omnistage.convert import (
     generate_input_from_pb,
     manifest_to_pb,
     profile_options_from_pb,
+    sampling_from_pb,
     stage_description_to_pb,
 )
 from omnistage.convert_sessions import file_chunks_to_pb
@@ -20,7 +21,7 @@ from omnistage.server import Context
 from omnistage.server.observe import ObservedCall, RequestObserver
 from omnistage.types import OutputDelta, StageDescription
 from omnistage.v1 import common_pb2, stage_pb2, stage_pb2_grpc
-from omnistage.validation import validate_generate_input
+from omnistage.validation import validate_generate_input, validate_sampling
 from services.admission import InflightLimiter
 from services.config import DEFAULT_MAX_INFLIGHT
 from services.engines.base import Engine
@@ -104,6 +105,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
     ) -> AsyncIterator[common_pb2.FileChunk]:
         async for chunk in file_chunks_to_pb(self._sessions.read_chunks, request):
             yield chunk
+
+    async def ValidateSampling(
+        self, request: stage_pb2.ValidateSamplingRequest, context: Context
+    ) -> stage_pb2.ValidateSamplingResponse:
+        options = sampling_from_pb(request.sampling)
+        validate_sampling(options)
+        self._engine.check_sampling(options)
+        return stage_pb2.ValidateSamplingResponse()
 
     async def GetInfo(
         self, request: stage_pb2.GetInfoRequest, context: Context

@@ -120,3 +120,13 @@ class StageInfo(_message.Message):
     device: str
     profiler_dir: str
     def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., profiling_enabled: _Optional[bool] = ..., profiling_active: _Optional[bool] = ..., profile_session_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., server_time_unix_ns: _Optional[int] = ..., version: _Optional[str] = ..., engine_version: _Optional[str] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ..., profiler_dir: _Optional[str] = ...) -> None: ...
+
+class ValidateSamplingRequest(_message.Message):
+    __slots__ = ("sampling",)
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    sampling: _common_pb2.SamplingParams
+    def __init__(self, sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
+class ValidateSamplingResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

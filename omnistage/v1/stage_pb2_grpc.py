@@ -60,6 +60,11 @@ class StageStub:
                 request_serializer=omnistage_dot_v1_dot_stage__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=omnistage_dot_v1_dot_stage__pb2.StageInfo.FromString,
                 _registered_method=True)
+        self.ValidateSampling = channel.unary_unary(
+                '/omnistage.v1.Stage/ValidateSampling',
+                request_serializer=omnistage_dot_v1_dot_stage__pb2.ValidateSamplingRequest.SerializeToString,
+                response_deserializer=omnistage_dot_v1_dot_stage__pb2.ValidateSamplingResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -100,6 +105,15 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ValidateSampling(self, request, context):
+        """Checks sampling options as this stage's engine would check them for a Generate, without
+        running anything: OK, or INVALID_ARGUMENT naming the field and its bounds. The
+        orchestrator asks every later stage before its first stage runs (docs/errors.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +141,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=omnistage_dot_v1_dot_stage__pb2.GetInfoRequest.FromString,
                     response_serializer=omnistage_dot_v1_dot_stage__pb2.StageInfo.SerializeToString,
+            ),
+            'ValidateSampling': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidateSampling,
+                    request_deserializer=omnistage_dot_v1_dot_stage__pb2.ValidateSamplingRequest.FromString,
+                    response_serializer=omnistage_dot_v1_dot_stage__pb2.ValidateSamplingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class Stage:
             '/omnistage.v1.Stage/GetInfo',
             omnistage_dot_v1_dot_stage__pb2.GetInfoRequest.SerializeToString,
             omnistage_dot_v1_dot_stage__pb2.StageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidateSampling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omnistage.v1.Stage/ValidateSampling',
+            omnistage_dot_v1_dot_stage__pb2.ValidateSamplingRequest.SerializeToString,
+            omnistage_dot_v1_dot_stage__pb2.ValidateSamplingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
-from omnistage.types import EngineInfo, GenerateInput, OutputDelta, ProfileOptions
+from omnistage.types import (
+    EngineInfo,
+    GenerateInput,
+    OutputDelta,
+    ProfileOptions,
+    SamplingOptions,
+)
 
 
 class Engine(Protocol):
@@ -22,6 +28,12 @@ class Engine(Protocol):
 
     def generate(self, request: GenerateInput) -> AsyncIterator[OutputDelta]:
         """Stream one request's output, ending with a delta whose `finished` is True."""
+        ...
+
+    def check_sampling(self, options: SamplingOptions) -> None:
+        """Raise `InvalidRequestError` when `generate` would refuse `options` whatever the
+        input (a value past the engine's own bounds); run nothing. An orchestrator asks this
+        of a later stage before its first stage runs."""
         ...
 
     async def abort(self, request_id: str) -> None:

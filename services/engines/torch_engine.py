@@ -39,6 +39,7 @@ from omnistage.types import (
     OutputDelta,
     ProfileOptions,
     RequestMetrics,
+    SamplingOptions,
     TensorData,
 )
 from services.config import StageConfig
@@ -199,6 +200,11 @@ class TorchEngine:
             item.cancelled = item.cancelled or not item.taken
             if self._requests.get(item.request_id) is item:
                 del self._requests[item.request_id]
+
+    def check_sampling(self, options: SamplingOptions) -> None:
+        """A torch module has no sampling: the shared rules (`omnistage.validation`), which
+        the servicer applies, are all there is to check."""
+        self._require_model()
 
     async def abort(self, request_id: str) -> None:
         item = self._requests.get(request_id)

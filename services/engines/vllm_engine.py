@@ -125,12 +125,14 @@ class VllmEngine:
         params = self._sampling_params(request.sampling, prompt_len=len(prompt_ids))
         first_token_at = 0.0
         generated = 0
+        admitted = False  # whether vLLM has sent anything: before that, its errors are ours
         self._running.add(request.request_id)
         try:
             stream = llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), params, request.request_id
             )
             async for output in stream:
+                admitted = True
                 completion = output.outputs[0]
                 token_ids = tuple(completion.token_ids)
                 if token_ids and not first_token_at:
@@ -149,7 +151,7 @@ class VllmEngine:
                     metrics=metrics,
                 )
         except Exception as exc:
-            translated = _translate(exc)
+            translated = _translate(exc, admitted=admitted)
             if translated is exc:
                 raise
             raise translated from exc
@@ -227,8 +229,17 @@ class VllmEngine:
             kwargs["top_k"] = -1 if options.top_k == 0 else options.top_k
         try:
             return SamplingParams(**kwargs)
-        except ValueError as exc:
-            raise InvalidRequestError(f"sampling: {exc}") from exc
+        except Exception as exc:
+            translated = _translate(exc, admitted=False)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def check_sampling(self, options: SamplingOptions) -> None:
+        """Build the request's `SamplingParams` as `generate` would, for a prompt of one token
+        (the shortest there is: a later stage's prompt is not known yet), and run nothing."""
+        self._require_llm()
+        self._sampling_params(options, prompt_len=1)
 
     def _require_llm(self) -> Any:
         if self._llm is None:
@@ -291,16 +302,38 @@ def _metrics(
     )
 
 
-def _translate(exc: Exception) -> Exception:
-    """vLLM's errors as omnistage's, so the servicer maps them to the right status."""
-    from vllm.exceptions import VLLMClientError
+def _translate(exc: Exception, *, admitted: bool) -> Exception:
+    """vLLM's errors as omnistage's, so the servicer maps them to the right status.
+
+    Before vLLM has admitted a request (`admitted` False: nothing came back yet), a
+    `ValueError` or `TypeError` is vLLM's input and sampling validation speaking (its
+    `SamplingParams` and input processor raise those beside `VLLMValidationError`; `generate`
+    wraps them in `EngineGenerateError`): the caller's to fix. Afterwards it is vLLM's own
+    failure, and stays an internal error.
+    """
+    from vllm.exceptions import VLLMClientError, VLLMValidationError
     from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
+    from vllm.v1.engine.exceptions import EngineGenerateError
 
     if isinstance(exc, VllmDeadError):
         return EngineDeadError(f"the vLLM engine has died: {exc}")
+    if isinstance(exc, VLLMValidationError):
+        return InvalidRequestError(_validation_message(exc, exc.parameter))
     if isinstance(exc, VLLMClientError):
-        return InvalidRequestError(str(exc))
+        return InvalidRequestError(f"vLLM refused the request: {exc}")
+    cause = exc.__cause__ if isinstance(exc, EngineGenerateError) else exc
+    if not admitted and isinstance(cause, (ValueError, TypeError)):
+        return InvalidRequestError(_validation_message(cause, None))
     return exc
+
+
+def _validation_message(exc: Exception, parameter: str | None) -> str:
+    """vLLM's own words for a value it refuses (which name the value and its bounds), with
+    the sampling field they concern, e.g. "sampling.temperature: temperature must be in
+    [0, 2], got 2.5; use a value within vLLM's bounds"."""
+    words = str(exc.args[0]) if exc.args else str(exc)
+    where = f"sampling.{parameter}: " if parameter else "sampling: "
+    return f"{where}{words.rstrip('.')}; use a value within vLLM's bounds for this field"
 
 
 def _device_name() -> str:

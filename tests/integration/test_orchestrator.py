@@ -300,15 +300,18 @@ def test_stage_rejecting_midway_ends_the_stream_with_its_status(
     pipeline: omnistage.Client, stage: RunningStage, rewriter_stage: RunningStage
 ) -> None:
     outputs: list[omnistage.types.PipelineOutput] = []
+    # 2040 tokens fit the rewriter's 2048-token context after a one-token prompt, so its
+    # ValidateSampling accepts them before the thinker runs; they do not fit after the prompt
+    # that the thinker's output makes, which only the rewriter's Generate can know.
     with pytest.raises(errors.InvalidRequestError) as info:
         for out in pipeline.generate(
-            "Name a fruit.", stage_sampling={"rewriter": {"max_tokens": 100000}}
+            "Name a fruit.", stage_sampling={"rewriter": {"max_tokens": 2040}}
         ):
             outputs.append(out)
     # The thinker finished and streamed; the rewriter refused what it was handed.
     assert {o.stage for o in outputs} == {"thinker"} and outputs[-1].finished
     message = str(info.value)
-    assert message.startswith("stage 'rewriter': max_tokens 100000 does not fit")
+    assert message.startswith("stage 'rewriter': max_tokens 2040 does not fit")
     assert rewriter_stage.address in message
     wait_idle(stage, rewriter_stage, timeout=5)
 

@@ -135,3 +135,72 @@ def test_client_deadline_aborts_the_request(stage: RunningStage) -> None:
         what="the engine to drop the request past its deadline",
     )
     assert_engine_empty(stage)
+
+
+# Issue 14: sampling values past the engine's bounds (vLLM's `VLLMValidationError`, which is
+# no ValueError, came back INTERNAL "Generate failed inside the stage") or the shared rules.
+BAD_SAMPLING = [
+    pytest.param({"temperature": 2.5}, ["sampling.temperature", "[0, 2]", "2.5"], id="temp-2.5"),
+    pytest.param({"temperature": 2.01}, ["sampling.temperature", "[0, 2]"], id="temp-2.01"),
+    pytest.param({"temperature": 1e30}, ["sampling.temperature", "[0, 2]"], id="temp-huge"),
+    pytest.param({"temperature": float("nan")}, ["temperature"], id="temp-nan"),
+    pytest.param({"temperature": float("inf")}, ["temperature"], id="temp-inf"),
+    pytest.param({"top_p": 1.5}, ["top_p", "(0, 1]"], id="top-p-1.5"),
+    pytest.param({"top_p": -0.1}, ["top_p", "(0, 1]"], id="top-p-negative"),
+    pytest.param({"top_k": -2}, ["top_k", "-2"], id="top-k-negative"),
+    pytest.param({"max_tokens": -1}, ["max_tokens", "≥ 1"], id="max-tokens-negative"),
+    pytest.param({"max_tokens": CONTEXT}, ["max_tokens", "does not fit"], id="max-tokens-ctx"),
+    pytest.param({"stop": [""]}, ["stop", "empty"], id="stop-empty-string"),
+    pytest.param({"stop": ["x"] * 17}, ["stop", "at most 16"], id="stop-too-many"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("values", "words"), BAD_SAMPLING)
+def test_bad_sampling_is_invalid_argument_never_internal(
+    stage: RunningStage, values: dict[str, object], words: list[str]
+) -> None:
+    error = expect_error(stage, stage_pb2.GenerateRequest(prompt="hi", sampling=sampling(**values)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+    for word in words:
+        assert word in error.details()
+    # ValidateSampling gives the same verdict without running anything.
+    with pytest.raises(grpc.RpcError) as info:
+        stage.stub.ValidateSampling(
+            stage_pb2.ValidateSamplingRequest(sampling=sampling(**values)), timeout=30
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == error.details()
+    assert_engine_empty(stage)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"temperature": 2.0, "top_p": 1.0, "top_k": 0},
+        {"seed": -5},
+        {"seed": 2**63 - 1},
+        {"top_k": 10**9},
+    ],
+    ids=["at-the-bounds", "negative-seed", "largest-seed", "top-k-past-vocab"],
+)
+def test_odd_but_valid_sampling_serves(stage: RunningStage, values: dict[str, object]) -> None:
+    stage.stub.ValidateSampling(
+        stage_pb2.ValidateSamplingRequest(sampling=sampling(**values)), timeout=30
+    )
+    request = stage_pb2.GenerateRequest(prompt="Hello", sampling=sampling(max_tokens=2, **values))
+    replies = list(stage.stub.Generate(request, timeout=60))
+    assert replies[-1].finished
+
+
+def test_stage_serves_after_every_bad_sampling(stage: RunningStage) -> None:
+    for case in BAD_SAMPLING:
+        values = case.values[0]
+        assert isinstance(values, dict)
+        expect_error(stage, stage_pb2.GenerateRequest(prompt="hi", sampling=sampling(**values)))
+    replies = list(
+        stage.stub.Generate(
+            stage_pb2.GenerateRequest(prompt="Hello", sampling=sampling(max_tokens=3)), timeout=60
+        )
+    )
+    assert replies[-1].finished and replies[-1].finish_reason in ("stop", "length")
+    assert_engine_empty(stage)

@@ -12,7 +12,7 @@ import numpy as np
 
 from omnistage.errors import InvalidRequestError
 from omnistage.tensors import tensor_from_numpy
-from omnistage.types import GenerateInput, OutputDelta, RequestMetrics
+from omnistage.types import GenerateInput, OutputDelta, RequestMetrics, SamplingOptions
 
 
 @dataclass
@@ -29,6 +29,13 @@ class FakeStage:
     metadata: list[dict[str, str]] = field(default_factory=list)  # each call's (traceparent)
     active: int = 0
     cancelled: int = 0
+    refuse_sampling: str = ""  # ValidateSampling's INVALID_ARGUMENT message, when set
+    validated: list[SamplingOptions] = field(default_factory=list)  # each ValidateSampling's
+
+    async def validate_sampling(self, options: SamplingOptions, *, timeout: float = 5.0) -> None:
+        self.validated.append(options)
+        if self.refuse_sampling:
+            raise InvalidRequestError(self.refuse_sampling)
 
     async def generate(
         self,
@@ -68,6 +75,7 @@ class FakeStage:
 class FakeReplica:
     client: Any  # a FakeStage, or another fake with its `generate`
     address: str
+    health: str = "SERVING"
 
 
 class FakePool:

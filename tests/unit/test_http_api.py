@@ -122,6 +122,21 @@ def test_an_overloaded_stage_is_429_with_retry_after() -> None:
     assert response.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_sampling_past_a_stage_engines_bound_is_400_before_the_stage_runs(stream: bool) -> None:
+    """Issue 14: the stage's ValidateSampling refuses; nothing runs and nothing streams."""
+    refusal = "sampling.temperature: temperature must be in [0, 2], got 2.5"
+    stage = FakeStage("talker", refuse_sampling=refusal)
+    with client_for(stage) as http:
+        body = CHAT | {"stream": stream, "temperature": 2.5}
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert error["message"] == f"stage 'talker': {refusal}"
+    assert stage.calls == [] and len(stage.validated) == 1
+
+
 def test_a_failure_mid_stream_is_the_last_event() -> None:
     with client_for(BreakingStage("talker")) as http:
         response = http.post("/v1/chat/completions", json=CHAT | {"stream": True})

@@ -29,6 +29,7 @@ def test_contract_names_exist() -> None:
         "StopProfile",
         "FetchProfileFile",
         "GetInfo",
+        "ValidateSampling",
     }
     orchestrator = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"]
     assert set(orchestrator.methods_by_name) == {

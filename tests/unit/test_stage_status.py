@@ -12,7 +12,7 @@ import pytest
 from omnistage.errors import OmnistageError
 from omnistage.rpc import error_from_rpc
 from omnistage.server.errors import status_code
-from omnistage.types import GenerateInput, OutputDelta
+from omnistage.types import GenerateInput, OutputDelta, SamplingOptions
 from orchestrator.config import parse_pipeline
 from orchestrator.runner import PipelineRunner
 from tests.unit.fake_grpc import Aborted, FakeContext, FakeRpcError, mapped
@@ -26,6 +26,9 @@ class FailingStage:
     code: grpc.StatusCode | None = None
     tokens: int = 3
     closed: list[bool] = field(default_factory=list)
+
+    async def validate_sampling(self, options: SamplingOptions, *, timeout: float = 5.0) -> None:
+        pass  # its sampling is fine: it fails mid-stream
 
     async def generate(
         self,
