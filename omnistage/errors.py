@@ -84,6 +84,11 @@ class StageUnavailableError(OmnistageError):
     code = "UNAVAILABLE"
 
 
+class StageDrainingError(StageUnavailableError):
+    """The stage got SIGTERM and is draining: it finishes what is in flight and serves its
+    profile files for its grace period, but takes no new Generate or StartProfile."""
+
+
 class DeadlineError(OmnistageError):
     """An operation ran past its deadline."""
 

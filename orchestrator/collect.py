@@ -11,7 +11,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from omnistage.errors import InvalidRequestError, OmnistageError
+from omnistage.errors import (
+    InvalidRequestError,
+    OmnistageError,
+    StageUnavailableError,
+    reworded,
+)
 from omnistage.profile_files import check_file_name, sha256_file
 from omnistage.types import ProfileManifest, StageProfileResult, StopProgress
 from orchestrator.pool import StageReplica
@@ -20,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[StopProgress], None]
 PULL_REPORT_BYTES = 8 << 20  # a "pulling" event at most this often, and at each file's end
+PULL_RETRY_S = 30.0  # how long a file's pull is retried while its stage is unavailable
+PULL_BACKOFF_S = (0.25, 4.0)  # the first wait before a retry, and the longest
 
 
 def _ignore(event: StopProgress) -> None:
@@ -120,9 +127,7 @@ class StageCollector:
                     self._pulling(name, done, total)
 
             try:
-                await self.replica.client.fetch_file(
-                    manifest.session_id, item.name, target, on_bytes=on_bytes
-                )
+                done = await self._fetch(manifest.session_id, item.name, target, on_bytes, done)
             except OSError as exc:
                 raise OmnistageError(
                     f"could not write {target}: {exc}; free space there, or pass another "
@@ -159,6 +164,31 @@ class StageCollector:
                 f"the stage keeps its copy in session {stage_session}"
             )
         return target
+
+    async def _fetch(
+        self, session_id: str, name: str, target: Path, on_bytes: Callable[[int], None], done: int
+    ) -> int:
+        """Pull one file, retrying while the stage is unavailable (draining after SIGTERM, or
+        a link that dropped) with a growing backoff, for up to PULL_RETRY_S after the first
+        failure, each retry resuming after the bytes already written; return the bytes done
+        of the session, this file included."""
+        before, first_failure, backoff = done, 0.0, PULL_BACKOFF_S[0]
+        offset = 0
+        while True:
+            try:
+                written = await self.replica.client.fetch_file(
+                    session_id, name, target, offset=offset, on_bytes=on_bytes
+                )
+                return before + offset + written
+            except StageUnavailableError as exc:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now + backoff - first_failure > PULL_RETRY_S:
+                    raise reworded(exc, f"{exc}; retried for {now - first_failure:.0f} s") from exc
+                logger.info("pulling %s from %s: %s; retrying", name, self.replica.address, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, PULL_BACKOFF_S[1])
+                offset = target.stat().st_size if target.is_file() else 0
 
     def _pulling(self, name: str, done: int, total: int) -> None:
         self._say(

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from omnistage.errors import (
@@ -21,7 +21,6 @@ from omnistage.errors import (
     StageUnavailableError,
     reworded,
 )
-from omnistage.profile_files import new_session_id
 from omnistage.trace_context import current_trace_id
 from omnistage.traces.clock import ClockEstimate, combine
 from omnistage.traces.critical import critical_paths
@@ -34,6 +33,7 @@ from orchestrator.clock_sampling import sample_clocks
 from orchestrator.collect import Progress, StageCollector, replica_dir
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import SERVING, StagePool, StageReplica
+from orchestrator.profile_state import ActiveSession, find_lost, new_session
 from orchestrator.runner import StageEvent
 from orchestrator.sessions import CollectedSessions
 
@@ -44,19 +44,6 @@ logger = logging.getLogger(__name__)
 # refused), so the rollback stops that stage too. A refusal (already profiling, profiling off,
 # bad options) leaves the stage as it was: its own session, if any, is not ours to stop.
 MAYBE_STARTED = (DeadlineError, StageUnavailableError, EngineDeadError, CancelledError)
-
-
-@dataclass
-class _ActiveSession:
-    session_id: str
-    label: str
-    started_unix_ns: int
-    # stage name -> replicas that are profiling, each with the stage's own session id
-    stages: dict[str, list[tuple[StageReplica, str]]] = field(default_factory=dict)
-    # clock key -> the offset estimated when the session started
-    clock_start: dict[str, ClockEstimate] = field(default_factory=dict)
-    spans: list[RequestSpan] = field(default_factory=list)
-    timing_only: bool = False  # no stage's profiler started: nothing to stop or pull
 
 
 class PipelineProfiler:
@@ -75,7 +62,7 @@ class PipelineProfiler:
         self._sessions = sessions
         self._on_stopped = on_stopped  # (seconds, report) of each stop that collected
         self._stopping: set[asyncio.Future[ProfileReport]] = set()
-        self._active: _ActiveSession | None = None
+        self._active: ActiveSession | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -83,7 +70,16 @@ class PipelineProfiler:
         return self._active.session_id if self._active else ""
 
     def profiling_stages(self) -> list[str]:
-        return list(self._active.stages) if self._active else []
+        return self._active.profiling_stages() if self._active else []
+
+    async def check_stages(self) -> list[str]:
+        """Ask the profiling stages which session they hold, then `profiling_stages`: a stage
+        that restarted during the session is profiling no more. Skipped while a start or stop
+        holds the session (the stop checks them itself)."""
+        session = self._active
+        if session is not None and not self._lock.locked():
+            await find_lost(session, [t for targets in session.stages.values() for t in targets])
+        return self.profiling_stages()
 
     def _select(self, keys: list[str]) -> list[str]:
         """Stage names for names or decimal indices; empty means all. Raises before any call."""
@@ -108,7 +104,7 @@ class PipelineProfiler:
                     f"profile session {self._active.session_id} is active on stages "
                     f"{list(self._active.stages)}; call StopProfile first"
                 )
-            session = _new_session(options)
+            session = new_session(options)
             targets = await self._serving_replicas(names)
             asked: list[StageReplica] = []
 
@@ -272,7 +268,7 @@ class PipelineProfiler:
 
     async def _collect(
         self,
-        session: _ActiveSession,
+        session: ActiveSession,
         targets: list[tuple[StageReplica, str]],
         session_dir: Path,
         progress: Progress,
@@ -324,23 +320,12 @@ class PipelineProfiler:
             if session is None:
                 raise ProfilerStateError("no profile session is active; call StartProfile first")
             names = list(session.stages) if not keys else self._select(keys)
-            idle = [n for n in names if n not in session.stages]
-            if idle:
-                raise InvalidRequestError(
-                    f"stages {idle} are not profiling in session {session.session_id}; "
-                    f"the profiling stages are {list(session.stages)}"
-                )
-            if session.timing_only and slim is not None:
-                raise InvalidRequestError(
-                    f"session {session.session_id} is timing-only: it has no traces to slim; "
-                    "stop it without slimming (it is still recording)"
-                )
-            session_dir = await asyncio.to_thread(
-                self._sessions.make_session_dir, output_dir, session.session_id
-            )
+            session_dir = await asyncio.to_thread(self._stop_dir, session, names, output_dir, slim)
             targets = [(r, sid) for n in names for r, sid in session.stages[n]]
-            clock_stop = await self._clocks([r for r, _ in targets])
-            results = await self._collect(session, targets, session_dir, progress)
+            await find_lost(session, targets)  # a restarted stage is not asked to stop
+            live, lost = session.split_lost(targets)
+            clock_stop = await self._clocks([r for r, _ in live])
+            results = await self._collect(session, live, session_dir, progress) + lost
             for result in results:  # checked on the pull: the listing below need not rehash
                 for item in result.files if result.ok else ():
                     self._sessions.remember(Path(result.local_dir) / item.name, item.sha256)
@@ -365,18 +350,26 @@ class PipelineProfiler:
             await self._sessions.prune(keep=session_dir)
             return replace(report, session_files=listed.files)
 
+    def _stop_dir(
+        self, session: ActiveSession, names: list[str], output_dir: str, slim: SlimOptions | None
+    ) -> Path:
+        """Check a stop's arguments before any stage is asked; the session's folder, made."""
+        idle = [n for n in names if n not in session.stages]
+        if idle:
+            raise InvalidRequestError(
+                f"stages {idle} are not profiling in session {session.session_id}; "
+                f"the profiling stages are {list(session.stages)}"
+            )
+        if session.timing_only and slim is not None:
+            raise InvalidRequestError(
+                f"session {session.session_id} is timing-only: it has no traces to slim; "
+                "stop it without slimming (it is still recording)"
+            )
+        return self._sessions.make_session_dir(output_dir, session.session_id)
+
     def _stopped(self, started: float, task: asyncio.Future[ProfileReport]) -> None:
         if self._on_stopped is not None and not task.cancelled() and task.exception() is None:
             self._on_stopped(time.monotonic() - started, task.result())
-
-
-def _new_session(options: ProfileOptions) -> _ActiveSession:
-    return _ActiveSession(
-        new_session_id(options.label),
-        options.label,
-        time.time_ns(),
-        timing_only=options.timing_only,
-    )
 
 
 async def _collected_nothing(replica: StageReplica) -> StageProfileResult:

@@ -163,8 +163,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):  # type:
     async def GetPipeline(
         self, request: orchestrator_pb2.GetPipelineRequest, context: Context
     ) -> orchestrator_pb2.PipelineInfo:
-        profiling = set(self._profiler.profiling_stages())
         await self._pool.refresh()
+        profiling = set(await self._profiler.check_stages())
         stages = [
             await self._stage_status(index, spec.name, spec.name in profiling)
             for index, spec in enumerate(self._pipeline.stages)

@@ -20,9 +20,12 @@ from services.engines.base import Engine
 from services.metrics import StageMetrics
 from services.profiling.sessions import ProfileSessionStore
 from services.servicer import StageServicer
+from services.watchdog import EngineWatchdog
 
 logger = logging.getLogger(__name__)
 
+DRAIN_POLL_S = 0.05
+"""How often a draining stage looks whether it is idle."""
 STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 
@@ -56,9 +59,9 @@ class StageServer:
             root=root,
             retention=config.profile_retention,
         )
-        limiter = InflightLimiter(config.name, config.max_inflight)
+        limiter = self._limiter = InflightLimiter(config.name, config.max_inflight)
         self.metrics = self._metrics(limiter)
-        servicer = StageServicer(
+        servicer = self._servicer = StageServicer(
             name=config.name,
             engine=engine,
             sessions=self.sessions,
@@ -66,6 +69,7 @@ class StageServer:
             metrics=self.metrics,
         )
         self._watch: asyncio.Task[None] | None = None
+        self._watchdog: EngineWatchdog | None = None
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
         self.port, self.health_port = self._grpc.bind_ports(
             config.host, config.port, config.health_port
@@ -118,6 +122,7 @@ class StageServer:
         await self._grpc.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._grpc.start()
         started = time.monotonic()
+        self._watchdog = EngineWatchdog.start()  # before the engine starts its processes
         await self.engine.start()
         await self._grpc.set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._watch_engine(), name="engine-watch")
@@ -129,7 +134,7 @@ class StageServer:
         )
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, let in-flight calls finish within the grace period, then close."""
+        """NOT_SERVING, drain within the grace period, then close (`drain`)."""
         grace = self.config.grace_seconds if grace is None else grace
         if self._watch is not None:
             self._watch.cancel()
@@ -137,14 +142,31 @@ class StageServer:
                 await self._watch
         try:
             await self.health.enter_graceful_shutdown()
-            logger.info("draining stage %r for up to %.0f s", self.config.name, grace)
-            await self._grpc.stop(grace)
+            await self.drain(grace)
             await self.sessions.abandon()
         finally:
             self.sessions.close()
             await self.engine.close()
+            if self._watchdog is not None:
+                await self._watchdog.close()
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new Generate and StartProfile calls, but keep serving until the stage is
+        idle or `grace` seconds have passed: in-flight streams finish, a StopProfile under
+        way finishes, and the files of a manifest handed out within the grace period are
+        served until each has been fetched whole. Then stop the gRPC server, cutting what is
+        still in flight."""
+        started = time.monotonic()
+        deadline = started + grace
+        self._servicer.draining = True
+        logger.info("draining stage %r for up to %.0f s", self.config.name, grace)
+        while time.monotonic() < deadline and (
+            self._limiter.inflight or self.sessions.busy(since=started - grace)
+        ):
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self._grpc.stop(max(0.0, deadline - time.monotonic()))
 
 
 async def build_server(config: StageConfig) -> tuple[StageServer, int]:

@@ -17,6 +17,7 @@ from omnistage.convert import (
     stage_description_to_pb,
 )
 from omnistage.convert_sessions import file_chunks_to_pb
+from omnistage.errors import StageDrainingError
 from omnistage.server import Context
 from omnistage.server.observe import ObservedCall, RequestObserver
 from omnistage.types import OutputDelta, StageDescription
@@ -48,6 +49,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
         self._sessions = sessions
         self._limiter = limiter or InflightLimiter(name, DEFAULT_MAX_INFLIGHT)
         self._metrics = metrics
+        self.draining = False
+        """Set on SIGTERM: Generate and StartProfile are refused, profile files still served."""
         self._observer = RequestObserver(
             metrics.requests if metrics is not None else None,
             span_name=GENERATE_SPAN,
@@ -62,6 +65,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
             generate_input = generate_input_from_pb(request)
             call.annotate(request_id=generate_input.request_id)
             validate_generate_input(generate_input)
+            self._refuse_when_draining("Generate")
             with self._limiter.admit():
                 try:
                     async for delta in self._engine.generate(generate_input):
@@ -73,6 +77,13 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
                     logger.info("request %s cancelled by the client", generate_input.request_id)
                     await self._engine.abort(generate_input.request_id)
                     raise
+
+    def _refuse_when_draining(self, rpc: str) -> None:
+        if self.draining:
+            raise StageDrainingError(
+                f"stage {self._name!r} is draining (it got SIGTERM): it takes no new {rpc}; "
+                "send it to another replica, or retry once the stage is back"
+            )
 
     def _finished(self, call: ObservedCall, delta: OutputDelta) -> None:
         """The last delta of a call: its queue time (metrics), tokens and finish (span)."""
@@ -88,6 +99,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
     async def StartProfile(
         self, request: stage_pb2.StartProfileRequest, context: Context
     ) -> stage_pb2.StartProfileResponse:
+        self._refuse_when_draining("StartProfile")
         session_dir = await self._sessions.start(profile_options_from_pb(request))
         return stage_pb2.StartProfileResponse(
             session_id=session_dir.name, profile_dir=str(session_dir)

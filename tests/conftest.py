@@ -27,8 +27,14 @@ from tests.servers import (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that stop a shared stage run last."""
-    items.sort(key=lambda item: item.get_closest_marker("stops_shared_stage") is not None)
+    """Tests that stop a shared stage run last, and those that destroy one after them."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("destroys_stage") is not None:
+            return 2
+        return 1 if item.get_closest_marker("stops_shared_stage") is not None else 0
+
+    items.sort(key=rank)
 
 
 def _used_fixtures(session: pytest.Session) -> set[str]:
@@ -101,5 +107,5 @@ def code2wav_stage(_session_stages: SessionStages) -> RunningStage:
 
 @pytest.fixture(scope="session")
 def doomed_stage(_session_stages: SessionStages) -> RunningStage:
-    """A vLLM stage whose engine test_engine_death kills; no other test may use it."""
+    """A vLLM stage that test_engine_death kills (kill -9); no other test may use it."""
     return _session_stages.get("doomed_stage")

@@ -24,7 +24,7 @@ REFERENCE_MAX_TOKENS = 24
 PLAIN_GRACE_S = 15.0  # the plain stage's SIGTERM drain time; its SIGTERM test waits it out
 TALKER_MODEL = ROOT / "examples" / "omni" / "talker"
 CODE2WAV_MODEL = "examples.omni.code2wav:build"
-DOOMED_HEALTH_INTERVAL_S = 1.0  # the engine-death test expects NOT_SERVING within it
+HEALTH_INTERVAL_S = 1.0  # each session stage's; test_engine_death awaits NOT_SERVING in it
 CODE2WAV_OPTIONS = {"max_batch_size": 4, "max_wait_ms": 5, "num_threads": 1}
 
 
@@ -80,6 +80,7 @@ SESSION_STAGES = {
     "plain_stage": StageRecipe(
         "plain", profiled=False, extra=("--grace-seconds", str(PLAIN_GRACE_S)), metrics=True
     ),
+    # test_engine_death kills the talker's engine core, as the session's very last use of it.
     "talker_stage": StageRecipe("talker", model=str(TALKER_MODEL), extra=("--max-num-seqs", "16")),
     "code2wav_stage": StageRecipe(
         "code2wav",
@@ -87,13 +88,9 @@ SESSION_STAGES = {
         model=CODE2WAV_MODEL,
         extra=("--engine-options", json.dumps(CODE2WAV_OPTIONS)),
     ),
-    # test_engine_death kills this one's engine core: no other test may use it. It is a
+    # test_engine_death kills this one's main process: no other test may use it. It is a
     # session stage so that its engine loads beside the others, not alone later.
-    "doomed_stage": StageRecipe(
-        "doomed",
-        profiled=False,
-        extra=("--max-num-seqs", "4", "--health-interval", str(DOOMED_HEALTH_INTERVAL_S)),
-    ),
+    "doomed_stage": StageRecipe("doomed", profiled=False, extra=("--max-num-seqs", "4")),
 }
 
 
@@ -131,10 +128,9 @@ class SessionStages:
                     else None
                 ),
                 extra=[
-                    "--grace-seconds",
-                    "20",
+                    *("--grace-seconds", "20", "--health-interval", str(HEALTH_INTERVAL_S)),
                     *recipe.extra,
-                    *(metrics if recipe.metrics else ()),
+                    *metrics,
                 ],
             ),
             log_path=self._logs / f"{recipe.name}.log",

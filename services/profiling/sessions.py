@@ -68,6 +68,9 @@ class ProfileSessionStore:
         self._retention = retention or RetentionPolicy()
         self._active: Path | None = None
         self._lock = asyncio.Lock()
+        self._fetching = 0  # FetchProfileFile streams under way
+        # The last stop's manifest: (session id, names not yet fetched whole, when it was made)
+        self._handed_out: tuple[str, set[str], float] | None = None
         self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix=f"stage-io-{stage_name}")
 
     async def _on_io(self, function: Callable[..., T], *args: Any) -> T:
@@ -147,6 +150,8 @@ class ProfileSessionStore:
                 len(files),
             )
             await self._prune(keep=frozenset({session_dir}))
+            names = {f.name for f in files}
+            self._handed_out = (session_dir.name, names, time.monotonic())
             return ProfileManifest(
                 session_id=session_dir.name,
                 profile_dir=str(session_dir),
@@ -203,8 +208,24 @@ class ProfileSessionStore:
         chunks = file_chunks(
             path, name, session=session_id, chunk_size=chunk_size, offset=offset, executor=self._io
         )
-        async for chunk in chunks:
-            yield chunk
+        self._fetching += 1
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self._fetching -= 1
+        handed_out = self._handed_out
+        if handed_out is not None and handed_out[0] == session_id:
+            handed_out[1].discard(name)  # served to its end
+
+    def busy(self, *, since: float) -> bool:
+        """Whether profiling work is under way: a start or stop, a file being served, or a
+        file of a manifest handed out at `since` (time.monotonic) or later that nobody has
+        fetched yet. A draining stage keeps serving until this is False."""
+        if self._lock.locked() or self._fetching:
+            return True
+        handed_out = self._handed_out
+        return handed_out is not None and handed_out[2] >= since and bool(handed_out[1])
 
     async def abandon(self) -> None:
         """Stop a session left active at shutdown, keeping whatever the engine flushed."""

@@ -1,9 +1,14 @@
-"""A vLLM stage whose engine core process is killed while the stage is idle reports
-NOT_SERVING within one health interval, and then answers Generate with UNAVAILABLE.
+"""Deaths of a vLLM stage's processes (only vLLM runs its engine in processes of its own; the
+torch engine is a thread of the stage):
 
-Only vLLM runs its engine in processes of its own (the torch engine is a thread of the stage),
-so this module uses a vLLM stage of its own, `doomed_stage`: one of the session's stages, so
-that its engine loads beside the others, but one no other test uses.
+- its engine core killed while the stage is idle: the stage reports NOT_SERVING within one
+  health interval, and then answers Generate with UNAVAILABLE;
+- the stage's main process killed (`kill -9`): its engine core and worker die with it, and
+  the watchdog too (services/watchdog.py).
+
+Each destroys a session stage, so both are marked `destroys_stage` and run at the very end:
+the engine core dies on the talker (no test uses it afterwards), and the stage is killed on
+`doomed_stage`, which no other test uses; no engine is started for them alone.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import pytest
 
 from omnistage.launch import health_status
 from omnistage.v1 import stage_pb2, stage_pb2_grpc
-from tests.servers import DOOMED_HEALTH_INTERVAL_S, RunningStage
+from tests.servers import HEALTH_INTERVAL_S, RunningStage
 
 pytestmark = pytest.mark.slow
 
 DETECTION_SLACK_S = 2.0  # vLLM's monitor thread sees the death; one health check's round trip
+WATCHDOG_SLACK_S = 15.0  # the watchdog's SIGTERM grace and SIGKILL (services/watchdog.py)
 
 
 def _engine_core(stage_pid: int) -> psutil.Process:
@@ -35,13 +41,14 @@ def _engine_core(stage_pid: int) -> psutil.Process:
         time.sleep(0.1)  # a poll's period, not a synchronisation
 
 
-def test_a_killed_engine_core_flips_health_to_not_serving(doomed_stage: RunningStage) -> None:
-    doomed = doomed_stage.process
+@pytest.mark.destroys_stage
+def test_a_killed_engine_core_flips_health_to_not_serving(talker_stage: RunningStage) -> None:
+    doomed = talker_stage.process
     assert health_status(doomed.address) == "SERVING"
     core = _engine_core(doomed.process.pid)
     killed = time.monotonic()
     core.send_signal(signal.SIGKILL)
-    deadline = killed + DOOMED_HEALTH_INTERVAL_S + DETECTION_SLACK_S
+    deadline = killed + HEALTH_INTERVAL_S + DETECTION_SLACK_S
     while (status := health_status(doomed.address)) == "SERVING":
         assert time.monotonic() < deadline, "still SERVING past one health interval"
         time.sleep(0.05)  # a poll's period, not a synchronisation
@@ -54,3 +61,18 @@ def test_a_killed_engine_core_flips_health_to_not_serving(doomed_stage: RunningS
             list(stub.Generate(request, timeout=30))
     assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "has died" in (failed.value.details() or "")
+
+
+@pytest.mark.destroys_stage
+def test_kill_9_of_a_stage_leaves_no_engine_process(doomed_stage: RunningStage) -> None:
+    """Issue 14: `kill -9` of a stage's main process left its EngineCore and Worker running,
+    holding 3.3 GB. Now every process the stage started is gone within a few seconds."""
+    main = psutil.Process(doomed_stage.process.process.pid)
+    _engine_core(main.pid)
+    descendants = main.children(recursive=True)
+    names = " ".join(p.name() + " " + " ".join(p.cmdline()) for p in descendants)
+    assert "EngineCore" in names and "services.watchdog" in names, names
+    main.send_signal(signal.SIGKILL)  # the main process alone, not its group
+    doomed_stage.process.process.wait(timeout=30)
+    _, alive = psutil.wait_procs(descendants, timeout=WATCHDOG_SLACK_S)
+    assert alive == [], f"still running after kill -9 of the stage: {alive}"

@@ -19,15 +19,18 @@ from omnistage.errors import (
     InvalidRequestError,
     OmnistageError,
     ProfilerStateError,
+    StageDrainingError,
     StageUnavailableError,
 )
 from omnistage.traces.slimming import SlimOptions
 from omnistage.types import (
+    EngineInfo,
     OutputDelta,
     ProfileFileInfo,
     ProfileManifest,
     ProfileOptions,
     ProfileReport,
+    StageDescription,
 )
 from orchestrator.config import parse_pipeline
 from orchestrator.pool import SERVING, StageReplica
@@ -58,6 +61,8 @@ class FakeStageClient:
     start_error: OmnistageError | None = None
     start_reaches: bool = False
     fetch_error: OSError | None = None
+    fetch_refusals: list[OmnistageError] = field(default_factory=list)  # the next fetches fail
+    restarted: bool = False  # GetInfo answers: no active session (the stage came back empty)
 
     async def start_profile(
         self, *, label: str = "", delay_iterations: int = 0, max_iterations: int = 0
@@ -98,6 +103,8 @@ class FakeStageClient:
         self.fetched.append(name)
         if self.fetch_error is not None:
             raise self.fetch_error
+        if self.fetch_refusals:
+            raise self.fetch_refusals.pop(0)
         data = self.served.get(name, self.files[name])
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
@@ -106,6 +113,9 @@ class FakeStageClient:
         return len(data)
 
     async def info(self, *, timeout: float = 10.0) -> object:
+        if self.restarted:
+            engine = EngineInfo(engine="torch", model="m", running_requests=0)
+            return StageDescription(self.name, engine, True, False, "", time.time_ns(), "", "")
         raise StageUnavailableError("no clock samples in these tests")
 
 
@@ -477,3 +487,35 @@ def test_nul_in_output_dir_is_the_callers_error_not_a_stages(tmp_path: Path) -> 
     assert "output_dir must not contain NUL" in str(error) and "still profiling" in str(error)
     assert "stage" not in str(error).replace("still profiling", "")
     assert [c.stops for c in clients] == [0, 0, 0] and all(c.profiling for c in clients)
+
+
+def test_a_pull_refused_while_the_stage_drains_is_retried(tmp_path: Path) -> None:
+    """SIGTERM to a stage during StopProfile: a fetch it refuses while draining (UNAVAILABLE)
+    is retried, and the stage's files still arrive."""
+    clients = three()
+    draining = StageDrainingError("stage 'talker' is draining (it got SIGTERM)")
+    clients[1].fetch_refusals = [draining, draining]
+    report = stop(profiler(clients, tmp_path), tmp_path)
+    assert all(s.ok for s in report.stages), [s.error for s in report.stages]
+    assert clients[1].fetched == ["profiler_out_0.txt"] * 3
+    assert (Path(report.output_dir) / "talker" / "profiler_out_0.txt").read_bytes() == TRACE
+
+
+def test_a_stage_restarted_during_a_session_is_not_shown_profiling(tmp_path: Path) -> None:
+    """A stage that restarted during a session holds no session any more: the profiler shows
+    it profiling no more, and its stop reports it failed without asking it to stop."""
+    clients = three()
+    prof = profiler(clients, tmp_path)
+
+    async def scenario() -> tuple[list[str], ProfileReport]:
+        await prof.start([], ProfileOptions())
+        clients[0].restarted = True
+        return await prof.check_stages(), await prof.stop([], str(tmp_path))
+
+    profiling, report = asyncio.run(scenario())
+    assert profiling == ["talker", "code2wav"]
+    by_stage = {s.stage: s for s in report.stages}
+    assert not by_stage["thinker"].ok and "no longer holds" in by_stage["thinker"].error
+    assert "restarted" in by_stage["thinker"].error
+    assert by_stage["talker"].ok and by_stage["code2wav"].ok
+    assert clients[0].stops == 0 and prof.active_session_id == ""

@@ -46,19 +46,24 @@ class FakeStageClient:
         self.server_dir = server_dir
         self.trace = trace
         self.info_calls = 0
+        self.active = ""  # the profile session it holds, as GetInfo says
 
     async def info(self, *, timeout: float = 10.0) -> Any:
         self.info_calls += 1
         # an asymmetric round trip: the estimate is off, by less than its error bound
         await asyncio.sleep(SERVER_DELAY_S)  # the skew under test, not a wait
-        return SimpleNamespace(server_time_unix_ns=time.time_ns() + self.shift_ns)
+        return SimpleNamespace(
+            server_time_unix_ns=time.time_ns() + self.shift_ns, profile_session_id=self.active
+        )
 
     async def start_profile(
         self, *, label: str = "", delay_iterations: int = 0, max_iterations: int = 0
     ) -> str:
-        return f"{label}-{self.name}"
+        self.active = f"{label}-{self.name}"
+        return self.active
 
     async def stop_profile(self) -> ProfileManifest:
+        self.active = ""
         self.server_dir.mkdir(parents=True, exist_ok=True)
         target = self.server_dir / self.trace.name
         shutil.copy(self.trace, target)
