@@ -1,11 +1,13 @@
-"""What metrics and tracing cost: the same two-stage pipeline (two torch stages whose model
-doubles its input, behind an orchestrator) served three ways, one after the other and in
-alternating rounds: with neither, with `--metrics-port` on every server (scraped every
-second, as Prometheus would), and with metrics and OpenTelemetry spans exported over OTLP/gRPC
-to a real OTLP TraceService in a process of its own (a collector runs apart from the servers;
-in the load generator's process its decoding would slow the client). The stages' model takes
-microseconds, so what is measured is the serving path itself, the worst case for any
-per-request cost.
+"""What metrics, tracing and a timing-only profile session cost: the same two-stage pipeline
+(two torch stages whose model doubles its input, behind an orchestrator) served four ways,
+one after the other and in alternating rounds (A B C D, D C B A, ...): with none of them,
+with `--metrics-port` on every server (scraped every second, as Prometheus would), with
+metrics and OpenTelemetry spans exported over OTLP/gRPC to a real OTLP TraceService in a
+process of its own (a collector runs apart from the servers; in the load generator's process
+its decoding would slow the client), and with a timing-only profile session active over the
+whole measured window (`start_profile(timing_only=True)`: spans and clocks, no profiler).
+The stages' model takes microseconds, so what is measured is the serving path itself, the
+worst case for any per-request cost.
 
     .venv/bin/python bench/observability_overhead.py [--requests N] [--rounds N] [--out FILE]
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,15 +34,20 @@ from bench_machine import machine_info
 
 import omnistage
 from omnistage.launch import ServerProcess, stage_args
-from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# The stages' model and the OTLP receiver are the tests' own (tests/): this process and every
+# server it starts import them from the checkout.
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+from tests.servers import free_port  # noqa: E402
+
 DEFAULT_OUT = ROOT / "bench" / "results" / "observability_overhead.json"
 MODEL = "tests.torch_models:build_recording"
 PROCESSOR = "tests.unit.custom_processors:tensor_to_token_ids"
 OPTIONS = '{"max_batch_size": 8, "max_wait_ms": 0, "num_threads": 1}'
-MODES = ("off", "metrics", "metrics+tracing")
-CONCURRENCY = 8
+MODES = ("off", "metrics", "metrics+tracing", "timing-only")
+CONCURRENCY = 16
 
 
 def say(message: str) -> None:
@@ -82,7 +90,7 @@ class Pipeline:
         addresses = []
         for name in ("first", "second"):
             extra = ["--engine-options", OPTIONS, "--grace-seconds", "1"]
-            extra += self._metrics(mode)
+            extra += self._metrics(mode) if mode != "timing-only" else []
             args = stage_args(name=name, engine="torch", model=MODEL, extra=extra)
             process = ServerProcess(name, args, log_path=folder / f"{name}.log", env=env)
             self.processes.append(process)
@@ -96,7 +104,8 @@ class Pipeline:
             f"      input: {{processor: '{PROCESSOR}'}}}}\n"
         )
         args = ["orchestrator", "serve", "--pipeline", str(pipeline), "--port", "0"]
-        args += ["--host", "127.0.0.1", *self._metrics(mode)]
+        args += ["--host", "127.0.0.1", "--profile-dir", str(folder / "profiles")]
+        args += self._metrics(mode) if mode != "timing-only" else []
         orchestrator = ServerProcess("orchestrator", args, log_path=folder / "o.log", env=env)
         self.processes.append(orchestrator)
         self.address = orchestrator.wait_serving(timeout=60)
@@ -123,8 +132,12 @@ class Pipeline:
             process.stop()
 
 
-async def load(address: str, requests: int) -> tuple[float, list[float]]:
-    """`requests` requests, CONCURRENCY at a time: (requests/s, latencies)."""
+async def load(
+    address: str, requests: int, *, timing_only: bool = False
+) -> tuple[float, list[float]]:
+    """`requests` requests, CONCURRENCY at a time: (requests/s, latencies). With
+    `timing_only`, a timing-only profile session is active over the measured window (its stop,
+    which writes the report, is not timed)."""
     latencies: list[float] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for n in range(requests):
@@ -142,9 +155,15 @@ async def load(address: str, requests: int) -> tuple[float, list[float]]:
         for _ in range(20):  # warm up the channels and the engines
             async for _ in client.generate(token_ids=[1] * 16):
                 pass
+        if timing_only:
+            await client.start_profile(timing_only=True, label="bench")
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        return requests / (time.perf_counter() - began), latencies
+        rate = requests / (time.perf_counter() - began)
+        if timing_only:
+            report = await client.stop_profile()
+            assert report.timing_only and len(report.critical_paths) >= requests, report
+        return rate, latencies
 
 
 def micro(calls: int = 20_000) -> dict[str, float]:
@@ -223,7 +242,9 @@ def main() -> int:
                 with tempfile.TemporaryDirectory(prefix="omnistage-obs-") as folder:
                     pipeline = Pipeline(mode, Path(folder), receiver)
                     try:
-                        rate, latencies = asyncio.run(load(pipeline.address, args.requests))
+                        rate, latencies = asyncio.run(
+                            load(pipeline.address, args.requests, timing_only=mode == "timing-only")
+                        )
                     finally:
                         pipeline.stop()
                 p50 = statistics.median(latencies)
