@@ -64,6 +64,7 @@ class StageServer:
             sessions=self.sessions,
             limiter=limiter,
             metrics=self.metrics,
+            max_prompt_bytes=config.max_prompt_bytes,
         )
         self._watch: asyncio.Task[None] | None = None
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
