@@ -13,6 +13,7 @@ from typing import Any
 from omnistage import cli_security
 from omnistage.errors import InvalidRequestError, OmnistageError
 from omnistage.settings import ProfilerSettings
+from omnistage.validation import DEFAULT_MAX_PROMPT_BYTES
 
 
 def _stage_serve(args: argparse.Namespace) -> int:
@@ -37,6 +38,8 @@ def _stage_serve(args: argparse.Namespace) -> int:
             enforce_eager=not args.compile,
             grace_seconds=args.grace_seconds,
             max_inflight=args.max_inflight,
+            max_prompt_bytes=args.max_prompt_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
             health_interval_s=args.health_interval,
             engine_options=_parse_engine_options(args.engine_options),
             security=cli_security.server_security(args),
@@ -108,6 +111,7 @@ def _orchestrator_serve(args: argparse.Namespace) -> int:
             profile_dir=Path(args.profile_dir) if args.profile_dir else None,
             profile_max_sessions=args.profile_max_sessions,
             profile_max_bytes=args.profile_max_bytes,
+            max_prompt_bytes=args.max_prompt_bytes,
             http=http,
         )
     except ValidationError as exc:
@@ -152,6 +156,22 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
         metavar="N",
         help="Generate calls served at once; the next gets RESOURCE_EXHAUSTED with a "
         "retry-after-ms hint (default 128; docs/limits.md)",
+    )
+    serve.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_BYTES,
+        metavar="N",
+        help="UTF-8 bytes of a request's text (prompt or messages) taken; a longer one is "
+        "INVALID_ARGUMENT before tokenizing (default 1 MiB; 0: no limit; docs/limits.md)",
+    )
+    serve.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens of a prompt taken; more are INVALID_ARGUMENT (default: the model's "
+        "context less one; docs/limits.md)",
     )
     serve.add_argument(
         "--health-interval",
@@ -246,6 +266,14 @@ def add_orchestrator_commands(commands: Any) -> None:
         metavar="N",
         help="bytes of sessions kept, oldest deleted first; 0: no limit (default: the "
         "pipeline's launch.profile_max_bytes, else 20 GiB)",
+    )
+    oserve.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_BYTES,
+        metavar="N",
+        help="UTF-8 bytes of a request's text (prompt or messages) taken; a longer one is "
+        "INVALID_ARGUMENT before any stage is called (default 1 MiB; 0: no limit)",
     )
     _add_http_flags(oserve)
     _add_metrics_flag(oserve)

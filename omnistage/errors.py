@@ -107,6 +107,45 @@ class UnauthenticatedError(OmnistageError):
     code = "UNAUTHENTICATED"
 
 
+class AlreadyExistsError(OmnistageError):
+    """A request with this request_id is already in flight here; the caller must use a new id."""
+
+    code = "ALREADY_EXISTS"
+
+
+class AbortedError(OmnistageError):
+    """A stage ended a request early (finish_reason abort) that its caller had not cancelled."""
+
+    code = "ABORTED"
+
+
+MAX_ECHO_CHARS = 200
+"""Characters of a caller's value that an error message repeats; the rest is cut."""
+MAX_MESSAGE_CHARS = 2000
+"""Characters of an error message sent on the wire (gRPC status details, an HTTP error body).
+gRPC sends the message as metadata, whose hard limit is 8 KiB; a longer one turns the answer
+into RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"."""
+
+
+def echo(value: object) -> str:
+    """A caller's value, quoted as `repr` does and cut to MAX_ECHO_CHARS, for an error message,
+    so that a huge value (a 20,000-character dtype, role or name) gives a short message."""
+    if isinstance(value, str):
+        if len(value) <= MAX_ECHO_CHARS:
+            return repr(value)
+        return repr(value[:MAX_ECHO_CHARS]) + f"… ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "…"
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message`, cut to `limit` characters and then "…": the last safety net before the wire,
+    for a message that repeats a value no `echo` clipped (a third party's message, say)."""
+    if len(message) <= limit:
+        return message
+    return message[:limit] + f"… (cut from {len(message):,} characters)"
+
+
 def reworded(error: OmnistageError, message: str) -> OmnistageError:
     """The same kind of error with a new message, `error` as its cause.
 

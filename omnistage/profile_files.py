@@ -25,13 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from omnistage.errors import InvalidRequestError, NotFoundError
+from omnistage.errors import InvalidRequestError, NotFoundError, echo
 
 logger = logging.getLogger(__name__)
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_NAME_CHARS = 1024  # a file's path inside its session folder
-MAX_ECHO_CHARS = 200  # of a caller's value repeated in an error message
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 64 << 10  # a smaller chunk only makes a download slow
@@ -52,13 +51,6 @@ def sha256_file(path: Path) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def echo(value: str) -> str:
-    """A caller's value, quoted and cut to MAX_ECHO_CHARS, for an error message."""
-    if len(value) <= MAX_ECHO_CHARS:
-        return repr(value)
-    return repr(value[:MAX_ECHO_CHARS]) + f"… ({len(value):,} characters)"
 
 
 def check_session_id(session_id: str) -> None:

@@ -47,6 +47,8 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[errors.OmnistageError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineError,
     grpc.StatusCode.CANCELLED: errors.CancelledError,
     grpc.StatusCode.UNAUTHENTICATED: errors.UnauthenticatedError,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
+    grpc.StatusCode.ABORTED: errors.AbortedError,
 }
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from omnistage.errors import InvalidRequestError
+from omnistage.errors import InvalidRequestError, echo
 from omnistage.types import TensorData
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def itemsize(dtype: str) -> int:
         return _ITEMSIZES[dtype]
     except KeyError:
         raise InvalidRequestError(
-            f"tensor dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}"
+            f"tensor dtype {echo(dtype)} is unknown; use one of {', '.join(DTYPES)}"
         ) from None
 
 
@@ -101,7 +101,7 @@ class TensorSpec:
                 ):
                     raise InvalidRequestError(
                         f"TensorSpec shape {list(shape)}: each dim is an int ≥ 0, None or a "
-                        f"name; got {dim!r}"
+                        f"name; got {echo(dim)}"
                     )
 
     def describe(self) -> str:

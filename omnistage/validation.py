@@ -8,11 +8,13 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from omnistage.errors import InvalidRequestError
+from omnistage.errors import InvalidRequestError, echo
 from omnistage.tensors import validate_tensor
 from omnistage.types import CHAT_ROLES, GenerateInput, ProfileOptions, SamplingOptions
 
 MAX_STOP_STRINGS = 16
+DEFAULT_MAX_PROMPT_BYTES = 1 << 20
+"""The default limit on a request's text (prompt, or all messages), in UTF-8 bytes: 1 MiB."""
 
 
 class Sampling(BaseModel):
@@ -94,7 +96,7 @@ def validate_generate_input(request: GenerateInput) -> None:
     for index, turn in enumerate(request.messages):
         if turn.role not in CHAT_ROLES:
             raise InvalidRequestError(
-                f"messages[{index}].role {turn.role!r} is unknown; use one of "
+                f"messages[{index}].role {echo(turn.role)} is unknown; use one of "
                 f"{', '.join(sorted(CHAT_ROLES))}"
             )
     if request.messages and not any(t.content for t in request.messages):
@@ -104,6 +106,27 @@ def validate_generate_input(request: GenerateInput) -> None:
     if request.tensor is not None:
         validate_tensor(request.tensor)
     validate_sampling(request.sampling)
+
+
+def check_prompt_bytes(request: GenerateInput, *, max_bytes: int, where: str, flag: str) -> None:
+    """Refuse a request whose text (its prompt, or its messages' roles and contents) is over
+    `max_bytes` UTF-8 bytes (0: no limit), before anything tokenizes it; the message names the
+    limit and the `flag` that sets it. A text of more characters than the limit is over it
+    without being encoded (every character is at least one byte)."""
+    if max_bytes <= 0:
+        return
+    texts = [request.prompt, *(t.role for t in request.messages)]
+    texts += [t.content for t in request.messages]
+    size = sum(len(t) for t in texts)
+    unit = "characters"
+    if size <= max_bytes:
+        size, unit = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts), "bytes"
+    if size > max_bytes:
+        kind = "messages are" if request.messages else "prompt is"
+        raise InvalidRequestError(
+            f"the {kind} {size:,} {unit}, over the limit of {max_bytes:,} bytes of {where} "
+            f"({flag}); shorten the input, or raise {flag}"
+        )
 
 
 def validate_profile_options(options: ProfileOptions) -> None:

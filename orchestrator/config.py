@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from omnistage.errors import InvalidRequestError
+from omnistage.errors import InvalidRequestError, echo
 from omnistage.settings import STAGE_NAME_PATTERN, ProfilerSettings
 from omnistage.validation import Sampling
 from orchestrator.addresses import address_problems, join_host_port
@@ -296,7 +296,7 @@ class PipelineConfig(BaseModel):
         if key.isascii() and key.isdecimal() and int(key) < len(names):
             return int(key)
         known = ", ".join(f"{i} {n!r}" for i, n in enumerate(names))
-        raise InvalidRequestError(f"unknown stage {key!r}; the stages are {known}")
+        raise InvalidRequestError(f"unknown stage {echo(key)}; the stages are {known}")
 
     def resolve_path(self, value: str) -> Path:
         """`value` as a path, relative to the pipeline file's folder unless absolute."""

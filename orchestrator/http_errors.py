@@ -19,7 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from omnistage.errors import RETRY_AFTER_KEY, OmnistageError, OverloadedError, UnauthenticatedError
+from omnistage.errors import (
+    RETRY_AFTER_KEY,
+    OmnistageError,
+    OverloadedError,
+    UnauthenticatedError,
+    bounded,
+)
 from omnistage.security import AuthScope, ServerSecurity
 from orchestrator.http_openai import SAMPLING_KEYS, describe_errors
 
@@ -30,6 +36,8 @@ HTTP_STATUS = {
     "UNAUTHENTICATED": 401,
     "NOT_FOUND": 404,
     "FAILED_PRECONDITION": 409,
+    "ALREADY_EXISTS": 409,
+    "ABORTED": 409,
     "RESOURCE_EXHAUSTED": 429,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
@@ -57,7 +65,7 @@ def http_status(error: OmnistageError) -> int:
 def error_body(error: OmnistageError, *, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error object for an omnistage error. `param` defaults to the field that the
     message starts with, when it is a request field ("temperature must be ≥ 0 ...")."""
-    message = str(error)
+    message = bounded(str(error))
     if param is None:
         first = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0].rstrip(":")
         param = first if first in PARAMS else None

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from omnistage.errors import InvalidRequestError
+from omnistage.errors import InvalidRequestError, echo
 from omnistage.types import ChatTurn, GenerateInput, SamplingOptions
 from omnistage.validation import Sampling, validate_generate_input
 
@@ -119,7 +119,7 @@ class ChatMessage(BaseModel):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise InvalidRequestError(
                     f"messages[{index}].content: only text parts are supported "
-                    f"(got a part of type {part.get('type')!r})"
+                    f"(got a part of type {echo(part.get('type'))})"
                 )
             texts.append(part["text"])
         return "".join(texts)

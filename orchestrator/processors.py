@@ -3,6 +3,12 @@
 A processor is a plain callable `(output, original, config) -> GenerateInput`. The built-ins are
 `text`, `token_ids` and `chat`; a pipeline file may name its own as "package.module:function".
 The input a processor returns carries no sampling: the runner applies the stage's sampling.
+
+A stage that produced nothing the edge can use (no text, no token ids: a thinker that emitted
+only an end token) is not the client's error. An input template is still filled, with empty
+text, and passed on when the result is not blank; otherwise the request fails with
+FAILED_PRECONDITION (`EmptyStageOutputError`) naming the stage that produced nothing, and no
+later stage runs (docs/pipelines.md).
 """
 
 from __future__ import annotations
@@ -15,10 +21,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from omnistage.errors import InvalidRequestError
+from omnistage.errors import InvalidRequestError, OmnistageError
 from omnistage.types import ChatTurn, GenerateInput, TensorData
 from orchestrator.config import InputConfig
-from orchestrator.config_lines import template_fields
+
+
+class EmptyStageOutputError(OmnistageError):
+    """A stage produced no output the next stage can take; the request was valid."""
+
+    code = "FAILED_PRECONDITION"
+
+
+def _produced_nothing(stage: str, what: str) -> EmptyStageOutputError:
+    return EmptyStageOutputError(
+        f"stage {stage!r} produced no {what}, so the next stage has no input (the request "
+        f"itself is valid: stage {stage!r} may have ended at once, e.g. on an end token with "
+        f"a small max_tokens); raise that stage's max_tokens, or give the next stage an "
+        "input template that reads well without {text}"
+    )
 
 
 @dataclass(frozen=True)
@@ -50,20 +70,18 @@ def original_prompt_text(original: GenerateInput) -> str:
 def _formatted_text(output: StageOutput, original: GenerateInput, config: InputConfig) -> str:
     """The upstream text, through the config's template when it has one."""
     template = config.template
-    uses_text = template is None or "text" in template_fields(template)
-    if uses_text and not output.text.strip():
-        raise InvalidRequestError(
-            f"stage {output.stage!r} produced no text, so the next stage has no input"
-        )
     if template is None:
+        if not output.text.strip():
+            raise _produced_nothing(output.stage, "text")
         return output.text
     try:
         text = template.format(text=output.text, prompt=original_prompt_text(original))
     except (ValueError, KeyError, IndexError) as exc:
         raise InvalidRequestError(f"input template {template!r} failed: {exc}") from exc
     if not text.strip():
-        raise InvalidRequestError(
-            f"input template {template!r} gave an empty input after stage {output.stage!r}"
+        raise EmptyStageOutputError(
+            f"input template {template!r} gave an empty input after stage {output.stage!r}, "
+            f"which produced {'no text' if not output.text.strip() else 'text'}"
         )
     return text
 
@@ -81,9 +99,7 @@ def token_ids_processor(
 ) -> GenerateInput:
     """token_ids = the upstream token ids, unchanged."""
     if not output.token_ids:
-        raise InvalidRequestError(
-            f"stage {output.stage!r} produced no token ids, so the next stage has no input"
-        )
+        raise _produced_nothing(output.stage, "token ids")
     return GenerateInput(request_id=original.request_id, token_ids=output.token_ids)
 
 
@@ -169,7 +185,7 @@ def _checked(path: str, func: Callable[..., object]) -> EdgeProcessor:
                 f"custom processor {path!r} returned {type(result).__name__}, not a GenerateInput"
             )
         if not result.input_kinds():
-            raise InvalidRequestError(
+            raise EmptyStageOutputError(
                 f"custom processor {path!r} built an empty input from stage"
                 f" {output.stage!r}'s output"
             )

@@ -12,14 +12,22 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
-from omnistage.errors import InvalidRequestError, OmnistageError
+from omnistage.errors import InvalidRequestError, OmnistageError, echo
+from omnistage.server.request_ids import InflightRequestIds
 from omnistage.types import GenerateInput, SamplingOptions, TensorData
-from omnistage.validation import validate_sampling
+from omnistage.validation import DEFAULT_MAX_PROMPT_BYTES, check_prompt_bytes, validate_sampling
 from orchestrator.config import PipelineConfig
 from orchestrator.pool import StagePool
 from orchestrator.preflight import SamplingPreflight
 from orchestrator.processors import EdgeProcessor, StageOutput, resolve_processor
-from orchestrator.stage_call import StageEvent, StageTiming, call_stage, closing, name_stage
+from orchestrator.stage_call import (
+    StageEvent,
+    StageTiming,
+    call_stage,
+    check_complete,
+    closing,
+    name_stage,
+)
 from orchestrator.streaming import StreamedStage
 
 __all__ = ["PipelineRunner", "StageEvent", "StageTiming", "name_stage"]
@@ -36,8 +44,11 @@ class PipelineRunner:
         pool: StagePool,
         *,
         on_stage_done: Callable[[StageEvent], None] | None = None,
+        max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     ) -> None:
         self._pipeline = pipeline
+        self._max_prompt_bytes = max_prompt_bytes
+        self._request_ids = InflightRequestIds("the orchestrator")
         self._pool = pool
         self._on_stage_done = on_stage_done
         self._processors: list[EdgeProcessor] = [
@@ -51,13 +62,14 @@ class PipelineRunner:
         unknown = sorted(set(stage_sampling) - set(self._names))
         if unknown:
             raise InvalidRequestError(
-                f"stage_sampling names unknown stages {unknown}; the stages are {self._names}"
+                f"stage_sampling names unknown stages {', '.join(echo(n) for n in unknown[:5])}"
+                f"; the stages are {self._names}"
             )
         for name, options in stage_sampling.items():
             try:
                 validate_sampling(options)
             except InvalidRequestError as exc:
-                raise InvalidRequestError(f"stage_sampling[{name!r}]: {exc}") from exc
+                raise InvalidRequestError(f"stage_sampling[{echo(name)}]: {exc}") from exc
 
     async def run(
         self,
@@ -66,9 +78,31 @@ class PipelineRunner:
         stage_sampling: dict[str, SamplingOptions] | None = None,
         deadline: float | None = None,
     ) -> AsyncIterator[StageEvent]:
-        """Yield every stage's deltas (or the final stage's only), each stage's in order."""
+        """Yield every stage's deltas (or the final stage's only), each stage's in order.
+
+        The request's text is checked against --max-prompt-bytes and its request_id must not
+        be in flight already (ALREADY_EXISTS), both before any stage is called."""
         overrides = stage_sampling or {}
         self.check_stage_sampling(overrides)
+        check_prompt_bytes(
+            request,
+            max_bytes=self._max_prompt_bytes,
+            where="the orchestrator",
+            flag="orchestrator serve --max-prompt-bytes",
+        )
+        with self._request_ids.hold(request.request_id):
+            events = self._run(request, overrides, deadline=deadline)
+            async with closing(events):  # closing `run` closes every stage's call now
+                async for event in events:
+                    yield event
+
+    async def _run(
+        self,
+        request: GenerateInput,
+        overrides: dict[str, SamplingOptions],
+        *,
+        deadline: float | None,
+    ) -> AsyncIterator[StageEvent]:
         last = len(self._names) - 1
         samplings = [self._sampling(i, request, overrides) for i in range(last + 1)]
         # Every stage's engine is asked (once per sampling: the verdicts are cached) before
@@ -141,6 +175,7 @@ class PipelineRunner:
         async with closing(upstream):
             async for event in upstream:
                 if event.stage_index == index - 1:
+                    check_complete(event.delta, event.stage, self._names[index])
                     text += event.delta.text
                     token_ids.extend(event.delta.token_ids)
                     if event.delta.tensor is not None:

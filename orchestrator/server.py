@@ -15,6 +15,7 @@ from omnistage.server import GrpcServer, serve_until_signalled
 from omnistage.server.metrics import metrics_endpoint
 from omnistage.server.tracing import setup_tracing, shutdown_tracing
 from omnistage.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from omnistage.validation import DEFAULT_MAX_PROMPT_BYTES
 from orchestrator.config import PipelineConfig
 from orchestrator.http_server import HttpApiConfig, HttpServer
 from orchestrator.metrics import OrchestratorMetrics
@@ -46,6 +47,11 @@ class OrchestratorServerConfig(BaseModel):
         default=None, ge=0, le=65535, description="Serve Prometheus' /metrics here; None: off."
     )
     grace_seconds: float = Field(default=30.0, ge=0, description="SIGTERM drain time.")
+    max_prompt_bytes: int = Field(
+        default=DEFAULT_MAX_PROMPT_BYTES,
+        ge=0,
+        description="UTF-8 bytes of a request's text taken; more is INVALID_ARGUMENT. 0: none.",
+    )
     profile_dir: Path | None = Field(
         default=None, description="The profile root; None: the pipeline's launch.profile_dir."
     )
@@ -89,7 +95,12 @@ class OrchestratorServer:
         )
         self._grpc = GrpcServer(ORCHESTRATOR_SERVICE, security=config.security)
         self.server, self.health = self._grpc.server, self._grpc.health
-        self.runner = PipelineRunner(pipeline, self.pool, on_stage_done=self._stage_done)
+        self.runner = PipelineRunner(
+            pipeline,
+            self.pool,
+            on_stage_done=self._stage_done,
+            max_prompt_bytes=config.max_prompt_bytes,
+        )
         servicer = OrchestratorServicer(
             pipeline=pipeline,
             pool=self.pool,

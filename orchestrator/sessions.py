@@ -21,12 +21,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from omnistage.errors import InvalidRequestError, NotFoundError, ProfilerStateError
+from omnistage.errors import InvalidRequestError, NotFoundError, ProfilerStateError, echo
 from omnistage.profile_files import (
     RetentionPolicy,
     check_session_id,
     confined_file,
-    echo,
     file_chunks,
     inside,
     session_files,

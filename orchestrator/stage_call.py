@@ -9,7 +9,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from omnistage.errors import OmnistageError, OverloadedError, StageUnavailableError, reworded
+from omnistage.errors import (
+    AbortedError,
+    OmnistageError,
+    OverloadedError,
+    StageUnavailableError,
+    reworded,
+)
 from omnistage.server import tracing
 from omnistage.server.metrics import outcome_code
 from omnistage.traces.spans import ChunkSpan
@@ -60,6 +66,22 @@ def name_stage(error: OmnistageError, stage: str) -> OmnistageError:
     class stands for), so the orchestrator passes it on unchanged.
     """
     return reworded(error, f"stage {stage!r}: {error}")
+
+
+def check_complete(delta: OutputDelta, stage: str, next_stage: str) -> None:
+    """Refuse to hand on the output of a stage that ended the request early itself.
+
+    The orchestrator cancels a stage's call only by closing its stream, so a `finished`
+    with finish_reason "abort" is one it did not ask for (the engine, or another caller,
+    aborted it): its output is partial, and the next stage must not run on it as if whole.
+    """
+    if delta.finished and delta.finish_reason == "abort":
+        tokens = delta.metrics.generated_tokens if delta.metrics is not None else 0
+        raise AbortedError(
+            f"stage {stage!r} ended the request early (finish_reason abort, after {tokens} "
+            f"tokens) without being cancelled, so stage {next_stage!r} did not run on its "
+            "partial output; retry the request"
+        )
 
 
 @asynccontextmanager

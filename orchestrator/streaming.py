@@ -37,7 +37,7 @@ from omnistage.types import GenerateInput, OutputDelta, RequestMetrics
 from orchestrator.config import StageSpec
 from orchestrator.pool import StagePool
 from orchestrator.processors import StageOutput
-from orchestrator.stage_call import StageEvent, StageTiming, call_stage, closing
+from orchestrator.stage_call import StageEvent, StageTiming, call_stage, check_complete, closing
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,14 @@ class _Chunk:
             stage_first_output_s=own.time_to_first_token_s,
             queue_time_s=own.queue_time_s,
         )
+
+
+def _finish_reason(finishes: list[OutputDelta]) -> str:
+    """The streamed stage's finish: "abort" when any chunk call was aborted (its output is
+    then partial), else the last chunk's."""
+    if any(d.finish_reason == "abort" for d in finishes):
+        return "abort"
+    return finishes[-1].finish_reason if finishes else ""
 
 
 def _has_content(delta: OutputDelta) -> bool:
@@ -167,6 +175,7 @@ class StreamedStage:
                 await self._out.put(event)
                 if event.stage_index != self._index - 1:
                     continue
+                check_complete(event.delta, self._upstream_stage, self._spec.name)
                 if event.delta.tensor is not None:
                     raise StreamedTensorError(
                         f"stage {self._spec.name!r} has input.stream_chunk, but stage "
@@ -258,7 +267,7 @@ class StreamedStage:
         finished = OutputDelta(
             request_id=self._request_id,
             finished=True,
-            finish_reason=finishes[-1].finish_reason if finishes else "",
+            finish_reason=_finish_reason(finishes),
             metrics=RequestMetrics(
                 queue_time_s=timing.queue_time_s,
                 time_to_first_token_s=timing.time_to_first_output_s,

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from omnistage.profile_files import RetentionPolicy
 from omnistage.security import ServerSecurity
 from omnistage.settings import STAGE_NAME_PATTERN, ProfilerSettings
+from omnistage.validation import DEFAULT_MAX_PROMPT_BYTES
 
 DEFAULT_MAX_INFLIGHT = 128
 """Twice vLLM's default max_num_seqs: as many waiting in the engine as it runs at once."""
@@ -44,6 +45,22 @@ class StageConfig(BaseModel):
             "Generate calls the stage serves at once, queued ones included; the next is "
             "refused with RESOURCE_EXHAUSTED and a retry-after-ms hint. The torch engine's "
             "request queue holds as many."
+        ),
+    )
+    max_prompt_bytes: int = Field(
+        default=DEFAULT_MAX_PROMPT_BYTES,
+        ge=0,
+        description=(
+            "UTF-8 bytes of a request's text (prompt, or all messages) the stage takes; a "
+            "longer one is refused with INVALID_ARGUMENT before it is tokenized. 0: no limit."
+        ),
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Tokens of a prompt the stage takes (after tokenizing, or token_ids); more are "
+            "refused with INVALID_ARGUMENT. None: the model's context less one token."
         ),
     )
     health_interval_s: float = Field(

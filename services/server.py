@@ -67,6 +67,7 @@ class StageServer:
             sessions=self.sessions,
             limiter=limiter,
             metrics=self.metrics,
+            max_prompt_bytes=config.max_prompt_bytes,
         )
         self._watch: asyncio.Task[None] | None = None
         self._watchdog: EngineWatchdog | None = None

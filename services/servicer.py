@@ -20,9 +20,15 @@ from omnistage.convert_sessions import file_chunks_to_pb
 from omnistage.errors import StageDrainingError
 from omnistage.server import Context
 from omnistage.server.observe import ObservedCall, RequestObserver
+from omnistage.server.request_ids import InflightRequestIds
 from omnistage.types import OutputDelta, StageDescription
 from omnistage.v1 import common_pb2, stage_pb2, stage_pb2_grpc
-from omnistage.validation import validate_generate_input, validate_sampling
+from omnistage.validation import (
+    DEFAULT_MAX_PROMPT_BYTES,
+    check_prompt_bytes,
+    validate_generate_input,
+    validate_sampling,
+)
 from services.admission import InflightLimiter
 from services.config import DEFAULT_MAX_INFLIGHT
 from services.engines.base import Engine
@@ -43,8 +49,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
         sessions: ProfileSessionStore,
         limiter: InflightLimiter | None = None,
         metrics: StageMetrics | None = None,
+        max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     ) -> None:
         self._name = name
+        self._max_prompt_bytes = max_prompt_bytes
+        self._request_ids = InflightRequestIds(f"stage {name!r}")
         self._engine = engine
         self._sessions = sessions
         self._limiter = limiter or InflightLimiter(name, DEFAULT_MAX_INFLIGHT)
@@ -66,7 +75,13 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
             call.annotate(request_id=generate_input.request_id)
             validate_generate_input(generate_input)
             self._refuse_when_draining("Generate")
-            with self._limiter.admit():
+            check_prompt_bytes(
+                generate_input,
+                max_bytes=self._max_prompt_bytes,
+                where=f"stage {self._name!r}",
+                flag="--max-prompt-bytes",
+            )
+            with self._request_ids.hold(generate_input.request_id), self._limiter.admit():
                 try:
                     async for delta in self._engine.generate(generate_input):
                         call.output()

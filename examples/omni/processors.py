@@ -11,11 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from omnistage.errors import InvalidRequestError
 from omnistage.tensors import tensor_from_numpy
 from omnistage.types import GenerateInput
 from orchestrator.config import InputConfig
-from orchestrator.processors import StageOutput
+from orchestrator.processors import EmptyStageOutputError, StageOutput
 
 CODEBOOK_SIZE = 1024
 """code2wav's codebook size (`examples.omni.code2wav.CODEBOOK_SIZE`; not imported from there,
@@ -25,7 +24,7 @@ so that the orchestrator does not load torch)."""
 def talker_codes(output: StageOutput) -> np.ndarray[Any, Any]:
     """The talker's token ids as codec codes: token_id % CODEBOOK_SIZE, int64."""
     if not output.token_ids:
-        raise InvalidRequestError(
+        raise EmptyStageOutputError(  # not the client's error: FAILED_PRECONDITION
             f"stage {output.stage!r} produced no tokens, so code2wav has no codes; "
             "give the talker max_tokens ≥ 1 (and ignore_eos: true)"
         )

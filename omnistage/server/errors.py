@@ -3,7 +3,8 @@
 `ErrorInterceptor` wraps each method handler, so an RPC body just raises: omnistage errors keep
 their code and message, an unknown error becomes INTERNAL with a generic message (its traceback
 goes to the log), and cancellation and aborts pass through untouched. An `OverloadedError`
-with a retry hint sends it as the trailing metadata `retry-after-ms`.
+with a retry hint sends it as the trailing metadata `retry-after-ms`. A message is cut to
+`MAX_MESSAGE_CHARS` (`omnistage.errors.bounded`), so a long one never exceeds gRPC's metadata limit.
 
 It also decodes each request itself, inside the call, instead of letting grpc do it before:
 a message that does not decode is INVALID_ARGUMENT, logged as one short line at most every
@@ -26,6 +27,7 @@ from omnistage.errors import (
     InvalidRequestError,
     OmnistageError,
     OverloadedError,
+    bounded,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,10 +161,11 @@ async def abort_for(
         code = status_code(exc)
         if code is grpc.StatusCode.UNAVAILABLE and on_unavailable is not None:
             on_unavailable()
+        message = bounded(str(exc))  # the details travel as metadata, limited to 8 KiB
         if isinstance(exc, OverloadedError) and exc.retry_after_ms:
             hint = ((RETRY_AFTER_KEY, str(exc.retry_after_ms)),)
-            await context.abort(code, str(exc), trailing_metadata=hint)
-        await context.abort(code, str(exc))
+            await context.abort(code, message, trailing_metadata=hint)
+        await context.abort(code, message)
     logger.error("%s failed", rpc, exc_info=exc)
     await context.abort(
         grpc.StatusCode.INTERNAL, f"{rpc} failed inside the server; see the server's log"

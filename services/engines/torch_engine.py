@@ -31,7 +31,14 @@ from typing import Any, TypeVar
 import torch
 from torch.profiler import record_function
 
-from omnistage.errors import EngineDeadError, InvalidRequestError, OmnistageError, OverloadedError
+from omnistage.errors import (
+    AlreadyExistsError,
+    EngineDeadError,
+    InvalidRequestError,
+    OmnistageError,
+    OverloadedError,
+    echo,
+)
 from omnistage.tensors import DEFAULT_MAX_CHUNK_BYTES, split_tensor, validate_tensor
 from omnistage.types import (
     EngineInfo,
@@ -157,8 +164,8 @@ class TorchEngine:
         arrived = time.monotonic()
         model = self._require_model()
         if request.request_id in self._requests:
-            raise InvalidRequestError(
-                f"request_id {request.request_id!r} is already running; use a new id"
+            raise AlreadyExistsError(
+                f"request_id {echo(request.request_id)} is already running; use a new id"
             )
         if request.tensor is not None:
             validate_tensor(request.tensor)

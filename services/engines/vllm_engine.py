@@ -44,6 +44,10 @@ class VllmEngine:
         # The stage's own file work (moving a session's traces across file systems can take
         # a while): never on the default executor, which start() makes vLLM's one thread.
         self._io = ThreadPoolExecutor(1, thread_name_prefix=f"vllm-io-{config.name}")
+        # Tokenizing (and the chat template) runs here, off the event loop, so a long prompt
+        # never stalls health checks and other requests. One thread: a tokenizer shared
+        # between threads can fail ("Already borrowed"), and the prompt's size is bounded.
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix=f"vllm-tokenize-{config.name}")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -97,6 +101,7 @@ class VllmEngine:
             llm, self._llm = self._llm, None
             await asyncio.to_thread(llm.shutdown)
         self._io.shutdown(wait=False)
+        self._tokenize.shutdown(wait=False)
 
     def info(self) -> EngineInfo:
         running, dead = 0, ""
@@ -121,7 +126,8 @@ class VllmEngine:
         llm = self._require_llm()
         from vllm.inputs import TokensPrompt
 
-        prompt_ids = self._prompt_token_ids(request)
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenize, self._prompt_token_ids, request)
         params = self._sampling_params(request.sampling, prompt_len=len(prompt_ids))
         first_token_at = 0.0
         generated = 0
@@ -164,7 +170,8 @@ class VllmEngine:
         self._running.discard(request_id)
 
     def _prompt_token_ids(self, request: GenerateInput) -> list[int]:
-        """Token ids of the prompt; the servicer has already checked the input's shape."""
+        """Token ids of the prompt; the servicer has already checked the input's shape and its
+        size in bytes. It runs on the tokenizing thread, never on the event loop."""
         if request.tensor is not None:
             raise InvalidRequestError(
                 "a vllm stage takes prompt, messages or token_ids, not a tensor"
@@ -183,6 +190,13 @@ class VllmEngine:
                 )
         if not ids:
             raise InvalidRequestError("the input tokenizes to no tokens: give a longer input")
+        limit = self._config.max_prompt_tokens
+        if limit is not None and limit < self._max_model_len and len(ids) > limit:
+            raise InvalidRequestError(
+                f"the prompt is {len(ids)} tokens, over the limit of {limit} tokens of stage "
+                f"{self._config.name!r} (--max-prompt-tokens); shorten it, or raise "
+                "--max-prompt-tokens"
+            )
         if len(ids) >= self._max_model_len:
             raise InvalidRequestError(
                 f"the prompt is {len(ids)} tokens but the model's context is "

@@ -127,6 +127,28 @@ def test_unknown_stage_sampling_key(pipeline: omnistage.Client) -> None:
     assert str(info.value).startswith("stage_sampling['rewriter']: top_p must lie in (0, 1]")
 
 
+def test_a_20000_character_stage_name_is_invalid_argument_with_a_short_message(
+    pipeline: omnistage.Client, stage: RunningStage
+) -> None:
+    """Issue 14: the message repeated the whole name, and gRPC answered RESOURCE_EXHAUSTED
+    "received metadata size exceeds hard limit"."""
+    with pytest.raises(errors.InvalidRequestError) as info:
+        list(pipeline.generate("hi", stage_sampling={"x" * 20_000: {"max_tokens": 3}}))
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert "20,000 characters" in str(info.value) and len(str(info.value)) < 600
+
+
+def test_an_oversized_prompt_never_reaches_a_stage(
+    pipeline: omnistage.Client, stage: RunningStage
+) -> None:
+    """Issue 14: a 30 MB prompt went on to the thinker, which tokenized it on its event loop."""
+    with pytest.raises(errors.InvalidRequestError) as info:
+        list(pipeline.generate("word " * 400_000))
+    assert "over the limit of 1,048,576 bytes of the orchestrator" in str(info.value)
+    assert "orchestrator serve --max-prompt-bytes" in str(info.value)
+    assert running(stage) == 0
+
+
 def test_final_only_outputs(
     tmp_path: Path, stage: RunningStage, rewriter_stage: RunningStage
 ) -> None:

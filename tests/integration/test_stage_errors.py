@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from omnistage.v1 import common_pb2, stage_pb2
 from tests.servers import RunningStage
@@ -203,4 +206,96 @@ def test_stage_serves_after_every_bad_sampling(stage: RunningStage) -> None:
         )
     )
     assert replies[-1].finished and replies[-1].finish_reason in ("stop", "length")
+
+
+# --- Issue 14: what an adversarial run broke, on a real stage over real gRPC ---
+
+HUGE = "x" * 20_000
+
+
+@pytest.mark.parametrize(
+    ("request_", "words"),
+    [
+        pytest.param(
+            stage_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role=HUGE, content="hi")]),
+            ["messages[0].role", "20,000 characters", "use one of"],
+            id="20000-character-role",
+        ),
+        pytest.param(
+            stage_pb2.GenerateRequest(tensor=common_pb2.Tensor(dtype=HUGE, shape=[1], data=b"")),
+            ["tensor dtype", "20,000 characters"],
+            id="20000-character-dtype",
+        ),
+    ],
+)
+def test_a_20000_character_value_is_invalid_argument_with_a_short_message(
+    stage: RunningStage, request_: stage_pb2.GenerateRequest, words: list[str]
+) -> None:
+    """It was RESOURCE_EXHAUSTED "received metadata size exceeds hard limit": the message
+    repeated the whole value."""
+    error = expect_error(stage, request_)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert len(error.details()) < 500
+    for word in words:
+        assert word in error.details()
+
+
+def test_a_prompt_over_max_prompt_bytes_is_refused_before_tokenizing(stage: RunningStage) -> None:
+    error = expect_error(stage, stage_pb2.GenerateRequest(prompt="word " * 600_000))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "3,000,000 characters" in error.details()
+    assert "limit of 1,048,576 bytes of stage 'thinker' (--max-prompt-bytes)" in error.details()
+    assert_engine_empty(stage)
+
+
+def test_health_answers_while_a_large_prompt_is_tokenized(stage: RunningStage) -> None:
+    """A prompt just under --max-prompt-bytes takes a while to tokenize (then it is refused:
+    far more tokens than the context). Health checks sent meanwhile are answered while the
+    Generate call is still pending, since tokenizing runs off the event loop."""
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(stage.address))
+    done = threading.Event()
+    answered_while_pending: list[int] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            expect_error(stage, stage_pb2.GenerateRequest(prompt="word " * 200_000))
+        except BaseException as exc:  # the assertion below reports it
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    while not done.is_set():
+        reply = health.Check(health_pb2.HealthCheckRequest(), timeout=60)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        if not done.is_set():
+            answered_while_pending.append(1)
+    thread.join()
+    assert not errors
+    assert len(answered_while_pending) >= 3
+
+
+def test_a_duplicate_in_flight_request_id_cannot_cut_off_the_first_caller(
+    stage: RunningStage,
+) -> None:
+    """Two callers with one request_id, one cancels: the other got OK with finish_reason abort
+    after 13 of 64 tokens. The second is now ALREADY_EXISTS, and the first gets all 64."""
+    request = stage_pb2.GenerateRequest(
+        request_id="issue14-shared-id",
+        prompt="Count to one hundred.",
+        sampling=sampling(max_tokens=64, ignore_eos=True, temperature=0.0),
+    )
+    first = stage.stub.Generate(request, timeout=120)
+    replies = [next(first)]  # in flight now
+    second = stage.stub.Generate(request, timeout=60)
+    with pytest.raises(grpc.RpcError) as info:
+        next(second)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS, info.value.details()
+    assert "issue14-shared-id" in info.value.details()
+    second.cancel()
+    replies += list(first)
+    assert replies[-1].finished and replies[-1].finish_reason == "length"
+    assert sum(len(r.token_ids) for r in replies) == 64
     assert_engine_empty(stage)

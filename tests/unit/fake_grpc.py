@@ -35,6 +35,9 @@ class FakeContext:
         self.status = (code, message)
         raise Aborted
 
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
 
 async def mapped(context: FakeContext, rpc: str, body: Awaitable[Any]) -> None:
     """Await an RPC body; an error it raises becomes `context.abort`, as the servers'

@@ -24,6 +24,7 @@ class FakeStage:
     delay: float = 0.002
     fail_on_call: int | None = None
     tensors: bool = False  # talker: send each token as a tensor, as a torch stage would
+    finish_reason: str = "stop"  # "abort": the stage ended the request early on its own
     calls: list[GenerateInput] = field(default_factory=list)
     timeouts: list[float | None] = field(default_factory=list)  # each call's gRPC deadline
     metadata: list[dict[str, str]] = field(default_factory=list)  # each call's (traceparent)
@@ -62,7 +63,7 @@ class FakeStage:
                 yield OutputDelta(request_id=request.request_id, token_ids=(out,), text=f"{out} ")
             metrics = RequestMetrics(prompt_tokens=1, generated_tokens=len(ids))
             yield OutputDelta(
-                request.request_id, finished=True, finish_reason="stop", metrics=metrics
+                request.request_id, finished=True, finish_reason=self.finish_reason, metrics=metrics
             )
         except asyncio.CancelledError:
             self.cancelled += 1

@@ -10,7 +10,9 @@ import pytest
 
 from omnistage import errors
 from omnistage.rpc import error_from_rpc
-from omnistage.server.errors import status_code
+from omnistage.server.errors import abort_for, status_code
+from omnistage.types import ChatTurn, GenerateInput, TensorData
+from omnistage.validation import validate_generate_input
 from tests.unit.fake_grpc import FakeRpcError
 
 ALL = [
@@ -23,6 +25,8 @@ ALL = [
     errors.DeadlineError,
     errors.CancelledError,
     errors.UnauthenticatedError,
+    errors.AlreadyExistsError,
+    errors.AbortedError,
 ]
 
 
@@ -123,3 +127,72 @@ def test_each_client_hints_for_its_own_link(tls: bool) -> None:
     message = asyncio.run(main())
     assert ("handshake failed: check" in message) is tls
     assert ("this link is plaintext" in message) is not tls
+
+
+# --- Issue 14: an error message that echoes a 20,000-character value stays short ---
+
+HUGE = "x" * 20_000
+
+
+def test_echo_clips_a_20000_character_value_to_200_and_an_ellipsis() -> None:
+    assert errors.echo("float32") == "'float32'"
+    clipped = errors.echo(HUGE)
+    assert clipped.startswith("'" + "x" * 200 + "'…") and "20,000 characters" in clipped
+    assert len(clipped) < 250
+    assert len(errors.echo(list(range(10_000)))) == errors.MAX_ECHO_CHARS + 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "words"),
+    [
+        pytest.param(
+            GenerateInput(request_id="r", messages=(ChatTurn(HUGE, "hi"),)),
+            "messages[0].role",
+            id="20000-character-role",
+        ),
+        pytest.param(
+            GenerateInput(request_id="r", tensor=TensorData(dtype=HUGE, shape=(1,), data=b"")),
+            "tensor dtype",
+            id="20000-character-dtype",
+        ),
+    ],
+)
+def test_a_message_echoing_a_20000_character_value_is_short(
+    request_: GenerateInput, words: str
+) -> None:
+    with pytest.raises(errors.InvalidRequestError) as info:
+        validate_generate_input(request_)
+    assert words in str(info.value) and len(str(info.value)) < 400
+
+
+def test_the_wire_bounds_any_message_however_it_was_built() -> None:
+    """The last safety net: a message no `echo` clipped (a third party's, say) is cut before
+    it becomes gRPC status details or an HTTP error body."""
+    from orchestrator.http_errors import error_body
+    from tests.unit.fake_grpc import Aborted, FakeContext
+
+    error = errors.InvalidRequestError(f"the chat template rejected {HUGE}")
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        asyncio.run(abort_for(context, "Generate", error))  # type: ignore[arg-type]
+    assert context.status is not None
+    code, message = context.status
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("the chat template rejected xxx")
+    assert errors.MAX_MESSAGE_CHARS < len(message) < errors.MAX_MESSAGE_CHARS + 50
+    body = error_body(error)["error"]
+    assert body["code"] == "INVALID_ARGUMENT" and len(body["message"]) == len(message)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.ALREADY_EXISTS, errors.AlreadyExistsError),
+        (grpc.StatusCode.ABORTED, errors.AbortedError),
+    ],
+)
+def test_the_new_codes_map_both_ways(
+    code: grpc.StatusCode, cls: type[errors.OmnistageError]
+) -> None:
+    assert status_code(cls("x")) is code
+    assert type(error_from_rpc(FakeRpcError(code, "x"))) is cls

@@ -17,7 +17,7 @@ from omnistage.models import random_model_dir, resolve_model
 from omnistage.tensors import tensor_from_numpy, tensor_to_numpy
 from omnistage.types import GenerateInput
 from orchestrator.config import InputConfig, PipelineConfigError, load_pipeline, parse_pipeline
-from orchestrator.processors import StageOutput, resolve_processor
+from orchestrator.processors import EmptyStageOutputError, StageOutput, resolve_processor
 
 ROOT = Path(__file__).resolve().parents[2]
 OMNI = ROOT / "examples" / "omni" / "pipeline.yaml"
@@ -71,7 +71,7 @@ def test_tokens_become_codes_modulo_the_codebook() -> None:
     assert tensor_to_numpy(built.tensor).tolist() == [5, 0, 49151 % 1024]
     as_ids = processors.tokens_to_code_ids(StageOutput("talker", "", (1025,)), built, config)
     assert as_ids.token_ids == (1,)
-    with pytest.raises(InvalidRequestError, match="produced no tokens"):
+    with pytest.raises(EmptyStageOutputError, match="produced no tokens"):
         processors.tokens_to_codes(StageOutput("talker", "", ()), built, config)
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from omnistage.errors import InvalidRequestError
+from omnistage.errors import InvalidRequestError, OmnistageError
 from omnistage.types import ChatTurn, GenerateInput, SamplingOptions
 from orchestrator.config import BUILTIN_PROCESSORS, InputConfig
 from orchestrator.processors import (
     BUILTIN_EDGE_PROCESSORS,
+    EmptyStageOutputError,
     StageOutput,
     chat_processor,
     original_prompt_text,
@@ -56,18 +57,24 @@ def test_text_fills_the_template_from_the_output_and_the_original_prompt() -> No
     assert from_chat.request_id == "req-2" and not from_chat.messages
 
 
-def test_empty_upstream_text_names_the_stage_that_produced_nothing() -> None:
+def test_empty_stage_output_is_failed_precondition_naming_the_stage_not_the_clients_error() -> None:
+    """Issue 14: a thinker that emits only an end token (a short prompt, max_tokens 8) made
+    valid requests fail with INVALID_ARGUMENT; it is FAILED_PRECONDITION naming the stage."""
     empty = StageOutput(stage="thinker", text="  \n", token_ids=())
     for processor in (text_processor, chat_processor):
-        with pytest.raises(InvalidRequestError, match="stage 'thinker' produced no text"):
+        with pytest.raises(EmptyStageOutputError, match="stage 'thinker' produced no text") as info:
             processor(empty, ORIGINAL, InputConfig())
+        assert info.value.code == "FAILED_PRECONDITION"
+        assert not isinstance(info.value, InvalidRequestError)
 
 
-def test_a_template_without_text_does_not_need_upstream_text() -> None:
+def test_a_template_is_filled_and_passed_on_when_the_stage_produced_no_text() -> None:
     empty = StageOutput(stage="thinker", text="", token_ids=())
     built = text_processor(empty, ORIGINAL, InputConfig(template="Again: {prompt}"))
     assert built.prompt == "Again: Capital of France?"
-    with pytest.raises(InvalidRequestError, match="empty input after stage 'thinker'"):
+    built = text_processor(empty, ORIGINAL, InputConfig(template="Q: {prompt}\nA: {text}"))
+    assert built.prompt == "Q: Capital of France?\nA: "
+    with pytest.raises(EmptyStageOutputError, match="empty input after stage 'thinker'"):
         text_processor(
             empty, GenerateInput(request_id="r", token_ids=(1,)), InputConfig(template="{prompt}")
         )
@@ -76,7 +83,7 @@ def test_a_template_without_text_does_not_need_upstream_text() -> None:
 def test_token_ids_passes_the_ids_on() -> None:
     built = token_ids_processor(OUTPUT, ORIGINAL, InputConfig(processor="token_ids"))
     assert built == GenerateInput(request_id="req-1", token_ids=(5, 6, 7))
-    with pytest.raises(InvalidRequestError, match="stage 'thinker' produced no token ids"):
+    with pytest.raises(EmptyStageOutputError, match="stage 'thinker' produced no token ids"):
         token_ids_processor(
             StageOutput(stage="thinker", text="x", token_ids=()), ORIGINAL, InputConfig()
         )
@@ -120,7 +127,7 @@ def test_a_custom_processor_is_imported_by_path(path: str) -> None:
 def test_a_custom_processor_result_is_checked(name: str, words: str) -> None:
     path = f"tests.unit.custom_processors:{name}"
     processor = resolve_processor(InputConfig(processor=path))
-    with pytest.raises(InvalidRequestError, match=words):
+    with pytest.raises(OmnistageError, match=words):
         processor(OUTPUT, ORIGINAL, InputConfig(processor=path))
 
 

@@ -11,6 +11,7 @@ import pytest
 from omnistage.errors import InvalidRequestError, OmnistageError
 from omnistage.types import GenerateInput
 from orchestrator.config import PipelineConfigError, parse_pipeline
+from orchestrator.processors import EmptyStageOutputError
 from orchestrator.runner import PipelineRunner, StageEvent
 from orchestrator.streaming import StreamedTensorError
 from tests.unit.fake_stages import FakePool, FakeStage
@@ -110,7 +111,7 @@ def test_a_failing_chunk_names_the_stage_and_cancels_upstream() -> None:
 
 def test_no_upstream_tokens_is_the_processors_error() -> None:
     pool = FakePool(talker=FakeStage("talker", tokens=0), code2wav=FakeStage("code2wav"))
-    with pytest.raises(InvalidRequestError, match=r"stage 'code2wav'.*produced no token ids"):
+    with pytest.raises(EmptyStageOutputError, match=r"stage 'code2wav'.*produced no token ids"):
         asyncio.run(collect(runner(4, pool, [])))
 
 
