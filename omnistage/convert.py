@@ -26,6 +26,7 @@ from omnistage.types import (
     StageMetrics,
     StageProfileResult,
     StageStatus,
+    StageStepTime,
     TensorData,
 )
 from omnistage.v1 import common_pb2, orchestrator_pb2, stage_pb2
@@ -203,7 +204,10 @@ def critical_path_to_pb(path: RequestCriticalPath) -> orchestrator_pb2.RequestCr
 
     return orchestrator_pb2.RequestCriticalPath(
         **fields_of(
-            path, first_output=segments(path.first_output), end_to_end=segments(path.end_to_end)
+            path,
+            first_output=segments(path.first_output),
+            end_to_end=segments(path.end_to_end),
+            steps=[orchestrator_pb2.StageStepTime(**fields_of(s)) for s in path.steps],
         )
     )
 
@@ -217,6 +221,7 @@ def critical_path_from_pb(msg: orchestrator_pb2.RequestCriticalPath) -> RequestC
         RequestCriticalPath,
         first_output=segments(msg.first_output),
         end_to_end=segments(msg.end_to_end),
+        steps=tuple(from_fields(s, StageStepTime) for s in msg.steps),
     )
 
 

@@ -243,6 +243,31 @@ class CriticalSegment:
 
 
 @dataclass(frozen=True)
+class StageStepTime:
+    """A request's compute in one traced stage, on its end-to-end critical path, split into
+    the engine's model steps and the rest (docs/profiling.md, *Engine steps*)."""
+
+    stage: str
+    compute_ns: int
+    """The stage's ``compute`` segments on the path."""
+    step_ns: int
+    """The part of them during which the stage's engine was inside a step."""
+    step_share_ns: int
+    """The request's share of those steps: each moment of a step is shared equally among
+    the requests whose compute on the stage covers it."""
+
+    @property
+    def rest_ns(self) -> int:
+        """Compute outside any engine step."""
+        return self.compute_ns - self.step_ns
+
+    @property
+    def step_fraction(self) -> float | None:
+        """``step_ns`` over ``compute_ns`` (0 to 1); None without compute."""
+        return self.step_ns / self.compute_ns if self.compute_ns else None
+
+
+@dataclass(frozen=True)
 class RequestCriticalPath:
     """What bounded one request: the segments, in time order, that tile its time from its
     start to the final stage's first output, and to its end."""
@@ -253,6 +278,9 @@ class RequestCriticalPath:
     end_unix_ns: int
     first_output: tuple[CriticalSegment, ...] = ()
     end_to_end: tuple[CriticalSegment, ...] = ()
+    steps: tuple[StageStepTime, ...] = ()
+    """Per stage whose traces hold engine steps, in path order: its compute split into model
+    steps and the rest. Empty in a timing-only session and before the traces are read."""
 
     @property
     def time_to_first_output_s(self) -> float:

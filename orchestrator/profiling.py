@@ -264,6 +264,7 @@ class PipelineProfiler:
             summary=str(files.summary),
             summary_html=str(files.summary_html),
             slimming=files.slimming(),
+            critical_paths=files.critical_paths,  # with the engine steps' split
         )
 
     async def _collect(

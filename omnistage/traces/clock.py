@@ -140,6 +140,11 @@ def combine(start: ClockEstimate | None, stop: ClockEstimate | None) -> ClockEst
     )
 
 
+def replica_folder(address: str) -> str:
+    """The folder the orchestrator keeps a replica's files in, named after its address."""
+    return _REPLICA_DIR_RE.sub("_", address)
+
+
 def resolve_clock(
     clocks: Mapping[str, ClockEstimate], stage: str, replica: str
 ) -> tuple[ClockEstimate | None, str]:
@@ -148,11 +153,7 @@ def resolve_clock(
     if replica:
         for key, estimate in clocks.items():
             name, sep, rest = key.partition("/")
-            if (
-                sep
-                and name == stage
-                and (rest == replica or _REPLICA_DIR_RE.sub("_", rest) == replica)
-            ):
+            if sep and name == stage and (rest == replica or replica_folder(rest) == replica):
                 return estimate, key
     if stage in clocks:
         return clocks[stage], stage

@@ -5,7 +5,7 @@ sentence."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from omnistage.traces.critical import (
     COMPUTE,
@@ -15,7 +15,6 @@ from omnistage.traces.critical import (
     TRANSPORT,
     WAITING,
     bound_by,
-    critical_path,
     request_chains,
     shares,
     totals,
@@ -23,7 +22,7 @@ from omnistage.traces.critical import (
 )
 from omnistage.traces.spans import RequestSpan, short_ids
 from omnistage.traces.units import ms, percentile
-from omnistage.types import CriticalSegment, RequestCriticalPath
+from omnistage.types import CriticalSegment, RequestCriticalPath, StageStepTime
 
 MAX_ROWS = 50
 """Requests listed one by one, slowest first; report.json and ProfileReport hold them all."""
@@ -45,11 +44,23 @@ RULE = (
 )
 
 
-def critical_section(spans: Sequence[RequestSpan]) -> list[str]:
-    """The section's lines, from the session's request spans."""
+STEPS_RULE = (
+    "*Model steps*: the share of each stage's compute on the request's end-to-end path during "
+    "which that stage's engine was inside one of its steps (vLLM's `execute_context_*`, the "
+    "torch engine's `omnistage.step`); the rest is the stage's own code between steps. *Own "
+    "share*: the request's share of those steps, each moment of a step shared equally among "
+    "the requests in compute on the stage then. `–`: the stage's traces hold no step (it was "
+    "not traced, or the session was timing-only). See docs/profiling.md, *Engine steps*."
+)
+
+
+def critical_section(
+    paths: Sequence[RequestCriticalPath], spans: Sequence[RequestSpan]
+) -> list[str]:
+    """The section's lines, from the session's critical paths (with their step records,
+    :mod:`omnistage.traces.steps`) and its request spans."""
     lines = ["## Critical path", ""]
-    chains, skipped = request_chains(spans)
-    paths = [critical_path(chain) for chain in chains.values()]
+    skipped = request_chains(spans)[1]
     left_out = (
         f" {skipped} requests that did not pass every stage while the session recorded "
         "are left out."
@@ -62,6 +73,7 @@ def critical_section(spans: Sequence[RequestSpan]) -> list[str]:
     lines += [_bottleneck(paths, upstream_of(spans)), ""]
     lines += _request_table(paths)
     lines += _share_table(paths)
+    lines += _steps_table(paths)
     return lines
 
 
@@ -93,8 +105,8 @@ def _request_table(paths: Sequence[RequestCriticalPath]) -> list[str]:
     ordered = sorted(paths, key=lambda p: (-p.total_s, p.request_id))
     short = short_ids(p.request_id for p in paths)
     lines = [
-        "| request | first output | bound by | split | total | bound by | split |",
-        "| --- | ---: | --- | --- | ---: | --- | --- |",
+        "| request | first output | bound by | split | total | bound by | split | model steps |",
+        "| --- | ---: | --- | --- | ---: | --- | --- | --- |",
     ]
     for p in ordered[:MAX_ROWS]:
         cells = [
@@ -105,11 +117,54 @@ def _request_table(paths: Sequence[RequestCriticalPath]) -> list[str]:
             ms(p.total_s * 1e6),
             _bound(p.end_to_end),
             _split(p.end_to_end),
+            _model_steps(p),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if len(ordered) > MAX_ROWS:
         lines += ["", f"The {len(ordered) - MAX_ROWS} faster requests are in report.json."]
     return [*lines, ""]
+
+
+def _model_steps(path: RequestCriticalPath) -> str:
+    """Per stage with compute on the end-to-end path: its model steps' share of that
+    compute, ``–`` where its traces hold no step; ``–`` alone where no stage's do."""
+    if not path.steps:
+        return "–"
+    found = {s.stage: s for s in path.steps}
+    computed = dict.fromkeys(s.stage for s in path.end_to_end if s.kind == COMPUTE)
+    parts = []
+    for stage in computed:
+        record = found.get(stage)
+        fraction = record.step_fraction if record else None
+        parts.append(f"{stage} {_percent(fraction) if fraction is not None else '–'}")
+    return " · ".join(parts)
+
+
+def _steps_table(paths: Sequence[RequestCriticalPath]) -> list[str]:
+    by_stage: dict[str, list[StageStepTime]] = {}
+    for path in paths:
+        for record in path.steps:
+            if record.compute_ns:
+                by_stage.setdefault(record.stage, []).append(record)
+    if not by_stage:
+        return [STEPS_RULE, ""]
+    lines = [
+        f"Engine steps in each traced stage's compute, over {_requests(len(paths))}:",
+        "",
+        "| stage | model steps p50 | model steps p90 | own share p50 | own share p90 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for stage, records in by_stage.items():
+        cells = [stage]
+        cells += _p50_p90(r.step_ns / r.compute_ns for r in records)
+        cells += _p50_p90(r.step_share_ns / r.compute_ns for r in records)
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", STEPS_RULE, ""]
+
+
+def _p50_p90(values: Iterable[float]) -> list[str]:
+    kept = list(values)
+    return [_percent(percentile(kept, q)) for q in (50, 90)]
 
 
 def _share_table(paths: Sequence[RequestCriticalPath]) -> list[str]:

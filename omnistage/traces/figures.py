@@ -24,9 +24,7 @@ import numpy as np
 from omnistage.traces.optable import OpStat
 from omnistage.traces.spans import RequestSpan
 from omnistage.traces.stats import StageTraceStats
-
-STEP_PREFIXES = ("execute_context_", "omnistage.step")
-"""Op names that mark one engine step each (as ``bench/profile_costs.py`` counts them)."""
+from omnistage.traces.steps import STEP_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,15 @@ def _join_replicas(collected: Mapping[str, StageTraceStats]) -> dict[str, StageT
                 replica = key.partition("/")[2]
                 names = ", ".join(f"{replica}/{f}" if replica else f for f in part.files)
                 ops = list(part.ops.values())
-                both.add(names, ops, part.host_busy, part.device_busy, part.first_us, part.last_us)
+                both.add(
+                    names,
+                    ops,
+                    part.host_busy,
+                    part.device_busy,
+                    part.first_us,
+                    part.last_us,
+                    part.steps,
+                )
     return joined
 
 

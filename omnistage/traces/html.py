@@ -6,10 +6,12 @@ an inline SVG drawn here. It holds
 * the **request waterfall**: one row per request (``g.request``), each on its own timeline
   from its first span's start; in it one lane per stage span, coloured by stage. The light
   part of a bar runs from the span's start to its first output, the solid part from the
-  first output to the end (the stretch in which the stage streamed its output); the spans
-  record no single chunk, so streaming shows as the solid stretch and as the next stage's bar
-  starting before this one ends. A thin line marks each hand-off, from the moment the output
-  was handed on to the moment the next stage's input arrived. Every bar has a tooltip;
+  first output to the end (the stretch in which the stage streamed its output). A streamed
+  stage (``input.stream_chunk``) also gets one outlined box per chunk call (``rect.chunk``)
+  inside its bar, from the call's start to its last output, with a tooltip giving the
+  chunk's index, its cut, start, first output and end, and the stage's own time for it. A
+  thin line marks each hand-off, from the moment the output was handed on to the moment the
+  next stage's input arrived. Every bar has a tooltip;
 * the **per-stage breakdown** (busy share, latency p50/p90; :mod:`omnistage.traces.figures`);
 * the **top-op tables** of each traced stage, by self CPU time (and self device time).
 
@@ -27,7 +29,7 @@ from typing import Any
 
 from omnistage.traces.figures import SessionFigures, StageFigures, session_figures
 from omnistage.traces.optable import OpStat
-from omnistage.traces.spans import RequestSpan, short_ids
+from omnistage.traces.spans import ChunkSpan, RequestSpan, short_ids
 from omnistage.traces.stats import StageTraceStats
 from omnistage.traces.units import ms as _ms
 from omnistage.traces.units import share as _pct
@@ -109,7 +111,8 @@ def _legend(colours: Mapping[str, str]) -> list[str]:
         f"<p class='legend'>{keys}</p>",
         "<p class='note'>One row per request, each on its own timeline from its first span. "
         "Light: span start to first output; solid: first output to end (streaming); "
-        "grey lines: hand-offs. Hover a bar for its times.</p>",
+        "outlined boxes: a streamed stage's chunk calls; grey lines: hand-offs. "
+        "Hover a bar or a chunk for its times.</p>",
     ]
 
 
@@ -218,12 +221,36 @@ def _bar(span: RequestSpan, x: Callable[[int], float], top: float, colour: str, 
         tip += f"; first output after {_ms((first_ns - span.start_unix_ns) / 1e3)}"
     if span.queue_time_s:
         tip += f"; queued {_ms(span.queue_time_s * 1e6)}"
+    if span.chunks:
+        tip += f"; {len(span.chunks)} chunk calls"
     common = f"y='{top:.1f}' height='{_LANE_H}' fill='{colour}'"
     return (
         f"<g class='span' data-stage='{_e(span.stage)}'><title>{_e(tip)}</title>"
         f"<rect x='{start:.1f}' width='{max(end - start, 1):.1f}' {common} fill-opacity='0.35'/>"
         f"<rect class='streamed' x='{split:.1f}' width='{max(end - split, 0.5):.1f}' {common}/>"
-        f"<text x='{end + 3:.1f}' y='{top + _LANE_H - 3:.1f}'>{_e(span.stage)}</text></g>"
+        + "".join(_chunk(i, c, x, top, origin) for i, c in enumerate(span.chunks))
+        + f"<text x='{end + 3:.1f}' y='{top + _LANE_H - 3:.1f}'>{_e(span.stage)}</text></g>"
+    )
+
+
+def _chunk(index: int, chunk: ChunkSpan, x: Callable[[int], float], top: float, origin: int) -> str:
+    """One chunk call of a streamed stage: an outlined box inside its bar, with its times."""
+    start, end = x(chunk.start_unix_ns), x(max(chunk.end_unix_ns, chunk.start_unix_ns))
+
+    def at(ns: int) -> str:
+        return _ms((ns - origin) / 1e3)
+
+    tip = (
+        f"chunk {index}: cut at {at(chunk.ready_unix_ns)}, call {at(chunk.start_unix_ns)} → "
+        f"{at(chunk.end_unix_ns)} ({_ms((chunk.end_unix_ns - chunk.start_unix_ns) / 1e3)}), "
+        f"first output at {at(chunk.first_output_unix_ns)}"
+    )
+    if chunk.stage_time_s:
+        tip += f"; the stage's own time {_ms(chunk.stage_time_s * 1e6)}"
+    return (
+        f"<rect class='chunk' data-chunk='{index}' x='{start:.1f}' y='{top + 2:.1f}' "
+        f"width='{max(end - start, 1):.1f}' height='{_LANE_H - 4}' fill='#fff' "
+        f"fill-opacity='0.45' stroke='#222' stroke-width='0.8'><title>{_e(tip)}</title></rect>"
     )
 
 

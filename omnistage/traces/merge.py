@@ -40,6 +40,7 @@ from omnistage.traces.nesting import union
 from omnistage.traces.optable import OpStat, OpTableBuilder
 from omnistage.traces.perfetto import ProtoEncoder
 from omnistage.traces.reader import TraceReader
+from omnistage.traces.steps import STEP_PREFIXES
 from omnistage.traces.writer import DeflatePart, Part, events_json
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class TraceResult:
     ops: list[OpStat] = field(default_factory=list)
     host_busy: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
     device_busy: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    steps: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    """The engine steps' annotations (:mod:`omnistage.traces.steps`), joined where they
+    overlap, on the orchestrator's unix µs."""
     first_us: float = np.inf
     last_us: float = -np.inf
     """First and last op, orchestrator-clock unix µs."""
@@ -98,6 +102,7 @@ def combine(timeline: TraceResult, stats: TraceResult) -> TraceResult:
     """One trace's result from its two halves (the timeline's problems are the trace's)."""
     timeline.ops = stats.ops
     timeline.host_busy, timeline.device_busy = stats.host_busy, stats.device_busy
+    timeline.steps = stats.steps
     timeline.first_us, timeline.last_us = stats.first_us, stats.last_us
     timeline.error = timeline.error or stats.error
     return timeline
@@ -299,8 +304,10 @@ def read_stats(path: Path, rel: str, offset_ns: int, result: TraceResult) -> Non
 
 
 def _keep_stats(builder: OpTableBuilder, result: TraceResult, shift_unix: float) -> None:
-    """The op table, and the busy intervals on the orchestrator's unix µs."""
+    """The op table, the busy intervals and the engine steps on the orchestrator's unix µs."""
     result.ops = builder.stats()
+    starts, ends = builder.named_intervals(STEP_PREFIXES)
+    result.steps = union(starts + shift_unix, ends + shift_unix)
     for attr, (starts, ends) in (
         ("host_busy", builder.host_intervals()),
         ("device_busy", builder.device_intervals()),

@@ -167,6 +167,17 @@ class OpTableBuilder:
         ts = np.frombuffer(self._ts, dtype=np.float64)[name >= 0]
         return ts, ts + np.frombuffer(self._dur, dtype=np.float64)[name >= 0]
 
+    def named_intervals(
+        self, prefixes: tuple[str, ...]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Starts and ends of the host ops whose name starts with one of ``prefixes`` (the
+        engine steps' annotations), µs on the trace's clock."""
+        ids = [i for name, i in self._names.items() if name.startswith(prefixes)]
+        name = np.frombuffer(self._name, dtype=np.int64)
+        pick = np.isin(name, np.array(ids, dtype=np.int64))
+        ts = np.frombuffer(self._ts, dtype=np.float64)[pick]
+        return ts, ts + np.frombuffer(self._dur, dtype=np.float64)[pick]
+
     def device_intervals(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         ts = np.frombuffer(self._d_ts, dtype=np.float64)
         return ts, ts + np.frombuffer(self._d_dur, dtype=np.float64)

@@ -30,9 +30,10 @@ from omnistage.traces.parallel import run_all
 from omnistage.traces.slimming import SlimOptions, SlimStats, slim_trace_file
 from omnistage.traces.spans import RequestSpan, span_from_mapping
 from omnistage.traces.stats import stats_from_timeline
+from omnistage.traces.steps import attributed_paths
 from omnistage.traces.summary import write_summary
 from omnistage.traces.timeline import build_timeline, find_traces
-from omnistage.types import ProfileReport, ProfileSlimming
+from omnistage.types import ProfileReport, ProfileSlimming, RequestCriticalPath
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class ReportFiles:
     """Every timeline file written: the JSON one, then Perfetto's protobuf one."""
     warnings: tuple[str, ...] = ()
     """Traces that could not be read (each names its file and the problem), and the like."""
+    critical_paths: tuple[RequestCriticalPath, ...] = ()
+    """Each complete request's critical path, with its compute split into engine steps and
+    the rest where the stage's traces hold steps (:mod:`omnistage.traces.steps`)."""
 
     @property
     def summary_html(self) -> Path:
@@ -165,7 +169,8 @@ def rebuild_report(
     (``x.slim.pt.trace.json.gz``, see :mod:`omnistage.traces.slimming`; an existing copy is
     rewritten, and none is kept where it would not be smaller) and the timeline is built from
     the copies. The originals are never modified.
-    Each trace is read once for the timeline and the summary together.
+    Each trace is read once for the timeline and the summary together (the engine steps of
+    the critical paths' split included).
 
     Raises:
         FileNotFoundError: no report.json in ``session_dir``.
@@ -174,19 +179,7 @@ def rebuild_report(
     session_dir = Path(session_dir)
     record = read_session(session_dir)
     say = progress or (lambda _msg: None)
-    slimmed: dict[str, SlimStats] = {}
-    if slim is not None:
-        sources = [s for s in find_traces(session_dir) if slim_copy_path(s.path) != s.path]
-        jobs = [(s.path, s.path.relative_to(session_dir).as_posix(), slim) for s in sources]
-        say(f"slimming {len(jobs)} traces")
-
-        def done(job: tuple[Path, str, SlimOptions], result: SlimStats | str) -> None:
-            say(f"slimmed {job[1]}")
-
-        results = run_all(_slim_one, jobs, [s.path for s in sources], done=done)
-        for (_, rel, _), result in zip(jobs, results, strict=True):
-            if isinstance(result, SlimStats):
-                slimmed[rel] = result
+    slimmed = _slim_all(session_dir, slim, say) if slim is not None else {}
     timeline = build_timeline(
         session_dir,
         spans=record.spans,
@@ -195,14 +188,17 @@ def rebuild_report(
         stage_indices=record.stage_order(),
         prefer_slim=slim is not None,
     )
+    collected = stats_from_timeline(timeline.traces)
+    paths = attributed_paths(record.spans, {key: s.steps for key, s in collected.items()})
     summary = write_summary(
         session_dir,
         report=record.report,
         spans=record.spans,
         clocks=record.clocks,
-        collected=stats_from_timeline(timeline.traces),
+        collected=collected,
         slim_stats=slimmed if slim is not None else None,
         warnings=timeline.warnings,
+        paths=paths,
     )
     return ReportFiles(
         timeline=timeline.path,
@@ -211,7 +207,27 @@ def rebuild_report(
         warnings=tuple(timeline.warnings),
         slim_stats=slimmed,
         slimmed=slim is not None,
+        critical_paths=paths,
     )
+
+
+def _slim_all(
+    session_dir: Path, slim: SlimOptions, say: Callable[[str], None]
+) -> dict[str, SlimStats]:
+    """Slim every trace of the session (in workers): per trace slimmed, what it saved."""
+    sources = [s for s in find_traces(session_dir) if slim_copy_path(s.path) != s.path]
+    jobs = [(s.path, s.path.relative_to(session_dir).as_posix(), slim) for s in sources]
+    say(f"slimming {len(jobs)} traces")
+
+    def done(job: tuple[Path, str, SlimOptions], result: SlimStats | str) -> None:
+        say(f"slimmed {job[1]}")
+
+    results = run_all(_slim_one, jobs, [s.path for s in sources], done=done)
+    return {
+        rel: result
+        for (_, rel, _), result in zip(jobs, results, strict=True)
+        if isinstance(result, SlimStats)
+    }
 
 
 def _slim_one(job: tuple[Path, str, SlimOptions]) -> SlimStats | str:

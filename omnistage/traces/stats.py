@@ -37,6 +37,8 @@ class StageTraceStats:
     ops: dict[str, OpStat] = field(default_factory=dict)
     host_busy: Intervals = _EMPTY
     device_busy: Intervals = _EMPTY
+    steps: Intervals = _EMPTY
+    """The engine steps' intervals (:mod:`omnistage.traces.steps`)."""
     first_us: float = math.inf
     last_us: float = -math.inf
     problems: list[str] = field(default_factory=list)
@@ -49,8 +51,10 @@ class StageTraceStats:
         device: Intervals | None,
         first_us: float,
         last_us: float,
+        steps: Intervals | None = None,
     ) -> None:
         self.files.append(file)
+        self.steps = _join(self.steps, steps)
         self.ops = merge_stats([list(self.ops.values()), ops])
         self.host_busy = _join(self.host_busy, host)
         self.device_busy = _join(self.device_busy, device)
@@ -81,6 +85,7 @@ def stats_from_timeline(
             result.device_busy,
             result.first_us,
             result.last_us,
+            result.steps,
         )
     return stages
 

@@ -36,6 +36,7 @@ from omnistage.traces.optable import OpStat
 from omnistage.traces.slimming import SlimStats
 from omnistage.traces.spans import RequestSpan
 from omnistage.traces.stats import Intervals, StageTraceStats, collect_stats
+from omnistage.traces.steps import attributed_paths
 from omnistage.traces.timeline import (
     PROTO_TIMELINE_NAME,
     TIMELINE_NAME,
@@ -44,6 +45,7 @@ from omnistage.traces.units import mb as _mb
 from omnistage.traces.units import ms as _ms
 from omnistage.traces.units import pct as _pct
 from omnistage.traces.units import percentile as _percentile
+from omnistage.types import RequestCriticalPath
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ def write_summary(
     slim_stats: Mapping[str, SlimStats] | None = None,
     progress: Callable[[str], None] | None = None,
     warnings: Sequence[str] = (),
+    paths: Sequence[RequestCriticalPath] | None = None,
 ) -> Path:
     """Write ``session_dir/summary.md``, and ``summary.html`` beside it
     (:mod:`omnistage.traces.html`), and return the path of ``summary.md``.
@@ -69,7 +72,8 @@ def write_summary(
     ``collected`` is what the timeline's merge found (:func:`stats_from_timeline`); without
     it the traces are read here. ``slim_stats`` (per trace, relative path)
     lists the slimmed copies and what they saved; when given (even empty), the total saved is
-    stated too.
+    stated too. ``paths`` are the session's critical paths with their step records
+    (:func:`~omnistage.traces.steps.attributed_paths`); without them they are made here.
     """
     session_dir = Path(session_dir)
     stages = collected if collected is not None else collect_stats(session_dir, clocks, progress)
@@ -82,7 +86,9 @@ def write_summary(
     lines += _problems_section(stages, warnings)
     lines += _ops_sections(stages, window, top)
     lines += _request_section(spans, window)
-    lines += critical_section(spans)
+    if paths is None:
+        paths = attributed_paths(spans, {key: s.steps for key, s in stages.items()})
+    lines += critical_section(paths, spans)
     lines += _clock_section(clocks, stages)
     lines += _files_section(session_dir, slim_stats)
     path = session_dir / SUMMARY_NAME

@@ -177,20 +177,34 @@ class CriticalSegment(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., kind: _Optional[str] = ..., start_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ...) -> None: ...
 
 class RequestCriticalPath(_message.Message):
-    __slots__ = ("request_id", "start_unix_ns", "first_output_unix_ns", "end_unix_ns", "first_output", "end_to_end")
+    __slots__ = ("request_id", "start_unix_ns", "first_output_unix_ns", "end_unix_ns", "first_output", "end_to_end", "steps")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     FIRST_OUTPUT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     FIRST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     END_TO_END_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start_unix_ns: int
     first_output_unix_ns: int
     end_unix_ns: int
     first_output: _containers.RepeatedCompositeFieldContainer[CriticalSegment]
     end_to_end: _containers.RepeatedCompositeFieldContainer[CriticalSegment]
-    def __init__(self, request_id: _Optional[str] = ..., start_unix_ns: _Optional[int] = ..., first_output_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ..., first_output: _Optional[_Iterable[_Union[CriticalSegment, _Mapping]]] = ..., end_to_end: _Optional[_Iterable[_Union[CriticalSegment, _Mapping]]] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[StageStepTime]
+    def __init__(self, request_id: _Optional[str] = ..., start_unix_ns: _Optional[int] = ..., first_output_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ..., first_output: _Optional[_Iterable[_Union[CriticalSegment, _Mapping]]] = ..., end_to_end: _Optional[_Iterable[_Union[CriticalSegment, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StageStepTime, _Mapping]]] = ...) -> None: ...
+
+class StageStepTime(_message.Message):
+    __slots__ = ("stage", "compute_ns", "step_ns", "step_share_ns")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SHARE_NS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    compute_ns: int
+    step_ns: int
+    step_share_ns: int
+    def __init__(self, stage: _Optional[str] = ..., compute_ns: _Optional[int] = ..., step_ns: _Optional[int] = ..., step_share_ns: _Optional[int] = ...) -> None: ...
 
 class StopProfileProgress(_message.Message):
     __slots__ = ("phase", "stage", "replica", "file", "bytes_done", "bytes_total", "seconds", "message", "report")

@@ -260,6 +260,15 @@ def test_report_on_a_three_stage_profile(three_stage_report: tuple[str, Any]) ->
     assert report.slimming is not None and report.slimming.bytes_saved > 0, report.slimming
     assert f"**{report.slimming.bytes_saved:,} bytes saved**" in summary
     assert (folder / "report.json").is_file()
+    # engine steps: each traced stage's compute on the path, split into model steps and the rest
+    (path,) = report.critical_paths
+    split = {s.stage: s for s in path.steps}
+    for name in ("thinker", "talker", "code2wav"):  # execute_context_*, omnistage.step
+        record = split[name]
+        assert 0 < record.step_ns <= record.compute_ns, record
+        assert 0 < record.step_share_ns <= record.step_ns, record
+        fraction = f"{100 * record.step_ns / record.compute_ns:.1f}%"
+        assert f"{name} {fraction}" in summary, (fraction, summary)
 
 
 HANDOFFS_SQL = """
@@ -361,5 +370,6 @@ def test_a_timing_only_session_profiles_no_stage_and_splits_each_request(
     kinds = {(s.stage, s.kind) for s in path.end_to_end}
     assert {("thinker", "compute"), ("code2wav", "compute")} <= kinds
     assert ("code2wav", "waiting_for_upstream") in kinds  # streamed: it waited for chunks
+    assert path.steps == ()  # no trace: no engine step to split the compute with
     summary = Path(report.summary).read_text()
     assert "- timing only:" in summary and "## Critical path" in summary

@@ -144,6 +144,7 @@ def test_a_profile_report_survives_the_wire_but_for_the_local_copy() -> None:
         ProfileSlimming,
         RequestCriticalPath,
         StageProfileResult,
+        StageStepTime,
     )
 
     files = (ProfileFileInfo("trace.json.gz", 123, "ab" * 32),)
@@ -152,7 +153,13 @@ def test_a_profile_report_survives_the_wire_but_for_the_local_copy() -> None:
     )
     compute = CriticalSegment("code2wav", "compute", wait.end_unix_ns, wait.end_unix_ns + 5)
     path = RequestCriticalPath(
-        "r1", wait.start_unix_ns, wait.end_unix_ns, compute.end_unix_ns, (wait,), (wait, compute)
+        "r1",
+        wait.start_unix_ns,
+        wait.end_unix_ns,
+        compute.end_unix_ns,
+        (wait,),
+        (wait, compute),
+        steps=(StageStepTime("code2wav", 5, 4, 2),),
     )
     report = ProfileReport(
         session_id="s1",

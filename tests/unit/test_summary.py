@@ -12,6 +12,7 @@ import pytest
 
 from omnistage.traces import RequestSpan, load_trace, op_stats
 from omnistage.traces.clock import ClockEstimate
+from omnistage.traces.critical import critical_paths
 from omnistage.traces.report import ReportFiles, read_session, rebuild_report
 from omnistage.traces.slimming import SlimOptions
 from omnistage.traces.summary import write_summary
@@ -76,6 +77,7 @@ def test_rebuild_writes_timeline_and_summary(fresh: Session) -> None:
         fresh.dir / "summary.md",
         {},
         timelines=(fresh.dir / "timeline.json.gz", fresh.dir / "timeline.pftrace.gz"),
+        critical_paths=critical_paths(fresh.spans),  # its traces mark no engine step
     )
     assert files.summary_html == fresh.dir / "summary.html" and files.summary_html.is_file()
     assert any(m.startswith("stage talker: ") for m in messages)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from omnistage.traces import RequestSpan
+from omnistage.traces.spans import ChunkSpan
 from omnistage.traces.summary import write_summary
 from tests.unit.trace_factory import Session, copy_session, make_cuda_stage, shared_session
 
@@ -70,3 +71,33 @@ def test_a_cuda_stage_gets_its_device_table(tmp_path: Path) -> None:
     assert "<h3>dit: top 15 ops by self device time</h3>" in page
     stage_row = re.search(r"<tr><td>dit</td>(.*?)</tr>", page)
     assert stage_row and "0.720 ms" in stage_row.group(1)  # 3 requests × 2 × 120 µs of device
+
+
+def test_a_streamed_stages_chunk_calls_are_marks_in_its_bar(tmp_path: Path) -> None:
+    """The waterfall draws each chunk call of a streamed stage (its ChunkSpans) as a box of
+    its own inside the stage's bar, with its index and times; a stage called once has none."""
+    t0 = 1_700_000_000_000_000_000
+    ms = 1_000_000
+    chunks = tuple(
+        ChunkSpan(t0 + (20 + 10 * i) * ms, t0 + (21 + 10 * i) * ms, t0 + (22 + 10 * i) * ms,
+                  t0 + (27 + 10 * i) * ms, stage_time_s=0.005)
+        for i in range(3)
+    )  # fmt: skip
+    spans = [
+        RequestSpan("r1", "talker", 0, "", t0, t0 + 20 * ms, t0 + 50 * ms, 0.0, 0.0),
+        RequestSpan("r1", "code2wav", 1, "", t0 + 21 * ms, t0 + 22 * ms, t0 + 47 * ms, 0.0,
+                    0.0, chunks=chunks),
+    ]  # fmt: skip
+    write_summary(tmp_path, report={}, spans=spans, clocks={})
+    page = (tmp_path / "summary.html").read_text(encoding="utf-8")
+    bars = dict(re.findall(r"<g class='span' data-stage='(\w+)'>(.*?)</g>", page))
+    assert "class='chunk'" not in bars["talker"]
+    marks = re.findall(r"<rect class='chunk' data-chunk='(\d)' x='([\d.]+)'.*?<title>(.*?)</title>",
+                       bars["code2wav"])  # fmt: skip
+    assert [m[0] for m in marks] == ["0", "1", "2"]
+    xs = [float(m[1]) for m in marks]
+    assert xs == sorted(xs) and len(set(xs)) == 3  # each at its own call's start
+    assert marks[1][2] == (
+        "chunk 1: cut at 30.000 ms, call 31.000 ms → 37.000 ms (6.000 ms), first output at "
+        "32.000 ms; the stage&#x27;s own time 5.000 ms"
+    )
