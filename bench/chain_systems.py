@@ -316,22 +316,13 @@ class OmnistageHttpChain:
         path, body = chat_body(request, self._s, HTTP_MODEL)
         first, tokens = math.nan, (0, 0)
         sent = time.perf_counter()
-        async with self._session.post(self._url + path, json=body) as reply:
-            if reply.status != 200:
-                raise RuntimeError(f"orchestrator: HTTP {reply.status}: {await reply.text()}")
-            async for line in reply.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    break
-                payload = json.loads(data)
-                piece, _ = sse_piece(payload)
-                if piece and math.isnan(first):
-                    first = time.perf_counter()
-                if payload.get("usage"):
-                    counts = [u["completion_tokens"] for u in payload["usage"]["stages"]]
-                    tokens = (counts[0], counts[-1])
+        async for payload in sse_events(self._session, self._url + path, body, "orchestrator"):
+            piece, _ = sse_piece(payload)
+            if piece and math.isnan(first):
+                first = time.perf_counter()
+            if payload.get("usage"):
+                counts = [u["completion_tokens"] for u in payload["usage"]["stages"]]
+                tokens = (counts[0], counts[-1])
         return RequestRecord(sent, first, time.perf_counter(), tokens)
 
 
@@ -488,6 +479,22 @@ def chat_body(
     return "/v1/completions", body
 
 
+async def sse_events(
+    session: Any, url: str, body: dict[str, Any], who: str
+) -> AsyncIterator[dict[str, Any]]:
+    """Each event of a streamed OpenAI reply (SSE `data:` lines up to `[DONE]`), decoded."""
+    async with session.post(url, json=body) as reply:
+        if reply.status != 200:
+            raise RuntimeError(f"{who}: HTTP {reply.status}: {await reply.text()}")
+        async for line in reply.content:
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                break
+            yield json.loads(data)
+
+
 def sse_piece(payload: dict[str, Any]) -> tuple[str, int | None]:
     """(text, completion tokens or None) from one streamed chunk of either endpoint."""
     usage = payload.get("usage")
@@ -519,20 +526,12 @@ class OpenAIChain:
         server = self._servers[stage]
         path, body = chat_body(request, self._s, server.name)
         text, tokens = "", 0
-        async with self._session.post(server.url + path, json=body) as reply:
-            if reply.status != 200:
-                raise RuntimeError(f"{server.name}: HTTP {reply.status}: {await reply.text()}")
-            async for line in reply.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    break
-                piece, usage = sse_piece(json.loads(data))
-                if piece and not text and on_first is not None:
-                    on_first()
-                text += piece
-                tokens = usage if usage is not None else tokens
+        async for payload in sse_events(self._session, server.url + path, body, server.name):
+            piece, usage = sse_piece(payload)
+            if piece and not text and on_first is not None:
+                on_first()
+            text += piece
+            tokens = usage if usage is not None else tokens
         return text, tokens
 
     async def one(self, index: int) -> RequestRecord:
