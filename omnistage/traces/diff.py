@@ -5,7 +5,12 @@ report.json and the spans, :func:`collect_stats` for each stage's op table and b
 its figures are those of :mod:`omnistage.traces.figures`. Per stage that both sessions have:
 
 * busy share (host, and device where there are device events) of the profiled window;
-* latency p50 and p90 of the stage's request spans; the requests' end-to-end latency too;
+* latency p50 and p90 of the stage's request spans; the requests' end-to-end latency and
+  their time to the final stage's first output too;
+* the critical-path split: the stage's share of the requests' time to first output and of
+  their end-to-end time, each segment kind's share of the end-to-end time, and the model
+  steps' share of the stage's compute on the path (p50 over requests; see
+  :mod:`omnistage.traces.figures`);
 * the top ops by self time (self device time when either session has device time, else self
   CPU time), each **per engine step** when both sessions' traces count steps, else **per
   request** when both have request spans, else per session; the diff says which.
@@ -25,9 +30,12 @@ from typing import Any
 
 import msgspec
 
+from omnistage.traces.critical import KINDS
+from omnistage.traces.critical_report import LABELS
 from omnistage.traces.figures import SessionFigures, StageFigures, session_figures
 from omnistage.traces.report import read_session
 from omnistage.traces.stats import collect_stats
+from omnistage.traces.steps import attributed_paths
 from omnistage.traces.units import ms as _time
 from omnistage.traces.units import share as _share
 
@@ -87,6 +95,15 @@ class StageDiff:
     ops: tuple[OpChange, ...]
     """The top ops, by the larger of their two per-unit times; empty unless both sessions
     have a trace of the stage."""
+    path_first_share: Change
+    """p50 of the stage's share (0 to 1) of the requests' time to first output."""
+    path_share: Change
+    """The same, of the end-to-end time."""
+    path_kinds: Mapping[str, Change]
+    """Per segment kind (``queued``, ``compute``, ...): p50 of the stage's time of that kind
+    as a share of the end-to-end time; kinds in either session."""
+    model_steps: Change
+    """p50 of the engine steps' share of the stage's compute on the path."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,9 @@ class SessionDiff:
     latency_p50_us: Change
     """End to end: a request's first span start to its last span end."""
     latency_p90_us: Change
+    first_output_p50_us: Change
+    """Time to the final stage's first output, from the critical paths."""
+    first_output_p90_us: Change
     stages: tuple[StageDiff, ...]
     stages_only_in_a: tuple[str, ...]
     stages_only_in_b: tuple[str, ...]
@@ -142,6 +162,8 @@ def diff_sessions(
         b=side_b,
         latency_p50_us=change(fig_a.latency_p50_us, fig_b.latency_p50_us),
         latency_p90_us=change(fig_a.latency_p90_us, fig_b.latency_p90_us),
+        first_output_p50_us=change(fig_a.first_output_p50_us, fig_b.first_output_p50_us),
+        first_output_p90_us=change(fig_a.first_output_p90_us, fig_b.first_output_p90_us),
         stages=tuple(_stage(fig_a.stages[s], fig_b.stages[s], top) for s in common),
         stages_only_in_a=tuple(s for s in fig_a.stages if s not in fig_b.stages),
         stages_only_in_b=tuple(s for s in fig_b.stages if s not in fig_a.stages),
@@ -164,6 +186,7 @@ def _read(
         record.spans,
         order=record.stage_order(),
         names=[s for s in listed if isinstance(s, str)],
+        paths=attributed_paths(record.spans, {key: s.steps for key, s in collected.items()}),
     )
     side = SessionSide(
         path=str(folder),
@@ -191,6 +214,14 @@ def _stage(a: StageFigures, b: StageFigures, top: int) -> StageDiff:
         units=change(unit_a, unit_b),
         ops_ranked_by="self device" if by_device else "self CPU",
         ops=ops,
+        path_first_share=change(a.path_first_share, b.path_first_share),
+        path_share=change(a.path_share, b.path_share),
+        path_kinds={
+            kind: change(a.path_kinds.get(kind, 0.0), b.path_kinds.get(kind, 0.0))
+            for kind in KINDS
+            if kind in a.path_kinds or kind in b.path_kinds
+        },
+        model_steps=change(a.model_steps, b.model_steps),
     )
 
 
@@ -247,6 +278,11 @@ def format_diff(diff: SessionDiff) -> str:
         _row("latency p50", diff.latency_p50_us, _time),
         _row("latency p90", diff.latency_p90_us, _time),
     ]
+    if diff.first_output_p50_us.a is not None or diff.first_output_p50_us.b is not None:
+        rows += [
+            _row("first output p50", diff.first_output_p50_us, _time),
+            _row("first output p90", diff.first_output_p90_us, _time),
+        ]
     lines += _table("Requests, end to end", rows)
     for stage in diff.stages:
         lines += _stage_lines(stage)
@@ -266,6 +302,7 @@ def _stage_lines(stage: StageDiff) -> list[str]:
         _row("latency p50", stage.latency_p50_us, _time),
         _row("latency p90", stage.latency_p90_us, _time),
         _row("requests", stage.requests, _count),
+        *_path_rows(stage),
     ]
     lines = _table(f"Stage {stage.stage}", rows)
     if not stage.ops:
@@ -282,6 +319,20 @@ def _stage_lines(stage: StageDiff) -> list[str]:
         for op in stage.ops
     ]
     return [*lines[:-1], title, *_table("op", op_rows, indent="    ", head_indent="    ")]
+
+
+def _path_rows(stage: StageDiff) -> list[Row]:
+    """The critical-path split's rows; none where neither session has critical paths."""
+    if stage.path_share.a is None and stage.path_share.b is None:
+        return []
+    rows = [
+        _row("critical path: first output p50", stage.path_first_share, _share),
+        _row("critical path: end to end p50", stage.path_share, _share),
+    ]
+    rows += [_row(f"  {LABELS[k]}", c, _share) for k, c in stage.path_kinds.items()]
+    if stage.model_steps.a is not None or stage.model_steps.b is not None:
+        rows.append(_row("model steps in its compute p50", stage.model_steps, _share))
+    return rows
 
 
 def _row(label: str, c: Change, fmt: Callable[[float | None], str]) -> Row:

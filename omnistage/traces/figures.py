@@ -10,7 +10,11 @@ Definitions, the same as ``summary.md``'s (:mod:`omnistage.traces.summary`):
 * **latency p50/p90**: of each request's span in the stage (start → end), with linear
   interpolation; **end to end**: from a request's first span start to its last span end;
 * **engine steps**: the calls of the annotations that mark one engine step each (vLLM's
-  ``execute_context_*``, the torch engine's ``omnistage.step``), counted in the op table.
+  ``execute_context_*``, the torch engine's ``omnistage.step``), counted in the op table;
+* **critical path**: of each complete request (:mod:`omnistage.traces.critical`), the p50
+  over requests of the stage's share of the time to first output and of the end-to-end time,
+  and of each segment kind of the stage in the end-to-end time; **model steps**: the p50 of
+  the stage's step time over its compute on the path (:mod:`omnistage.traces.steps`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from omnistage.traces.critical import shares
 from omnistage.traces.optable import OpStat
 from omnistage.traces.spans import RequestSpan
 from omnistage.traces.stats import StageTraceStats
 from omnistage.traces.steps import STEP_PREFIXES
+from omnistage.types import RequestCriticalPath
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,16 @@ class StageFigures:
     """Engine steps counted in its traces (0: none can be counted)."""
     ops: Mapping[str, OpStat] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+    path_first_share: float | None = None
+    """p50 over requests of its share (0 to 1) of the time to first output; None without
+    critical paths."""
+    path_share: float | None = None
+    """The same, of the end-to-end time."""
+    path_kinds: Mapping[str, float] = field(default_factory=dict)
+    """Per segment kind of the stage: p50 of its share of the end-to-end time."""
+    model_steps: float | None = None
+    """p50 of the stage's engine-step time over its compute on the path; None where the
+    stage is untraced or holds no steps."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,9 @@ class SessionFigures:
     requests: int
     latency_p50_us: float | None
     latency_p90_us: float | None
+    first_output_p50_us: float | None = None
+    """Time to the final stage's first output, of the complete requests' critical paths."""
+    first_output_p90_us: float | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -91,10 +110,13 @@ def session_figures(
     *,
     order: Mapping[str, int] | None = None,
     names: Iterable[str] = (),
+    paths: Sequence[RequestCriticalPath] = (),
 ) -> SessionFigures:
     """Per stage, what :mod:`omnistage.traces.figures` defines; ``order`` (stage → index, as
     the report lists them) and the spans' stage indices put the stages in pipeline order.
-    ``names`` adds stages that have neither traces nor spans (a failed stage)."""
+    ``names`` adds stages that have neither traces nor spans (a failed stage); ``paths``
+    (with their step split, :func:`~omnistage.traces.steps.attributed_paths`) give the
+    critical-path figures."""
     window = window_of(collected)
     by_stage = _join_replicas(collected)
     spans_of: dict[str, list[RequestSpan]] = {}
@@ -103,13 +125,46 @@ def session_figures(
     stages = {*by_stage, *spans_of, *names}
     ranked = sorted(stages, key=lambda s: _rank(s, order or {}, spans_of))
     figures = {s: _stage(s, by_stage.get(s), spans_of.get(s, []), window) for s in ranked}
+    figures = {s: _with_paths(f, paths) for s, f in figures.items()}
     ends = _end_to_end(spans)
+    firsts = [p.time_to_first_output_s * 1e6 for p in paths]
     return SessionFigures(
         window_us=window,
         stages=figures,
         requests=len(ends),
         latency_p50_us=percentile(ends, 50),
         latency_p90_us=percentile(ends, 90),
+        first_output_p50_us=percentile(firsts, 50),
+        first_output_p90_us=percentile(firsts, 90),
+    )
+
+
+def _with_paths(figures: StageFigures, paths: Sequence[RequestCriticalPath]) -> StageFigures:
+    """The stage's critical-path figures (module docstring), from the requests' paths."""
+    if not paths:
+        return figures
+    stage = figures.stage
+
+    def p50(values: Sequence[float] | None) -> float | None:
+        return percentile(values or [], 50)
+
+    kinds = shares(paths, first=False)
+    steps = [
+        r.step_ns / r.compute_ns
+        for p in paths
+        for r in p.steps
+        if r.stage == stage and r.compute_ns
+    ]
+    return replace(
+        figures,
+        path_first_share=p50(shares(paths, first=True, by="stage").get((stage, ""))),
+        path_share=p50(shares(paths, first=False, by="stage").get((stage, ""))),
+        path_kinds={
+            kind: share
+            for (st, kind), values in kinds.items()
+            if st == stage and (share := p50(values)) is not None
+        },
+        model_steps=p50(steps),
     )
 
 

@@ -190,6 +190,7 @@ def rebuild_report(
     )
     collected = stats_from_timeline(timeline.traces)
     paths = attributed_paths(record.spans, {key: s.steps for key, s in collected.items()})
+    _record_paths(session_dir, record.report, paths)
     summary = write_summary(
         session_dir,
         report=record.report,
@@ -209,6 +210,21 @@ def rebuild_report(
         slimmed=slim is not None,
         critical_paths=paths,
     )
+
+
+def _record_paths(
+    session_dir: Path, report: Mapping[str, Any], paths: Sequence[RequestCriticalPath]
+) -> None:
+    """Put the critical paths, with their engine-step split, into report.json (the stop
+    wrote them before the traces were read); every other key is kept as it was."""
+    found = msgspec.json.decode(msgspec.json.encode(list(paths)))  # lists, as JSON reads
+    if report.get("critical_paths") == found:
+        return
+    record = {**report, "critical_paths": found}
+    path = session_dir / REPORT_NAME
+    partial = path.with_name(f".{REPORT_NAME}.partial")  # a crash leaves the old one whole
+    partial.write_bytes(msgspec.json.format(msgspec.json.encode(record), indent=2))
+    partial.replace(path)
 
 
 def _slim_all(

@@ -216,3 +216,41 @@ def test_the_cli_prints_a_table_or_json(
     assert talker["stage"] == "talker" and talker["ops_per"] == "request"
     assert set(talker) >= {"busy_share", "latency_p50_us", "latency_p90_us", "ops", "units"}
     assert set(talker["ops"][0]) == {"name", "self_cpu_us", "self_device_us", "calls"}
+
+
+def test_the_critical_path_split_moves_to_the_slower_stage(
+    session: Session, a: Session, tmp_path: Path
+) -> None:
+    spans = [_stretch(s, 3) if s.stage == "talker" else s for s in session.spans]
+    b = _copy(session, tmp_path / "b", spans)
+    diff = diff_sessions(a.dir, b.dir)
+    thinker, talker = diff.stages
+    for stage in (thinker, talker):  # both sessions' requests have complete paths
+        assert stage.path_share.a is not None and 0 < stage.path_share.a < 1
+        assert stage.path_kinds and set(stage.path_kinds) <= {
+            "queued", "compute", "waiting_for_upstream", "handoff", "transport"
+        }  # fmt: skip
+    assert talker.path_share.delta is not None and talker.path_share.delta > 0
+    assert thinker.path_share.delta is not None and thinker.path_share.delta < 0
+    assert talker.path_share.a + thinker.path_share.a <= 1.0 + 1e-9
+    assert diff.first_output_p50_us.delta is not None and diff.first_output_p50_us.delta > 0
+    # the stage's compute grew three times; its share of the path with it
+    grown = talker.path_kinds["compute"]
+    assert grown.delta is not None and grown.delta > 0
+    data = diff.to_json()["stages"][1]
+    assert data["path_share"] == asdict(talker.path_share)
+    assert set(data["path_kinds"]) == set(talker.path_kinds)
+    text = format_diff(diff).split("Stage talker", 1)[1]
+    assert "critical path: end to end p50" in text and "first output p50" in text
+    assert "model steps" not in text  # these traces count no engine steps
+
+
+def test_the_model_steps_share_is_compared_where_traces_count_steps(
+    session: Session, a: Session, tmp_path: Path
+) -> None:
+    b = _copy(session, tmp_path / "b")
+    for side in (a, b):
+        _add_steps(side.stages["talker"].trace, 4)  # after every span: no compute covered
+    talker = diff_sessions(a.dir, b.dir).stages[1]
+    assert talker.model_steps == Change(0.0, 0.0, 0.0, 0.0)
+    assert "model steps in its compute p50" in format_diff(diff_sessions(a.dir, b.dir))

@@ -5,6 +5,7 @@ it, moment by moment; step time outside every compute segment goes to nobody."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,12 @@ def test_the_report_splits_a_vllm_stages_compute_on_the_orchestrators_clock(
     text = files.summary.read_text()
     assert "| thinker 40.0% |" in text
     assert "| thinker | 40.0% | 40.0% | 40.0% | 40.0% |" in text
+    # report.json now holds the split too, and keeps everything else it held
+    saved = json.loads((tmp_path / "report.json").read_text())
+    (path,) = saved["critical_paths"]
+    assert path["steps"] == [asdict(s) for s in found.steps] and path["steps"][0]["step_ns"]
+    assert saved["session_id"] == "s" and len(saved["spans"]) == 1 and "thinker" in saved["clocks"]
+    assert not list(tmp_path.glob(".*partial"))
+    before = (tmp_path / "report.json").stat().st_mtime_ns
+    rebuild_report(tmp_path)  # rebuilt again: nothing changed, nothing rewritten
+    assert (tmp_path / "report.json").stat().st_mtime_ns == before
