@@ -80,6 +80,9 @@ class InputConfig(BaseModel):
             " per chunk, outputs in chunk order. Unset: wait for the previous stage to finish."
         ),
     )
+    stream_first_chunk: int | None = Field(
+        default=None, ge=1, description="With stream_chunk: the first chunk's size (sooner)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> InputConfig:
@@ -98,6 +101,8 @@ class InputConfig(BaseModel):
                 problems.extend((("template",), m) for m in template_problems(self.template))
         if builtin and name != "chat" and self.system is not None:
             problems.append((("system",), f"system is for the chat processor, not {name!r}"))
+        if self.stream_first_chunk is not None and self.stream_chunk is None:
+            problems.append((("stream_first_chunk",), "it needs stream_chunk; set both"))
         if problems:
             raise _Problems(problems)
         return self

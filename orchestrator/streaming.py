@@ -3,9 +3,11 @@
 With `input.stream_chunk: N` on stage K, every N new tokens of stage K-1 become one Generate
 call on stage K, its input built by the edge's processor from a `StageOutput` holding those N
 tokens alone (and the text that arrived with them); the last, shorter chunk goes when stage K-1
-finishes. Chunk n starts once chunk n - STREAM_IN_FLIGHT has been sent on, so a few calls run
-ahead of the one streaming back. Stage K's outputs reach the client in chunk order, and its
-`finished` comes once, after the last chunk, carrying the whole stage's timing.
+finishes. With `input.stream_first_chunk: M` too, the first chunk is M tokens (a small one
+brings the first output sooner), and every later one N. Chunk n starts once chunk n -
+STREAM_IN_FLIGHT has been sent on, so a few calls run ahead of the one streaming back. Stage
+K's outputs reach the client in chunk order, and its `finished` comes once, after the last
+chunk, carrying the whole stage's timing.
 
 Stage K-1's events pass through as they arrive. When anything fails, or the caller goes away,
 every chunk call and the upstream stream are cancelled, so every stage aborts its piece.
@@ -122,6 +124,7 @@ class StreamedStage:
         self._index = index
         self._spec = spec
         self._size = spec.input.stream_chunk
+        self._first_size = spec.input.stream_first_chunk or self._size
         self._upstream_stage = upstream_stage
         self._pool = pool
         self._build_input = build_input
@@ -186,9 +189,9 @@ class StreamedStage:
                     )
                 token_ids.extend(event.delta.token_ids)
                 text += event.delta.text
-                while len(token_ids) >= self._size:
-                    await self._start_chunk(token_ids[: self._size], text)
-                    token_ids, text = token_ids[self._size :], ""
+                while len(token_ids) >= (size := self._size if self._count else self._first_size):
+                    await self._start_chunk(token_ids[:size], text)
+                    token_ids, text = token_ids[size:], ""
         if token_ids or not self._count:  # no chunk at all: the processor says why
             await self._start_chunk(token_ids, text)
         logger.debug(

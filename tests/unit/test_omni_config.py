@@ -51,6 +51,23 @@ def test_stream_chunk_must_be_a_positive_token_count(value: str, words: list[str
     assert str(caught.value).startswith("p.yaml:3:")
 
 
+@pytest.mark.parametrize(
+    ("keys", "words"),
+    [
+        ("stream_first_chunk: 4", ["stages[1].input.stream_first_chunk", "needs stream_chunk"]),
+        ("stream_chunk: 8, stream_first_chunk: 0", ["stream_first_chunk", "greater than or"]),
+    ],
+)
+def test_stream_first_chunk_needs_stream_chunk_and_a_count(keys: str, words: list[str]) -> None:
+    text = (
+        "stages:\n  - {name: a, address: 'h:1'}\n"
+        f"  - {{name: b, address: 'h:2', input: {{processor: token_ids, {keys}}}}}\n"
+    )
+    with pytest.raises(PipelineConfigError) as caught:
+        parse_pipeline(text, source="p.yaml")
+    assert all(w in str(caught.value) for w in words), caught.value
+
+
 def test_stream_chunk_is_refused_on_stage_zero() -> None:
     text = "stages:\n  - {name: a, address: 'h:1', input: {stream_chunk: 8}}\n"
     with pytest.raises(PipelineConfigError, match=r"stages\[0\]\.input\.stream_chunk: stage 0"):

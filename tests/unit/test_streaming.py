@@ -17,8 +17,11 @@ from orchestrator.streaming import StreamedTensorError
 from tests.unit.fake_stages import FakePool, FakeStage
 
 
-def runner(stream_chunk: int | None, pool: FakePool, done: list[StageEvent]) -> PipelineRunner:
+def runner(
+    stream_chunk: int | None, pool: FakePool, done: list[StageEvent], first: int | None = None
+) -> PipelineRunner:
     chunk = f", stream_chunk: {stream_chunk}" if stream_chunk else ""
+    chunk += f", stream_first_chunk: {first}" if first else ""
     pipeline = parse_pipeline(
         "stages:\n"
         "  - {name: talker, address: fake:1}\n"
@@ -54,6 +57,16 @@ def test_streamed_outputs_equal_waiting_ones_in_order(chunk: int | None) -> None
         timing = done[1].timing
         assert timing is not None and timing.duration_s >= timing.time_to_first_output_s > 0
         assert all(e.request_id == "r1" for e in events)
+
+
+@pytest.mark.parametrize(
+    ("first", "sizes"), [(2, [2, 4, 4]), (1, [1, 4, 4, 1]), (4, [4, 4, 2]), (12, [10])]
+)
+def test_a_small_first_chunk_then_stream_chunk_sized_ones(first: int, sizes: list[int]) -> None:
+    pool = FakePool(talker=FakeStage("talker"), code2wav=FakeStage("code2wav"))
+    events = asyncio.run(collect(runner(4, pool, [], first=first)))
+    assert [len(c.token_ids) for c in pool.stages["code2wav"].calls] == sizes
+    assert outputs(events, "code2wav") == [t * 10 for t in range(10)]  # all of it, in order
 
 
 def test_streaming_starts_before_upstream_finishes() -> None:
