@@ -103,9 +103,3 @@ def talker_stage(_session_stages: SessionStages) -> RunningStage:
 def code2wav_stage(_session_stages: SessionStages) -> RunningStage:
     """The omni pipeline's code2wav: the torch engine on the vocoder, profiler configured."""
     return _session_stages.get("code2wav_stage")
-
-
-@pytest.fixture(scope="session")
-def doomed_stage(_session_stages: SessionStages) -> RunningStage:
-    """A vLLM stage that test_engine_death kills (kill -9); no other test may use it."""
-    return _session_stages.get("doomed_stage")

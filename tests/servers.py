@@ -88,9 +88,6 @@ SESSION_STAGES = {
         model=CODE2WAV_MODEL,
         extra=("--engine-options", json.dumps(CODE2WAV_OPTIONS)),
     ),
-    # test_engine_death kills this one's main process: no other test may use it. It is a
-    # session stage so that its engine loads beside the others, not alone later.
-    "doomed_stage": StageRecipe("doomed", profiled=False, extra=("--max-num-seqs", "4")),
 }
 
 

@@ -7,8 +7,9 @@ torch engine is a thread of the stage):
   the watchdog too (services/watchdog.py).
 
 Each destroys a session stage, so both are marked `destroys_stage` and run at the very end:
-the engine core dies on the talker (no test uses it afterwards), and the stage is killed on
-`doomed_stage`, which no other test uses; no engine is started for them alone.
+the engine core dies on the talker, and the thinker's main process is killed. No test uses
+either afterwards (the tests that stop a shared stage, `stops_shared_stage`, run before them
+and stop others), and no engine is started for these tests alone.
 """
 
 from __future__ import annotations
@@ -64,15 +65,15 @@ def test_a_killed_engine_core_flips_health_to_not_serving(talker_stage: RunningS
 
 
 @pytest.mark.destroys_stage
-def test_kill_9_of_a_stage_leaves_no_engine_process(doomed_stage: RunningStage) -> None:
+def test_kill_9_of_a_stage_leaves_no_engine_process(stage: RunningStage) -> None:
     """Issue 14: `kill -9` of a stage's main process left its EngineCore and Worker running,
     holding 3.3 GB. Now every process the stage started is gone within a few seconds."""
-    main = psutil.Process(doomed_stage.process.process.pid)
+    main = psutil.Process(stage.process.process.pid)
     _engine_core(main.pid)
     descendants = main.children(recursive=True)
     names = " ".join(p.name() + " " + " ".join(p.cmdline()) for p in descendants)
     assert "EngineCore" in names and "services.watchdog" in names, names
     main.send_signal(signal.SIGKILL)  # the main process alone, not its group
-    doomed_stage.process.process.wait(timeout=30)
+    stage.process.process.wait(timeout=30)
     _, alive = psutil.wait_procs(descendants, timeout=WATCHDOG_SLACK_S)
     assert alive == [], f"still running after kill -9 of the stage: {alive}"
