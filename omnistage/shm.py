@@ -10,12 +10,13 @@ puts them), written and read through `mmap`; only a `SharedTensorRef` travels ov
   that owns it (the caller that asked for it: the orchestrator), as `<pid namespace>.<pid>.
   <start time>`, so that a sweeper can tell a live owner from a dead one, even after its pid
   is reused. `sweep_dead_owners` unlinks the segments whose owner has died.
-- Space is taken with `posix_fallocate`, so a full /dev/shm is an error at creation (the
-  tensor then goes as bytes), never a SIGBUS while writing.
+- A segment is written with write(2), not through a mapping, so a full /dev/shm is an
+  ENOSPC error (the tensor then goes as bytes), never a SIGBUS; it also costs the writer
+  no page faults.
 
 The stdlib's `multiprocessing.shared_memory` is not used: on Python 3.11 and 3.12 its
-resource tracker unlinks a segment when the process that opened it exits, and it offers no
-way to allocate the space up front.
+resource tracker unlinks a segment when the process that opened it exits, and it maps the
+segment to write it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-
-import numpy as np
 
 from omnistage.errors import InvalidRequestError, OmnistageError, echo
 from omnistage.tensors import itemsize
@@ -188,32 +187,29 @@ def write_segment(prefix: str, chunks: list[TensorData], *, domain: str) -> Shar
         shape = (sum(c.shape[0] for c in chunks), *first.shape[1:])
     name = f"{prefix}-{secrets.token_hex(4)}"
     path = SHM_DIR / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        try:
-            if nbytes:
-                os.posix_fallocate(fd, 0, nbytes)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EFBIG):
-                raise
-            raise SharedMemoryFullError(
-                f"{SHM_DIR} has no room for {nbytes} bytes; the tensor goes as bytes"
-            ) from exc
-        if nbytes:
-            with mmap.mmap(fd, nbytes) as mapped:
-                target = np.frombuffer(mapped, dtype=np.uint8)
-                at = 0
-                for chunk in chunks:
-                    size = len(chunk.data)
-                    target[at : at + size] = np.frombuffer(chunk.data, dtype=np.uint8)
-                    at += size
-                del target
+        for chunk in chunks:  # write(2): the kernel copies once, and a full /dev/shm is ENOSPC
+            view = memoryview(chunk.data).cast("B")
+            while view:
+                view = view[_write(fd, view, nbytes) :]
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd)
     return SharedTensorRef(name, 0, nbytes, first.dtype, tuple(shape), domain)
+
+
+def _write(fd: int, view: memoryview, nbytes: int) -> int:
+    try:
+        return os.write(fd, view)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG):
+            raise
+        raise SharedMemoryFullError(
+            f"{SHM_DIR} has no room for {nbytes} bytes; the tensor goes as bytes"
+        ) from exc
 
 
 def read_segment(ref: SharedTensorRef, *, domain: str) -> TensorData:
