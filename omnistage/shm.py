@@ -175,8 +175,11 @@ def check_prefix(prefix: str) -> None:
         )
 
 
-def write_segment(prefix: str, chunks: list[TensorData], *, domain: str) -> SharedTensorRef:
-    """One new segment holding `chunks` joined along dim 0 (each one copy, no join first).
+def write_segment(
+    prefix: str, chunks: list[TensorData], *, domain: str, reuse: str = ""
+) -> SharedTensorRef:
+    """A segment holding `chunks` joined along dim 0 (each one copy, no join first): `reuse`,
+    an existing segment of the prefix's owner large enough for them, or else a new one.
 
     The chunks must share dtype and shape[1:] (or be a single tensor). Raises
     SharedMemoryFullError when /dev/shm has no room; nothing is left behind then."""
@@ -185,20 +188,35 @@ def write_segment(prefix: str, chunks: list[TensorData], *, domain: str) -> Shar
     shape = first.shape
     if len(chunks) > 1:
         shape = (sum(c.shape[0] for c in chunks), *first.shape[1:])
-    name = f"{prefix}-{secrets.token_hex(4)}"
+    fd, name = _open_reused(prefix, reuse) if reuse else (-1, "")
+    if fd < 0:
+        name = f"{prefix}-{secrets.token_hex(4)}"
+        fd = os.open(SHM_DIR / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     path = SHM_DIR / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         for chunk in chunks:  # write(2): the kernel copies once, and a full /dev/shm is ENOSPC
             view = memoryview(chunk.data).cast("B")
             while view:
                 view = view[_write(fd, view, nbytes) :]
     except BaseException:
-        path.unlink(missing_ok=True)
+        if not reuse:
+            path.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd)
     return SharedTensorRef(name, 0, nbytes, first.dtype, tuple(shape), domain)
+
+
+def _open_reused(prefix: str, name: str) -> tuple[int, str]:
+    """A caller's free segment opened for writing from offset 0, or (-1, "") when it is not
+    one of the owner's segments or is gone."""
+    match = _NAME.fullmatch(name)
+    if match is None or not prefix.startswith(f"{PREFIX}{match['owner']}-"):
+        return -1, ""
+    try:
+        return os.open(SHM_DIR / name, os.O_WRONLY), name
+    except FileNotFoundError:
+        return -1, ""
 
 
 def _write(fd: int, view: memoryview, nbytes: int) -> int:

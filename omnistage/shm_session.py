@@ -25,6 +25,53 @@ _current: contextvars.ContextVar[SharedMemorySession | None] = contextvars.Conte
     "omnistage_shm_session", default=None
 )
 _open_prefixes: set[str] = set()
+POOL_SEGMENTS = 8
+"""Free segments an orchestrator keeps for reuse; more are removed."""
+POOL_BYTES = 1 << 30
+"""Bytes of free segments it keeps (1 GiB); more are removed."""
+OFFERED = 2
+"""Free segments offered to one stage call."""
+
+
+class SegmentPool:
+    """Segments of finished requests, kept to be written again: their pages exist already,
+    so a stage that reuses one skips the kernel's allocating and zeroing of new pages. They
+    are named with the pool's own prefix (always open) and removed by `close`, or by a
+    sweeper once this process has died."""
+
+    def __init__(self, *, max_segments: int = POOL_SEGMENTS, max_bytes: int = POOL_BYTES) -> None:
+        self.prefix = shm.request_prefix()
+        self._max_segments, self._max_bytes = max_segments, max_bytes
+        self._free: dict[str, int] = {}
+        _open_prefixes.add(self.prefix)
+
+    def take(self, count: int = OFFERED) -> list[tuple[str, int]]:
+        """Up to `count` free segments, the largest first, no longer free."""
+        taken = sorted(self._free.items(), key=lambda item: -item[1])[:count]
+        for name, _ in taken:
+            del self._free[name]
+        return taken
+
+    def give_back(self, name: str, capacity: int) -> None:
+        """Keep a segment of a request that ended well, or remove it beyond the bounds."""
+        path = shm.SHM_DIR / name
+        held = sum(self._free.values())
+        if len(self._free) >= self._max_segments or held + capacity > self._max_bytes:
+            path.unlink(missing_ok=True)
+            return
+        if not name.startswith(f"{self.prefix}-"):
+            pooled = f"{self.prefix}-{name.rsplit('-', 1)[1]}"
+            try:
+                path.rename(shm.SHM_DIR / pooled)
+            except FileNotFoundError:
+                return
+            name = pooled
+        self._free[name] = capacity
+
+    def close(self) -> None:
+        _open_prefixes.discard(self.prefix)
+        self._free.clear()
+        shm.unlink_prefix(self.prefix)
 
 
 class SharedMemorySession:
@@ -36,11 +83,14 @@ class SharedMemorySession:
         domain: str,
         min_bytes: int = shm.DEFAULT_MIN_BYTES,
         output_stages: frozenset[str] = frozenset(),
+        pool: SegmentPool | None = None,
     ) -> None:
         self.domain = domain
         self.min_bytes = min_bytes
         self.prefix = shm.request_prefix()
         self._output_stages = output_stages
+        self._pool = pool
+        self._segments: dict[str, int] = {}  # offered or received: name → capacity
         _open_prefixes.add(self.prefix)
 
     def wants_output(self, stage: str) -> bool:
@@ -48,13 +98,27 @@ class SharedMemorySession:
         only, so nothing but this process and that stage reads them)."""
         return bool(self.domain) and stage in self._output_stages
 
+    def offer(self) -> list[tuple[str, int]]:
+        """Free segments of the pool for one stage call to write into, now the request's."""
+        taken = self._pool.take() if self._pool is not None else []
+        self._segments.update(taken)
+        return taken
+
     def receive(self, ref: shm.SharedTensorRef) -> TensorData:
         """A handle a stage sent: its tensor mapped in place (the segment is this session's)."""
-        return shm.read_segment(ref, domain=self.domain)
+        tensor = shm.read_segment(ref, domain=self.domain)
+        self._segments.setdefault(ref.name, ref.offset + ref.nbytes)
+        return tensor
 
-    def close(self) -> None:
-        """Unlink every segment of the request."""
+    def close(self, *, ok: bool = False) -> None:
+        """Unlink every segment of the request; when it ended `ok`, keep its segments in the
+        pool instead (a stage may still write into those of a failed or cancelled one)."""
         _open_prefixes.discard(self.prefix)
+        for name, capacity in self._segments.items():
+            if ok and self._pool is not None:
+                self._pool.give_back(name, capacity)
+            else:
+                (shm.SHM_DIR / name).unlink(missing_ok=True)
         removed = shm.unlink_prefix(self.prefix)
         if removed:
             logger.debug("request segments removed: %s", ", ".join(removed))
@@ -67,19 +131,27 @@ def current() -> SharedMemorySession | None:
 
 @contextlib.contextmanager
 def request_session(
-    *, domain: str, min_bytes: int, output_stages: frozenset[str]
+    *,
+    domain: str,
+    min_bytes: int,
+    output_stages: frozenset[str],
+    pool: SegmentPool | None = None,
 ) -> Iterator[SharedMemorySession | None]:
     """A session for one request, current inside the block, closed at its end; None (and no
     session) when `domain` is empty."""
     if not domain:
         yield None
         return
-    session = SharedMemorySession(domain=domain, min_bytes=min_bytes, output_stages=output_stages)
+    session = SharedMemorySession(
+        domain=domain, min_bytes=min_bytes, output_stages=output_stages, pool=pool
+    )
     token = _current.set(session)
+    ok = False
     try:
         yield session
+        ok = True
     finally:
-        session.close()
+        session.close(ok=ok)
         with contextlib.suppress(ValueError):  # reset from another context: nothing to undo
             _current.reset(token)
 

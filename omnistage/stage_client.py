@@ -109,6 +109,8 @@ class AsyncStageClient(AsyncRpcClient):
             message.shared_output.domain = shared.domain
             message.shared_output.name_prefix = shared.prefix
             message.shared_output.min_bytes = shared.min_bytes
+            for name, capacity in shared.offer():
+                message.shared_output.segments.add(name=name, capacity=capacity)
         call = self._stub.Generate(message, timeout=timeout, metadata=sent or None)
         try:
             with self._errors(call):

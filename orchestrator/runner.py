@@ -60,6 +60,7 @@ class PipelineRunner:
         shared = pipeline.shared_memory
         self._shm_domain = shm.local_domain() if shared.enabled else ""
         self._shm_outputs = frozenset(self._names[:-1] if pipeline.outputs == "final" else ())
+        self.segment_pool = shm_session.SegmentPool() if self._shm_domain else None
 
     def check_stage_sampling(self, stage_sampling: dict[str, SamplingOptions]) -> None:
         """Every override names a stage and holds valid values, checked before any stage runs."""
@@ -98,6 +99,7 @@ class PipelineRunner:
             domain=self._shm_domain,
             min_bytes=self._pipeline.shared_memory.min_bytes,
             output_stages=self._shm_outputs,
+            pool=self.segment_pool,
         )
         with self._request_ids.hold(request.request_id), segments:
             events = self._run(request, overrides, deadline=deadline)

@@ -192,6 +192,8 @@ class OrchestratorServer:
         finally:
             if self._sweeper is not None:
                 self._sweeper.cancel()
+            if self.runner.segment_pool is not None:
+                self.runner.segment_pool.close()
             await self.pool.close()
             self.sessions.close()
             if self.metrics_endpoint is not None:

@@ -62,7 +62,8 @@ class StageSharedMemory:
                 yield delta, delta_to_pb(delta)
             return
         offer = request.shared_output
-        made: list[str] = []
+        made: list[str] = []  # new segments: removed here if the call does not end well
+        used: set[str] = set()  # the caller's offered segments written so far
         run: list[OutputDelta] = []
         done = False
         try:
@@ -71,14 +72,14 @@ class StageSharedMemory:
                     run.append(delta)
                     continue
                 if run:
-                    yield await self._flush(run, offer, made)
+                    yield await self._flush(run, offer, made, used)
                     run = []
                 if _tensor_only(delta) and _big(delta, offer.min_bytes):
                     run.append(delta)
                 else:
                     yield delta, delta_to_pb(delta)
             if run:
-                yield await self._flush(run, offer, made)
+                yield await self._flush(run, offer, made, used)
             done = True
         finally:
             if not done:
@@ -87,12 +88,22 @@ class StageSharedMemory:
                         (shm.SHM_DIR / name).unlink()
 
     async def _flush(
-        self, run: list[OutputDelta], offer: common_pb2.SharedOutput, made: list[str]
+        self,
+        run: list[OutputDelta],
+        offer: common_pb2.SharedOutput,
+        made: list[str],
+        used: set[str],
     ) -> tuple[OutputDelta, stage_pb2.GenerateResponse]:
         chunks = [d.tensor for d in run if d.tensor is not None]
+        nbytes = sum(len(c.data) for c in chunks)
+        reuse = next(
+            (g.name for g in offer.segments if g.capacity >= nbytes and g.name not in used), ""
+        )
+        used.add(reuse)
         loop = asyncio.get_running_loop()
         writing = loop.run_in_executor(
-            None, lambda: shm.write_segment(offer.name_prefix, chunks, domain=self.domain)
+            None,
+            lambda: shm.write_segment(offer.name_prefix, chunks, domain=self.domain, reuse=reuse),
         )
         try:
             ref = await asyncio.shield(writing)
@@ -100,9 +111,11 @@ class StageSharedMemory:
             logger.warning("%s: sending %d tensor chunks as bytes", exc, len(chunks))
             return _as_bytes(run)
         except asyncio.CancelledError:
-            writing.add_done_callback(_unlink_written)
+            if not reuse:
+                writing.add_done_callback(_unlink_written)
             raise
-        made.append(ref.name)
+        if ref.name != reuse:
+            made.append(ref.name)
         delta = replace(run[0], tensor=TensorData(ref.dtype, ref.shape, b"", shared=ref))
         message = stage_pb2.GenerateResponse(request_id=delta.request_id)
         message.shared_tensor.CopyFrom(shared_tensor_to_pb(ref))

@@ -88,9 +88,14 @@ def test_a_tensor_over_the_message_limit_goes_stage_to_stage_by_shared_memory(
     try:
         *_, count = _sink_answer(orchestrator, 80)  # 80 MiB: over the 64 MiB of one message
         assert count == 80 * ROWS_PER_MIB * 1024
-        wait_until(lambda: not _segments(), timeout=10, what="no segment left")
+        pooled = _segments()  # the request's segment, kept for the next request to reuse
+        assert len(pooled) == 1
+        *_, count = _sink_answer(orchestrator, 40)  # written into the pooled segment
+        assert count == 40 * ROWS_PER_MIB * 1024
+        assert _segments() == pooled
     finally:
         orchestrator.stop()
+    wait_until(lambda: not _segments(), timeout=10, what="no segment after the stop")
     without = serve_pipeline(tmp_path, "shm-off", _pipeline(source, sink, enabled=False))
     try:
         assert _sink_answer(without, 8)[-1] == 8 * ROWS_PER_MIB * 1024  # bytes still work
