@@ -47,6 +47,7 @@ def _stage_serve(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             profile_max_sessions=args.profile_max_sessions,
             profile_max_bytes=args.profile_max_bytes,
+            shared_memory=not args.no_shm,
         )
     except ValidationError as exc:
         raise OmnistageError(describe_validation_error(exc)) from exc
@@ -230,6 +231,12 @@ def add_stage_commands(commands: Any) -> None:
         metavar="N",
         help="bytes past profile sessions may take; the oldest beyond are deleted, never the "
         "newest (default 10 GiB; 0: no limit)",
+    )
+    serve.add_argument(
+        "--no-shm",
+        action="store_true",
+        help="take and send tensors as gRPC bytes only, never through shared memory with "
+        "callers on this host (docs/shared-memory.md)",
     )
     _add_metrics_flag(serve)
     cli_security.add_server_flags(serve)

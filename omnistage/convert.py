@@ -6,6 +6,7 @@ import dataclasses
 import uuid
 from typing import Any, TypeVar
 
+from omnistage.shm import SharedTensorRef
 from omnistage.types import (
     ChatTurn,
     CriticalSegment,
@@ -63,7 +64,16 @@ def tensor_from_pb(msg: common_pb2.Tensor) -> TensorData:
 
 
 def tensor_to_pb(tensor: TensorData) -> common_pb2.Tensor:
-    return common_pb2.Tensor(dtype=tensor.dtype, shape=list(tensor.shape), data=tensor.data)
+    data = tensor.data if isinstance(tensor.data, bytes) else bytes(tensor.data)
+    return common_pb2.Tensor(dtype=tensor.dtype, shape=list(tensor.shape), data=data)
+
+
+def shared_tensor_from_pb(msg: common_pb2.SharedTensor) -> SharedTensorRef:
+    return from_fields(msg, SharedTensorRef, shape=tuple(msg.shape))
+
+
+def shared_tensor_to_pb(ref: SharedTensorRef) -> common_pb2.SharedTensor:
+    return common_pb2.SharedTensor(**fields_of(ref, shape=list(ref.shape)))
 
 
 def generate_input_from_pb(msg: Any) -> GenerateInput:

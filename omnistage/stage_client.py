@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,10 +16,13 @@ from omnistage.convert import (
     generate_input_to_pb,
     manifest_from_pb,
     sampling_to_pb,
+    shared_tensor_from_pb,
+    shared_tensor_to_pb,
     stage_description_from_pb,
 )
-from omnistage.errors import InvalidRequestError
+from omnistage.errors import InvalidRequestError, StageUnavailableError
 from omnistage.rpc import STOP_PROFILE_TIMEOUT_S
+from omnistage.shm_session import SharedMemorySession
 from omnistage.trace_context import outgoing_metadata
 from omnistage.types import (
     ChatTurn,
@@ -53,11 +57,25 @@ def make_request(
     )
 
 
+def _request_to_pb(
+    request: GenerateInput, shared: SharedMemorySession | None
+) -> stage_pb2.GenerateRequest:
+    """The request; its tensor as a handle when it lies in `shared`'s domain already."""
+    tensor = request.tensor
+    ref = tensor.shared if tensor is not None else None
+    if shared is None or ref is None or ref.domain != shared.domain:
+        return generate_input_to_pb(request)
+    message = generate_input_to_pb(replace(request, tensor=None))
+    message.shared_tensor.CopyFrom(shared_tensor_to_pb(ref))
+    return message
+
+
 class AsyncStageClient(AsyncRpcClient):
     """Talks to one stage service with grpc.aio; `security` sets TLS, mTLS and the token."""
 
     def _connected(self, channel: grpc.aio.Channel) -> None:
         self._stub = stage_pb2_grpc.StageStub(channel)
+        self._shm_domain: str | None = None  # the stage's, from GetInfo once it is needed
 
     async def health(self, *, timeout: float = 2.0) -> str:
         """SERVING or NOT_SERVING, or the status code's name when the check itself fails."""
@@ -75,16 +93,43 @@ class AsyncStageClient(AsyncRpcClient):
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        shared: SharedMemorySession | None = None,
+        shared_output: bool = False,
     ) -> AsyncIterator[OutputDelta]:
         """Stream the stage's deltas; `metadata` goes with the call (a `traceparent`), and
-        without it the current OpenTelemetry span's context, when one is current."""
+        without it the current OpenTelemetry span's context, when one is current.
+
+        With `shared` (a request's shared-memory session) and a stage in the same domain, a
+        tensor already in one of its segments goes as a handle, and with `shared_output`
+        the stage sends its output tensors as handles too (docs/shared-memory.md)."""
         sent = tuple(metadata) or outgoing_metadata()
-        call = self._stub.Generate(
-            generate_input_to_pb(request), timeout=timeout, metadata=sent or None
-        )
-        with self._errors(call):
-            async for msg in call:
-                yield delta_from_pb(msg)
+        same_host = shared is not None and await self._shares_domain(shared.domain)
+        message = _request_to_pb(request, shared if same_host else None)
+        if same_host and shared is not None and shared_output:
+            message.shared_output.domain = shared.domain
+            message.shared_output.name_prefix = shared.prefix
+            message.shared_output.min_bytes = shared.min_bytes
+            for name, capacity in shared.offer():
+                message.shared_output.segments.add(name=name, capacity=capacity)
+        call = self._stub.Generate(message, timeout=timeout, metadata=sent or None)
+        try:
+            with self._errors(call):
+                async for msg in call:
+                    delta = delta_from_pb(msg)
+                    if msg.HasField("shared_tensor") and shared is not None:
+                        ref = shared_tensor_from_pb(msg.shared_tensor)
+                        delta = replace(delta, tensor=shared.receive(ref))
+                    yield delta
+        except StageUnavailableError:
+            self._shm_domain = None  # a stage that comes back may run elsewhere
+            raise
+
+    async def _shares_domain(self, domain: str) -> bool:
+        if not domain:
+            return False
+        if self._shm_domain is None:
+            self._shm_domain = (await self.info()).shm_domain
+        return self._shm_domain == domain
 
     async def start_profile(
         self, *, label: str = "", delay_iterations: int = 0, max_iterations: int = 0

@@ -192,7 +192,8 @@ def tensor_from_torch(tensor: torch.Tensor) -> TensorData:
 def split_tensor(tensor: TensorData, max_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list[TensorData]:
     """Split along dim 0 into chunks of at most `max_bytes` bytes each; `join_tensors` undoes it.
 
-    A tensor that fits comes back as the only chunk.
+    A tensor that fits comes back as the only chunk. The chunks' data are views of the
+    tensor's bytes, not copies.
     """
     validate_tensor(tensor)
     if max_bytes < 1:
@@ -213,7 +214,7 @@ def split_tensor(tensor: TensorData, max_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -
     chunks = []
     for start in range(0, tensor.shape[0], rows):
         count = min(rows, tensor.shape[0] - start)
-        data = tensor.data[start * row_bytes : (start + count) * row_bytes]
+        data = memoryview(tensor.data)[start * row_bytes : (start + count) * row_bytes]
         chunks.append(TensorData(tensor.dtype, (count, *tensor.shape[1:]), data))
     return chunks
 

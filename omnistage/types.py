@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omnistage.shm import SharedTensorRef
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
@@ -40,11 +44,13 @@ class ChatTurn:
 
 @dataclass(frozen=True)
 class TensorData:
-    """A dense tensor as it travels: dtype name, shape and little-endian C-order bytes."""
+    """A dense tensor as it travels: dtype name, shape and little-endian C-order bytes; a
+    memoryview where they are read in place (a shared-memory segment: `shared` says which)."""
 
     dtype: str
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview
+    shared: SharedTensorRef | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,8 @@ class StageDescription:
     server_time_unix_ns: int
     version: str
     profiler_dir: str
+    shm_domain: str = ""
+    """Its shared-memory domain (`omnistage.shm.local_domain`); empty: it takes no handles."""
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ from orchestrator.config_lines import (
 )
 from orchestrator.security import StageSecurityConfig
 from orchestrator.sessions import DEFAULT_MAX_BYTES, DEFAULT_MAX_SESSIONS, SessionStoreConfig
+from orchestrator.shared_memory import SharedMemoryConfig
 
-BUILTIN_PROCESSORS = ("text", "token_ids", "chat")
+BUILTIN_PROCESSORS = ("text", "token_ids", "chat", "tensor")
 
 
 class PipelineConfigError(InvalidRequestError):
@@ -95,8 +96,8 @@ class InputConfig(BaseModel):
         elif not builtin and not re.fullmatch(r"\w+(\.\w+)*(:\w+(\.\w+)*)?", name):
             problems.append((("processor",), f"{name!r} is not a 'package.module:function' path"))
         if builtin and self.template is not None:
-            if name == "token_ids":
-                problems.append((("template",), "the token_ids processor takes no template"))
+            if name in ("token_ids", "tensor"):
+                problems.append((("template",), f"the {name} processor takes no template"))
             else:
                 problems.extend((("template",), m) for m in template_problems(self.template))
         if builtin and name != "chat" and self.system is not None:
@@ -234,6 +235,9 @@ class PipelineConfig(BaseModel):
         gt=0,
         le=300,
         description="How often every replica's health is checked and dns:/// names re-resolved.",
+    )
+    shared_memory: SharedMemoryConfig = Field(
+        default_factory=SharedMemoryConfig, description="Tensor hand-off on one host."
     )
     launch: LaunchConfig | None = Field(default=None, description="For `omnistage up`.")
     security: StageSecurityConfig | None = Field(

@@ -1,7 +1,8 @@
 """Edge processors: how one stage's output becomes the next stage's input.
 
 A processor is a plain callable `(output, original, config) -> GenerateInput`. The built-ins are
-`text`, `token_ids` and `chat`; a pipeline file may name its own as "package.module:function".
+`text`, `token_ids`, `chat` and `tensor`; a pipeline file may name its own as
+"package.module:function".
 The input a processor returns carries no sampling: the runner applies the stage's sampling.
 
 A stage that produced nothing the edge can use (no text, no token ids: a thinker that emitted
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from omnistage.errors import InvalidRequestError, OmnistageError
+from omnistage.tensors import join_tensors
 from omnistage.types import ChatTurn, GenerateInput, TensorData
 from orchestrator.config import InputConfig
 
@@ -112,10 +114,23 @@ def chat_processor(
     return GenerateInput(request_id=original.request_id, messages=(*system, user))
 
 
+def tensor_processor(
+    output: StageOutput, original: GenerateInput, config: InputConfig
+) -> GenerateInput:
+    """tensor = the upstream tensors joined along dim 0; a single one passes on as it is (in
+    shared memory too, so a co-located next stage gets its handle: docs/shared-memory.md)."""
+    if not output.tensors:
+        raise _produced_nothing(output.stage, "tensor")
+    tensors = output.tensors
+    tensor = tensors[0] if len(tensors) == 1 else join_tensors(tensors)
+    return GenerateInput(request_id=original.request_id, tensor=tensor)
+
+
 BUILTIN_EDGE_PROCESSORS: dict[str, EdgeProcessor] = {
     "text": text_processor,
     "token_ids": token_ids_processor,
     "chat": chat_processor,
+    "tensor": tensor_processor,
 }
 
 

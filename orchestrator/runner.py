@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
+from omnistage import shm, shm_session
 from omnistage.errors import InvalidRequestError, OmnistageError, echo
 from omnistage.server.request_ids import InflightRequestIds
 from omnistage.types import GenerateInput, SamplingOptions, TensorData
@@ -56,6 +57,10 @@ class PipelineRunner:
         ]
         self._names = [spec.name for spec in pipeline.stages]
         self._preflight = SamplingPreflight(pool)
+        shared = pipeline.shared_memory
+        self._shm_domain = shm.local_domain() if shared.enabled else ""
+        self._shm_outputs = frozenset(self._names[:-1] if pipeline.outputs == "final" else ())
+        self.segment_pool = shm_session.SegmentPool() if self._shm_domain else None
 
     def check_stage_sampling(self, stage_sampling: dict[str, SamplingOptions]) -> None:
         """Every override names a stage and holds valid values, checked before any stage runs."""
@@ -90,7 +95,13 @@ class PipelineRunner:
             where="the orchestrator",
             flag="orchestrator serve --max-prompt-bytes",
         )
-        with self._request_ids.hold(request.request_id):
+        segments = shm_session.request_session(  # removes the request's segments at its end
+            domain=self._shm_domain,
+            min_bytes=self._pipeline.shared_memory.min_bytes,
+            output_stages=self._shm_outputs,
+            pool=self.segment_pool,
+        )
+        with self._request_ids.hold(request.request_id), segments:
             events = self._run(request, overrides, deadline=deadline)
             async with closing(events):  # closing `run` closes every stage's call now
                 async for event in events:

@@ -10,6 +10,7 @@ from pathlib import Path
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
+from omnistage import shm, shm_session
 from omnistage.security import ServerSecurity
 from omnistage.server import GrpcServer, serve_until_signalled
 from omnistage.server.metrics import metrics_endpoint
@@ -111,6 +112,7 @@ class OrchestratorServer:
         )
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, self.server)
         self.serving = False
+        self._sweeper: asyncio.Task[None] | None = None
         self.http = None if config.http is None else self._http_server(config.http)
         self.port, self.health_port = self._grpc.bind_ports(
             config.host, config.port, config.health_port
@@ -165,6 +167,7 @@ class OrchestratorServer:
             retention.max_total_bytes or "any number of",
         )
         await self.pool.start()
+        self._sweeper = asyncio.create_task(_sweep_segments(), name="shm-sweeper")
         await self._grpc.start()
         if self.http is not None:
             await self.http.start()
@@ -187,10 +190,23 @@ class OrchestratorServer:
                 stops.append(self.http.stop())
             await asyncio.gather(*stops)
         finally:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            if self.runner.segment_pool is not None:
+                self.runner.segment_pool.close()
             await self.pool.close()
             self.sessions.close()
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
+
+
+async def _sweep_segments(interval: float = shm.SWEEP_INTERVAL_S) -> None:
+    """Remove the shared-memory segments of dead processes (a previous orchestrator killed
+    mid-request) and this one's of requests that have ended, now and every `interval`."""
+    while True:
+        await asyncio.to_thread(shm.sweep_dead_owners)
+        await asyncio.to_thread(shm_session.sweep_finished)
+        await asyncio.sleep(interval)
 
 
 async def serve(

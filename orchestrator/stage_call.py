@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from omnistage import shm_session
 from omnistage.errors import (
     AbortedError,
     OmnistageError,
@@ -124,6 +125,7 @@ async def call_stage(
     full: dict[str, OverloadedError] = {}
     span = tracing.start_client_span(f"stage {spec.name}", _span_attributes(spec, stage_input))
     metadata = tracing.span_metadata(span)
+    shared = shm_session.current()  # the request's shared-memory segments, on one host
     error: BaseException | None = None
     try:
         while True:
@@ -138,7 +140,13 @@ async def call_stage(
             started = False
             try:
                 timeout = stage_timeout(spec, deadline)
-                deltas = replica.client.generate(stage_input, timeout=timeout, metadata=metadata)
+                deltas = replica.client.generate(
+                    stage_input,
+                    timeout=timeout,
+                    metadata=metadata,
+                    shared=shared,
+                    shared_output=shared is not None and shared.wants_output(spec.name),
+                )
                 async with closing(deltas):
                     async for delta in deltas:
                         started = True

@@ -63,6 +63,13 @@ class StageConfig(BaseModel):
             "refused with INVALID_ARGUMENT. None: the model's context less one token."
         ),
     )
+    shared_memory: bool = Field(
+        default=True,
+        description=(
+            "Take and send tensors through shared memory for callers on this host "
+            "(docs/shared-memory.md); False (--no-shm): bytes over gRPC only."
+        ),
+    )
     health_interval_s: float = Field(
         default=1.0,
         gt=0,

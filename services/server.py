@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from grpc_health.v1 import health_pb2
 
+from omnistage import shm
 from omnistage.server import GrpcServer, serve_until_signalled
 from omnistage.server.metrics import metrics_endpoint
 from omnistage.server.tracing import setup_tracing, shutdown_tracing
@@ -20,6 +21,7 @@ from services.engines.base import Engine
 from services.metrics import StageMetrics
 from services.profiling.sessions import ProfileSessionStore
 from services.servicer import StageServicer
+from services.shared_memory import StageSharedMemory
 from services.watchdog import EngineWatchdog
 
 logger = logging.getLogger(__name__)
@@ -68,8 +70,10 @@ class StageServer:
             limiter=limiter,
             metrics=self.metrics,
             max_prompt_bytes=config.max_prompt_bytes,
+            shared_memory=StageSharedMemory(enabled=config.shared_memory),
         )
         self._watch: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._watchdog: EngineWatchdog | None = None
         stage_pb2_grpc.add_StageServicer_to_server(servicer, self.server)
         self.port, self.health_port = self._grpc.bind_ports(
@@ -120,6 +124,7 @@ class StageServer:
         """Prune old profile sessions, serve with health NOT_SERVING, load the engine, then
         report SERVING and watch that the engine stays alive."""
         await self.sessions.prune()
+        self._sweeper = asyncio.create_task(shm.sweep_forever(), name="shm-sweeper")
         await self._grpc.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._grpc.start()
         started = time.monotonic()
@@ -137,10 +142,11 @@ class StageServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, drain within the grace period, then close (`drain`)."""
         grace = self.config.grace_seconds if grace is None else grace
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         try:
             await self.health.enter_graceful_shutdown()
             await self.drain(grace)

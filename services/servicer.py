@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
 from omnistage import __version__
 from omnistage.convert import (
-    delta_to_pb,
     generate_input_from_pb,
     manifest_to_pb,
     profile_options_from_pb,
@@ -34,6 +34,7 @@ from services.config import DEFAULT_MAX_INFLIGHT
 from services.engines.base import Engine
 from services.metrics import StageMetrics
 from services.profiling.sessions import ProfileSessionStore
+from services.shared_memory import StageSharedMemory
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
         limiter: InflightLimiter | None = None,
         metrics: StageMetrics | None = None,
         max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+        shared_memory: StageSharedMemory | None = None,
     ) -> None:
         self._name = name
+        self._shm = shared_memory or StageSharedMemory(enabled=False)
         self._max_prompt_bytes = max_prompt_bytes
         self._request_ids = InflightRequestIds(f"stage {name!r}")
         self._engine = engine
@@ -73,6 +76,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
         with self._observer.observe(context, profile_session_id=session) as call:
             generate_input = generate_input_from_pb(request)
             call.annotate(request_id=generate_input.request_id)
+            generate_input = self._shm.input(request, generate_input)
             validate_generate_input(generate_input)
             self._refuse_when_draining("Generate")
             check_prompt_bytes(
@@ -82,12 +86,15 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
                 flag="--max-prompt-bytes",
             )
             with self._request_ids.hold(generate_input.request_id), self._limiter.admit():
+                deltas = self._engine.generate(generate_input)
+                responses = self._shm.responses(request, deltas)
                 try:
-                    async for delta in self._engine.generate(generate_input):
-                        call.output()
-                        if delta.finished:
-                            self._finished(call, delta)
-                        yield delta_to_pb(delta)
+                    async with contextlib.aclosing(responses):
+                        async for delta, message in responses:
+                            call.output()
+                            if delta.finished:
+                                self._finished(call, delta)
+                            yield message
                 except asyncio.CancelledError:
                     logger.info("request %s cancelled by the client", generate_input.request_id)
                     await self._engine.abort(generate_input.request_id)
@@ -154,5 +161,6 @@ class StageServicer(stage_pb2_grpc.StageServicer):  # type: ignore[misc]
             server_time_unix_ns=time.time_ns(),
             version=__version__,
             profiler_dir=str(root) if root is not None else "",
+            shm_domain=self._shm.domain,
         )
         return stage_description_to_pb(description)

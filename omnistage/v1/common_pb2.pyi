@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -23,6 +23,42 @@ class Tensor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SharedTensor(_message.Message):
+    __slots__ = ("name", "offset", "nbytes", "dtype", "shape", "domain")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    domain: str
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., domain: _Optional[str] = ...) -> None: ...
+
+class SharedSegment(_message.Message):
+    __slots__ = ("name", "capacity")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    capacity: int
+    def __init__(self, name: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class SharedOutput(_message.Message):
+    __slots__ = ("domain", "name_prefix", "min_bytes", "segments")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    name_prefix: str
+    min_bytes: int
+    segments: _containers.RepeatedCompositeFieldContainer[SharedSegment]
+    def __init__(self, domain: _Optional[str] = ..., name_prefix: _Optional[str] = ..., min_bytes: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[SharedSegment, _Mapping]]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")

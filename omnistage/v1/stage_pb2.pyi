@@ -8,23 +8,27 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "token_ids", "messages", "tensor", "sampling")
+    __slots__ = ("request_id", "prompt", "token_ids", "messages", "tensor", "sampling", "shared_tensor", "shared_output")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SHARED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     tensor: _common_pb2.Tensor
     sampling: _common_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    shared_tensor: _common_pb2.SharedTensor
+    shared_output: _common_pb2.SharedOutput
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., shared_tensor: _Optional[_Union[_common_pb2.SharedTensor, _Mapping]] = ..., shared_output: _Optional[_Union[_common_pb2.SharedOutput, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "finished", "finish_reason", "metrics", "tensor")
+    __slots__ = ("request_id", "token_ids", "text", "finished", "finish_reason", "metrics", "tensor", "shared_tensor")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +36,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TENSOR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -39,7 +44,8 @@ class GenerateResponse(_message.Message):
     finish_reason: str
     metrics: _common_pb2.RequestMetrics
     tensor: _common_pb2.Tensor
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., metrics: _Optional[_Union[_common_pb2.RequestMetrics, _Mapping]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    shared_tensor: _common_pb2.SharedTensor
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., metrics: _Optional[_Union[_common_pb2.RequestMetrics, _Mapping]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., shared_tensor: _Optional[_Union[_common_pb2.SharedTensor, _Mapping]] = ...) -> None: ...
 
 class StartProfileRequest(_message.Message):
     __slots__ = ("label", "delay_iterations", "max_iterations")
@@ -92,7 +98,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("name", "engine", "model", "profiling_enabled", "profiling_active", "profile_session_id", "running_requests", "server_time_unix_ns", "version", "engine_version", "max_model_len", "device", "profiler_dir")
+    __slots__ = ("name", "engine", "model", "profiling_enabled", "profiling_active", "profile_session_id", "running_requests", "server_time_unix_ns", "version", "engine_version", "max_model_len", "device", "profiler_dir", "shm_domain")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +112,7 @@ class StageInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PROFILER_DIR_FIELD_NUMBER: _ClassVar[int]
+    SHM_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     name: str
     engine: str
     model: str
@@ -119,7 +126,8 @@ class StageInfo(_message.Message):
     max_model_len: int
     device: str
     profiler_dir: str
-    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., profiling_enabled: _Optional[bool] = ..., profiling_active: _Optional[bool] = ..., profile_session_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., server_time_unix_ns: _Optional[int] = ..., version: _Optional[str] = ..., engine_version: _Optional[str] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ..., profiler_dir: _Optional[str] = ...) -> None: ...
+    shm_domain: str
+    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., profiling_enabled: _Optional[bool] = ..., profiling_active: _Optional[bool] = ..., profile_session_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., server_time_unix_ns: _Optional[int] = ..., version: _Optional[str] = ..., engine_version: _Optional[str] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ..., profiler_dir: _Optional[str] = ..., shm_domain: _Optional[str] = ...) -> None: ...
 
 class ValidateSamplingRequest(_message.Message):
     __slots__ = ("sampling",)

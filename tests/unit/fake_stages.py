@@ -44,6 +44,8 @@ class FakeStage:
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        shared: object = None,  # a request's shared-memory session: fakes share no domain
+        shared_output: bool = False,
     ) -> AsyncIterator[OutputDelta]:
         self.calls.append(request)
         self.timeouts.append(timeout)

@@ -60,7 +60,7 @@ def test_the_retry_hint_becomes_retry_after() -> None:
 
 class OverloadedStage(FakeStage):
     async def generate(
-        self, request: GenerateInput, *, timeout: float | None = None, metadata: object = None
+        self, request: GenerateInput, *, timeout: float | None = None, **options: object
     ) -> AsyncIterator[OutputDelta]:
         raise errors.OverloadedError("at its in-flight limit", retry_after_ms=250)
         yield  # an async generator, as a stage client's generate is
@@ -70,7 +70,7 @@ class BreakingStage(FakeStage):
     """Two tokens, then the stage fails."""
 
     async def generate(
-        self, request: GenerateInput, *, timeout: float | None = None, metadata: object = None
+        self, request: GenerateInput, *, timeout: float | None = None, **options: object
     ) -> AsyncIterator[OutputDelta]:
         for text in ("one ", "two "):
             yield OutputDelta(request_id=request.request_id, token_ids=(1,), text=text)

@@ -36,6 +36,8 @@ class FailingStage:
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        shared: object = None,  # a request's shared-memory session: fakes share no domain
+        shared_output: bool = False,
     ) -> AsyncIterator[OutputDelta]:
         try:
             for token in range(self.tokens):
