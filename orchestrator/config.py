@@ -231,10 +231,7 @@ class PipelineConfig(BaseModel):
     outputs: Literal["final", "all"] = Field(default="all", description="Which stages stream back.")
     stages: list[StageSpec] = Field(min_length=1, description="The stages, in order.")
     health_interval_s: float = Field(
-        default=2.0,
-        gt=0,
-        le=300,
-        description="How often every replica's health is checked and dns:/// names re-resolved.",
+        default=2.0, gt=0, le=300, description="Health checks' and dns:/// re-resolving's period."
     )
     shared_memory: SharedMemoryConfig = Field(
         default_factory=SharedMemoryConfig, description="Tensor hand-off on one host."
