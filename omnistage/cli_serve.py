@@ -4,7 +4,6 @@ that start servers (so they import them, lazily)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from omnistage.validation import DEFAULT_MAX_PROMPT_BYTES
 def _stage_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from omnistage.server.event_loop import run_server
     from omnistage.settings import describe_validation_error
     from services.config import StageConfig
     from services.server import serve
@@ -55,7 +55,7 @@ def _stage_serve(args: argparse.Namespace) -> int:
     def announce(port: int) -> None:
         print(f"stage {config.name!r} listening on {config.host}:{port}", flush=True)
 
-    asyncio.run(serve(config, on_bound=announce))
+    run_server(serve(config, on_bound=announce))
     return 0
 
 
@@ -88,6 +88,7 @@ def _parse_engine_options(text: str) -> dict[str, Any]:
 def _orchestrator_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from omnistage.server.event_loop import run_server
     from omnistage.settings import describe_validation_error
     from orchestrator.config import load_pipeline
     from orchestrator.http_server import HttpApiConfig
@@ -127,7 +128,7 @@ def _orchestrator_serve(args: argparse.Namespace) -> int:
             f"orchestrator {pipeline.name!r} HTTP API on {scheme}://{args.host}:{port}", flush=True
         )
 
-    asyncio.run(serve(pipeline, config, on_bound=announce, on_http_bound=announce_http))
+    run_server(serve(pipeline, config, on_bound=announce, on_http_bound=announce_http))
     return 0
 
 
