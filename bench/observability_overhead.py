@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -27,9 +28,11 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from bench_machine import machine_info
 
 import omnistage
@@ -71,6 +74,10 @@ class Receiver:
         )
         assert self._process.stdout is not None
         self.endpoint = self._process.stdout.readline().strip()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def close(self) -> int:
         """Stop it; return how many spans it received."""
@@ -125,6 +132,10 @@ class Pipeline:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                     r.read()
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each server, with its children, has used so far."""
+        return {p.name: _cpu_seconds(p.process.pid) for p in self.processes}
+
     def stop(self) -> None:
         self._scraping.set()
         self._scraper.join()
@@ -132,12 +143,27 @@ class Pipeline:
             process.stop()
 
 
+def _cpu_seconds(pid: int, *, children: bool = True) -> float:
+    process = psutil.Process(pid)
+    total = 0.0
+    for p in [process, *(process.children(recursive=True) if children else ())]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 async def load(
-    address: str, requests: int, *, timing_only: bool = False
-) -> tuple[float, list[float]]:
+    address: str,
+    requests: int,
+    *,
+    timing_only: bool = False,
+    cpu: Callable[[], dict[str, float]] | None = None,
+) -> tuple[float, list[float], dict[str, float]]:
     """`requests` requests, CONCURRENCY at a time: (requests/s, latencies). With
     `timing_only`, a timing-only profile session is active over the measured window (its stop,
-    which writes the report, is not timed)."""
+    which writes the report, is not timed). `cpu()` is read before and after the measured
+    window: the CPU seconds per request each process spent in it are returned."""
     latencies: list[float] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for n in range(requests):
@@ -157,13 +183,16 @@ async def load(
                 pass
         if timing_only:
             await client.start_profile(timing_only=True, label="bench")
+        before = cpu() if cpu else {}
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
         rate = requests / (time.perf_counter() - began)
+        after = cpu() if cpu else {}
+        spent = {name: (after[name] - before[name]) / requests for name in after}
         if timing_only:
             report = await client.stop_profile()
             assert report.timing_only and len(report.critical_paths) >= requests, report
-        return rate, latencies
+        return rate, latencies, spent
 
 
 def micro(calls: int = 20_000) -> dict[str, float]:
@@ -232,24 +261,49 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=600, help="per mode and round")
     parser.add_argument("--rounds", type=int, default=3, help="each runs every mode once")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"a comma-separated subset of {', '.join(MODES)}"
+    )
     args = parser.parse_args()
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    if "off" not in modes or not set(args.modes.split(",")) <= set(MODES):
+        parser.error(f"--modes takes 'off' and any of {', '.join(MODES[1:])}")
     receiver = Receiver()
-    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     try:
         for round_index in range(args.rounds):
-            order = MODES if round_index % 2 == 0 else tuple(reversed(MODES))
+            order = modes if round_index % 2 == 0 else tuple(reversed(modes))
             for mode in order:
                 with tempfile.TemporaryDirectory(prefix="omnistage-obs-") as folder:
                     pipeline = Pipeline(mode, Path(folder), receiver)
                     try:
-                        rate, latencies = asyncio.run(
-                            load(pipeline.address, args.requests, timing_only=mode == "timing-only")
+
+                        def cpu(pipeline: Pipeline = pipeline) -> dict[str, float]:
+                            return {
+                                **pipeline.cpu_seconds(),
+                                "receiver": _cpu_seconds(receiver.pid),
+                                "load generator": _cpu_seconds(os.getpid(), children=False),
+                            }
+
+                        rate, latencies, spent = asyncio.run(
+                            load(
+                                pipeline.address,
+                                args.requests,
+                                timing_only=mode == "timing-only",
+                                cpu=cpu,
+                            )
                         )
                     finally:
                         pipeline.stop()
                 p50 = statistics.median(latencies)
-                say(f"round {round_index + 1} {mode}: {rate:.1f} req/s, p50 {p50 * 1000:.2f} ms")
-                results[mode].append({"requests_per_s": rate, "latency_p50_s": p50})
+                ms = ", ".join(f"{k} {v * 1000:.2f}" for k, v in spent.items())
+                say(
+                    f"round {round_index + 1} {mode}: {rate:.1f} req/s, p50 {p50 * 1000:.2f} ms;"
+                    f" CPU ms per request: {ms}"
+                )
+                results[mode].append(
+                    {"requests_per_s": rate, "latency_p50_s": p50, "cpu_s_per_request": spent}
+                )
         per_call = micro()
         say(f"in process, per request: {per_call}")
     finally:
@@ -266,7 +320,8 @@ def main() -> int:
     for mode, row in summary.items():
         print(
             f"{mode:16} {row['requests_per_s']:8.1f} req/s  x{row['relative']:.3f}  "
-            f"p50 {row['latency_p50_s'] * 1000:.2f} ms"
+            f"p50 {row['latency_p50_s'] * 1000:.2f} ms  CPU ms/request: "
+            + ", ".join(f"{k} {v * 1000:.2f}" for k, v in row["cpu_s_per_request"].items())
         )
     for name, us in per_call.items():
         print(f"{name:16} {us:8.1f} µs of CPU per request in the orchestrator's process")
@@ -274,12 +329,16 @@ def main() -> int:
     return 0
 
 
-def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per mode the median over rounds, and its throughput relative to `off`'s."""
     rows = {
         mode: {
             "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
             "latency_p50_s": statistics.median(r["latency_p50_s"] for r in runs),
+            "cpu_s_per_request": {
+                name: statistics.median(r["cpu_s_per_request"][name] for r in runs)
+                for name in runs[0]["cpu_s_per_request"]
+            },
         }
         for mode, runs in results.items()
     }
