@@ -47,8 +47,21 @@ def setup_tracing(default_service_name: str) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    class _Resource(Resource):
+        """The SDK's resource, its hash computed once: the OTLP encoder groups every batch's
+        spans by resource, and `Resource.__hash__` runs `json.dumps` each time (a fifth of a
+        span's encoding). It is immutable, so the hash cannot change."""
+
+        def __init__(self, resource: Resource) -> None:
+            super().__init__(resource.attributes, resource.schema_url)
+            self._hash = super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash
+
     name = os.environ.get("OTEL_SERVICE_NAME") or default_service_name
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    resource = _Resource(Resource.create({SERVICE_NAME: name}))
+    provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     _provider, _tracer = provider, provider.get_tracer(INSTRUMENTATION)
     endpoint = next(os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v))
@@ -75,8 +88,6 @@ def _otel() -> SimpleNamespace:
     from opentelemetry import context, trace
     from opentelemetry.trace import SpanKind, Status, StatusCode
 
-    from omnistage.trace_context import outgoing_metadata
-
     return SimpleNamespace(
         context=context,
         trace=trace,
@@ -85,7 +96,6 @@ def _otel() -> SimpleNamespace:
         error=StatusCode.ERROR,
         status=Status,
         codes={code.name: int(code.value[0]) for code in grpc.StatusCode},
-        outgoing_metadata=outgoing_metadata,
     )
 
 
@@ -112,9 +122,15 @@ def span_metadata(span: Any) -> tuple[tuple[str, str], ...]:
     """The `traceparent` that makes the callee's span a child of `span`; () without one."""
     if span is None:
         return ()
-    otel = _otel()
-    sent: tuple[tuple[str, str], ...] = otel.outgoing_metadata(otel.trace.set_span_in_context(span))
-    return sent
+    # What the W3C propagator's inject writes, formatted straight from the span's context: a
+    # fifth of the cost, on every stage call.
+    sc = span.get_span_context()
+    if not sc.is_valid:
+        return ()
+    parent = ("traceparent", f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}")
+    if sc.trace_state:
+        return (parent, ("tracestate", sc.trace_state.to_header()))
+    return (parent,)
 
 
 def attach(span: Any) -> Any:

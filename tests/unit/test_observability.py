@@ -107,6 +107,31 @@ def test_trace_context_goes_out_and_comes_back_on_metadata() -> None:
     assert incoming_context([("authorization", "Bearer t")]) is None
 
 
+def test_a_stage_calls_traceparent_is_what_the_w3c_propagator_writes() -> None:
+    """`span_metadata` formats the header itself (a fifth of the propagator's cost): it must
+    write exactly what the propagator does, with and without a caller's tracestate."""
+    from opentelemetry import trace
+
+    from omnistage.server import tracing
+
+    tracer = TracerProvider().get_tracer("test")
+    assert tracing.span_metadata(None) == ()
+    assert tracing.span_metadata(trace.INVALID_SPAN) == ()
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for sent in ([("traceparent", caller)], [("traceparent", caller), ("tracestate", "a=1,b=2")]):
+        span = tracer.start_span("call", context=incoming_context(sent))
+        expected = outgoing_metadata(trace.set_span_in_context(span))
+        assert tracing.span_metadata(span) == expected
+        assert dict(expected)["traceparent"].split("-")[1] == caller.split("-")[1]
+        assert len(expected) == len(sent)
+    unsampled = tracer.start_span(
+        "call", context=incoming_context([("traceparent", caller[:-2] + "00")])
+    )
+    assert tracing.span_metadata(unsampled) == outgoing_metadata(
+        trace.set_span_in_context(unsampled)
+    )
+
+
 def test_without_an_endpoint_tracing_loads_no_sdk() -> None:
     code = (
         "import sys\n"
