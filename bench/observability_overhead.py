@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import statistics
@@ -28,12 +27,12 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import psutil
 from bench_machine import machine_info
+from proc_cpu import cpu_seconds_by_role, sample
 
 import omnistage
 from omnistage.launch import ServerProcess, stage_args
@@ -132,10 +131,6 @@ class Pipeline:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                     r.read()
 
-    def cpu_seconds(self) -> dict[str, float]:
-        """CPU time (user + system) each server, with its children, has used so far."""
-        return {p.name: _cpu_seconds(p.process.pid) for p in self.processes}
-
     def stop(self) -> None:
         self._scraping.set()
         self._scraper.join()
@@ -143,27 +138,18 @@ class Pipeline:
             process.stop()
 
 
-def _cpu_seconds(pid: int, *, children: bool = True) -> float:
-    process = psutil.Process(pid)
-    total = 0.0
-    for p in [process, *(process.children(recursive=True) if children else ())]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = p.cpu_times()
-            total += times.user + times.system
-    return total
-
-
 async def load(
     address: str,
     requests: int,
     *,
     timing_only: bool = False,
-    cpu: Callable[[], dict[str, float]] | None = None,
+    roots: Mapping[int, str] | None = None,
 ) -> tuple[float, list[float], dict[str, float]]:
     """`requests` requests, CONCURRENCY at a time: (requests/s, latencies). With
     `timing_only`, a timing-only profile session is active over the measured window (its stop,
-    which writes the report, is not timed). `cpu()` is read before and after the measured
-    window: the CPU seconds per request each process spent in it are returned."""
+    which writes the report, is not timed). With `roots` (pid -> name), the CPU seconds per
+    request each of those processes spent in the measured window, with the processes it
+    started (`proc_cpu`), are returned too."""
     latencies: list[float] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for n in range(requests):
@@ -183,12 +169,12 @@ async def load(
                 pass
         if timing_only:
             await client.start_profile(timing_only=True, label="bench")
-        before = cpu() if cpu else {}
+        before = sample(roots) if roots else {}
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
         rate = requests / (time.perf_counter() - began)
-        after = cpu() if cpu else {}
-        spent = {name: (after[name] - before[name]) / requests for name in after}
+        by_role = cpu_seconds_by_role(before, sample(roots)) if roots else {}
+        spent = {name: by_role.get(name, 0.0) / requests for name in (roots or {}).values()}
         if timing_only:
             report = await client.stop_profile()
             assert report.timing_only and len(report.critical_paths) >= requests, report
@@ -277,20 +263,14 @@ def main() -> int:
                 with tempfile.TemporaryDirectory(prefix="omnistage-obs-") as folder:
                     pipeline = Pipeline(mode, Path(folder), receiver)
                     try:
-
-                        def cpu(pipeline: Pipeline = pipeline) -> dict[str, float]:
-                            return {
-                                **pipeline.cpu_seconds(),
-                                "receiver": _cpu_seconds(receiver.pid),
-                                "load generator": _cpu_seconds(os.getpid(), children=False),
-                            }
-
+                        roots = {p.process.pid: p.name for p in pipeline.processes}
+                        roots |= {receiver.pid: "receiver", os.getpid(): "load generator"}
                         rate, latencies, spent = asyncio.run(
                             load(
                                 pipeline.address,
                                 args.requests,
                                 timing_only=mode == "timing-only",
-                                cpu=cpu,
+                                roots=roots,
                             )
                         )
                     finally:
