@@ -30,12 +30,19 @@ def outgoing_metadata(context: Any = None) -> tuple[tuple[str, str], ...]:
     api = _api()
     if api is None:
         return ()
-    trace, propagator = api
-    if not trace.get_current_span(context).get_span_context().is_valid:
+    return span_context_metadata(api[0].get_current_span(context).get_span_context())
+
+
+def span_context_metadata(span_context: Any) -> tuple[tuple[str, str], ...]:
+    """What the W3C propagator's `inject` writes for `span_context`, formatted straight from
+    it (a fifth of inject's cost, on every call); () when it is not valid."""
+    if not span_context.is_valid:
         return ()
-    carrier: dict[str, str] = {}
-    propagator.inject(carrier, context=context)
-    return tuple(carrier.items())
+    sc = span_context
+    parent = ("traceparent", f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}")
+    if sc.trace_state:
+        return (parent, ("tracestate", sc.trace_state.to_header()))
+    return (parent,)
 
 
 def incoming_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Any:

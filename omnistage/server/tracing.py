@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
 
-from omnistage.trace_context import incoming_context
+from omnistage.trace_context import incoming_context, span_context_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +122,7 @@ def span_metadata(span: Any) -> tuple[tuple[str, str], ...]:
     """The `traceparent` that makes the callee's span a child of `span`; () without one."""
     if span is None:
         return ()
-    # What the W3C propagator's inject writes, formatted straight from the span's context: a
-    # fifth of the cost, on every stage call.
-    sc = span.get_span_context()
-    if not sc.is_valid:
-        return ()
-    parent = ("traceparent", f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}")
-    if sc.trace_state:
-        return (parent, ("tracestate", sc.trace_state.to_header()))
-    return (parent,)
+    return span_context_metadata(span.get_span_context())
 
 
 def attach(span: Any) -> Any:
