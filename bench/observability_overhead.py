@@ -6,10 +6,14 @@ metrics and OpenTelemetry spans exported over OTLP/gRPC to a real OTLP TraceServ
 process of its own (a collector runs apart from the servers; in the load generator's process
 its decoding would slow the client), and with a timing-only profile session active over the
 whole measured window (`start_profile(timing_only=True)`: spans and clocks, no profiler).
-The stages' model takes microseconds, so what is measured is the serving path itself, the
-worst case for any per-request cost.
+By default (`--pipeline torch`) the stages' model takes microseconds, so what is measured is
+the serving path itself, the worst case for any per-request cost. `--pipeline bundled` serves
+the bundled two-stage vLLM chain instead (examples/two-stage: thinker, then rewriter, on
+smollm2, with the settings `bench/compare.py` uses), what a user runs: there the engines'
+work dominates each request.
 
-    .venv/bin/python bench/observability_overhead.py [--requests N] [--rounds N] [--out FILE]
+    .venv/bin/python bench/observability_overhead.py [--pipeline torch|bundled]
+        [--requests N] [--rounds N] [--modes off,...] [--out FILE]
 
 Every number printed is measured in this run. docs/observability.md quotes the last one.
 """
@@ -20,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,6 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from bench_machine import machine_info
+from chain_systems import (
+    ChainSettings,
+    bench_pipeline_file,
+    first_request,
+    kv_cache_env,
+    omnistage_stage_flags,
+)
 from proc_cpu import cpu_seconds_by_role, sample
 
 import omnistage
@@ -45,10 +57,15 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 from tests.servers import free_port  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "observability_overhead.json"
+PIPELINES = ("torch", "bundled")
+# The bundled chain's workload: compare.py's settings, 16 tokens per stage, every token kept.
+BUNDLED = ChainSettings(max_tokens=16)
 MODEL = "tests.torch_models:build_recording"
 PROCESSOR = "tests.unit.custom_processors:tensor_to_token_ids"
 OPTIONS = '{"max_batch_size": 8, "max_wait_ms": 0, "num_threads": 1}'
 MODES = ("off", "metrics", "metrics+tracing", "timing-only")
+# A second plain pipeline, for an A/A check: how far two identical setups differ by themselves.
+AA_MODE = "off-again"
 CONCURRENCY = 16
 
 
@@ -85,54 +102,70 @@ class Receiver:
 
 
 class Pipeline:
-    """Two stages and an orchestrator, started for one mode."""
+    """Two stages and an orchestrator, started for one mode: the torch stages of the worst
+    case, or the bundled chain's vLLM stages (`kind`)."""
 
-    def __init__(self, mode: str, folder: Path, receiver: Receiver) -> None:
+    def __init__(self, mode: str, folder: Path, receiver: Receiver, kind: str = "torch") -> None:
         env = {"OTEL_BSP_SCHEDULE_DELAY": "1000"}
         if mode == "metrics+tracing":
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
         self.metrics_ports: list[int] = []
         self.processes: list[ServerProcess] = []
-        addresses = []
-        for name in ("first", "second"):
-            extra = ["--engine-options", OPTIONS, "--grace-seconds", "1"]
-            extra += self._metrics(mode) if mode != "timing-only" else []
-            args = stage_args(name=name, engine="torch", model=MODEL, extra=extra)
+        names = BUNDLED.stage_names if kind == "bundled" else ("first", "second")
+        for name in names:
+            extra = self._metrics(mode) if mode != "timing-only" else []
+            if kind == "bundled":
+                env |= kv_cache_env(BUNDLED)
+                extra += omnistage_stage_flags(BUNDLED)
+                args = stage_args(name=name, model=BUNDLED.model, extra=extra)
+            else:
+                extra += ["--engine-options", OPTIONS, "--grace-seconds", "1"]
+                args = stage_args(name=name, engine="torch", model=MODEL, extra=extra)
             process = ServerProcess(name, args, log_path=folder / f"{name}.log", env=env)
             self.processes.append(process)
-        for process in self.processes:
-            addresses.append(process.wait_serving(timeout=120))
-        pipeline = folder / "pipeline.yaml"
-        pipeline.write_text(
-            "stages:\n"
-            f"  - {{name: first, address: '{addresses[0]}'}}\n"
-            f"  - {{name: second, address: '{addresses[1]}',\n"
-            f"      input: {{processor: '{PROCESSOR}'}}}}\n"
-        )
+        timeout = 900 if kind == "bundled" else 120
+        addresses = [process.wait_serving(timeout=timeout) for process in self.processes]
+        if kind == "bundled":
+            at = dict(zip(names, addresses, strict=True))
+            pipeline = bench_pipeline_file(BUNDLED, at, folder)
+        else:
+            pipeline = folder / "pipeline.yaml"
+            pipeline.write_text(
+                "stages:\n"
+                f"  - {{name: first, address: '{addresses[0]}'}}\n"
+                f"  - {{name: second, address: '{addresses[1]}',\n"
+                f"      input: {{processor: '{PROCESSOR}'}}}}\n"
+            )
         args = ["orchestrator", "serve", "--pipeline", str(pipeline), "--port", "0"]
         args += ["--host", "127.0.0.1", "--profile-dir", str(folder / "profiles")]
         args += self._metrics(mode) if mode != "timing-only" else []
         orchestrator = ServerProcess("orchestrator", args, log_path=folder / "o.log", env=env)
         self.processes.append(orchestrator)
         self.address = orchestrator.wait_serving(timeout=60)
-        self._scraping = threading.Event()
+        self._stopping = threading.Event()
+        self.scraping = threading.Event()
+        """Set while this pipeline is measured: Prometheus scrapes it then only, so with
+        `--together` an idle pipeline's scrapes are not charged to the one under load."""
+        self.scraping.set()
         self._scraper = threading.Thread(target=self._scrape, daemon=True)
         self._scraper.start()
 
     def _metrics(self, mode: str) -> list[str]:
-        if mode == "off":
+        if mode in ("off", AA_MODE):
             return []
         self.metrics_ports.append(free_port())
         return ["--metrics-port", str(self.metrics_ports[-1])]
 
     def _scrape(self) -> None:
-        while not self._scraping.wait(1.0):
+        while not self._stopping.wait(1.0):
+            if not self.scraping.is_set():
+                continue
             for port in self.metrics_ports:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                     r.read()
 
     def stop(self) -> None:
-        self._scraping.set()
+        self._stopping.set()
         self._scraper.join()
         for process in reversed(self.processes):
             process.stop()
@@ -144,8 +177,10 @@ async def load(
     *,
     timing_only: bool = False,
     roots: Mapping[int, str] | None = None,
+    kind: str = "torch",
 ) -> tuple[float, list[float], dict[str, float]]:
-    """`requests` requests, CONCURRENCY at a time: (requests/s, latencies). With
+    """`requests` requests, CONCURRENCY at a time: (requests/s, latencies); for the bundled
+    chain (`kind`) chat requests of BUNDLED.max_tokens tokens per stage. With
     `timing_only`, a timing-only profile session is active over the measured window (its stop,
     which writes the report, is not timed). With `roots` (pid -> name), the CPU seconds per
     request each of those processes spent in the measured window, with the processes it
@@ -156,17 +191,28 @@ async def load(
         queue.put_nowait(n)
     async with omnistage.AsyncClient(address) as client:
 
+        async def one(n: int) -> None:
+            if kind == "bundled":
+                request = client.generate(
+                    messages=first_request(n).messages,
+                    max_tokens=BUNDLED.max_tokens,
+                    temperature=BUNDLED.temperature,
+                    ignore_eos=BUNDLED.ignore_eos,
+                )
+            else:
+                request = client.generate(token_ids=[1 + n % 7] * 16)
+            async for _ in request:
+                pass
+
         async def worker() -> None:
             while not queue.empty():
                 n = queue.get_nowait()
                 started = time.perf_counter()
-                async for _ in client.generate(token_ids=[1 + n % 7] * 16):
-                    pass
+                await one(n)
                 latencies.append(time.perf_counter() - started)
 
-        for _ in range(20):  # warm up the channels and the engines
-            async for _ in client.generate(token_ids=[1] * 16):
-                pass
+        # Warm up the channels and the engines, CONCURRENCY at a time as measured.
+        await asyncio.gather(*(one(n) for n in range(CONCURRENCY if kind == "bundled" else 20)))
         if timing_only:
             await client.start_profile(timing_only=True, label="bench")
         before = sample(roots) if roots else {}
@@ -244,68 +290,118 @@ def micro(calls: int = 20_000) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=600, help="per mode and round")
-    parser.add_argument("--rounds", type=int, default=3, help="each runs every mode once")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--pipeline", choices=PIPELINES, default="torch")
     parser.add_argument(
-        "--modes", default=",".join(MODES), help=f"a comma-separated subset of {', '.join(MODES)}"
+        "--requests", type=int, help="per mode and round (default 600; 96 for bundled)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="each runs every mode once")
+    parser.add_argument(
+        "--out", type=Path, help=f"default {DEFAULT_OUT.relative_to(ROOT)} (_bundled for bundled)"
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"a comma-separated subset of {', '.join(MODES)}, or {AA_MODE} (a second plain "
+        "pipeline: the A/A check)",
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="start every mode's pipeline first and keep them all up, so that rounds differ "
+        "by the mode alone, not by a fresh start (the default for --pipeline bundled; each of "
+        "its vLLM stages takes about 3.5 GB, so give it two modes at a time)",
     )
     args = parser.parse_args()
-    modes = tuple(m for m in MODES if m in args.modes.split(","))
-    if "off" not in modes or not set(args.modes.split(",")) <= set(MODES):
-        parser.error(f"--modes takes 'off' and any of {', '.join(MODES[1:])}")
+    modes = tuple(m for m in (*MODES, AA_MODE) if m in args.modes.split(","))
+    if "off" not in modes or not set(args.modes.split(",")) <= {*MODES, AA_MODE}:
+        parser.error(f"--modes takes 'off' and any of {', '.join((*MODES[1:], AA_MODE))}")
+    kind = args.pipeline
+    args.together = args.together or kind == "bundled"
+    requests = args.requests or (96 if kind == "bundled" else 600)
+    out = args.out or (
+        DEFAULT_OUT.with_stem(DEFAULT_OUT.stem + "_bundled") if kind == "bundled" else DEFAULT_OUT
+    )
     receiver = Receiver()
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    workdir = tempfile.TemporaryDirectory(prefix="omnistage-obs-")
+    pipelines: dict[str, Pipeline] = {}
+
+    def start(mode: str) -> Pipeline:
+        say(f"{mode}: starting the {kind} pipeline")
+        folder = Path(workdir.name) / mode
+        folder.mkdir()
+        pipelines[mode] = Pipeline(mode, folder, receiver, kind)
+        return pipelines[mode]
+
+    def stop(mode: str) -> None:
+        pipelines.pop(mode).stop()
+        shutil.rmtree(Path(workdir.name) / mode)
+
     try:
+        if args.together:
+            for mode in modes:
+                start(mode).scraping.clear()
         for round_index in range(args.rounds):
             order = modes if round_index % 2 == 0 else tuple(reversed(modes))
             for mode in order:
-                with tempfile.TemporaryDirectory(prefix="omnistage-obs-") as folder:
-                    pipeline = Pipeline(mode, Path(folder), receiver)
-                    try:
-                        roots = {p.process.pid: p.name for p in pipeline.processes}
-                        roots |= {receiver.pid: "receiver", os.getpid(): "load generator"}
-                        rate, latencies, spent = asyncio.run(
-                            load(
-                                pipeline.address,
-                                args.requests,
-                                timing_only=mode == "timing-only",
-                                roots=roots,
-                            )
+                pipeline = pipelines[mode] if args.together else start(mode)
+                pipeline.scraping.set()
+                try:
+                    roots = {p.process.pid: p.name for p in pipeline.processes}
+                    roots |= {receiver.pid: "receiver", os.getpid(): "load generator"}
+                    rate, latencies, spent = asyncio.run(
+                        load(
+                            pipeline.address,
+                            requests,
+                            timing_only=mode == "timing-only",
+                            roots=roots,
+                            kind=kind,
                         )
-                    finally:
-                        pipeline.stop()
+                    )
+                finally:
+                    pipeline.scraping.clear()
+                    if not args.together:
+                        stop(mode)
                 p50 = statistics.median(latencies)
                 ms = ", ".join(f"{k} {v * 1000:.2f}" for k, v in spent.items())
                 say(
-                    f"round {round_index + 1} {mode}: {rate:.1f} req/s, p50 {p50 * 1000:.2f} ms;"
+                    f"round {round_index + 1} {mode}: {rate:.2f} req/s, p50 {p50 * 1000:.2f} ms;"
                     f" CPU ms per request: {ms}"
                 )
                 results[mode].append(
                     {"requests_per_s": rate, "latency_p50_s": p50, "cpu_s_per_request": spent}
                 )
+        for mode in list(pipelines):
+            stop(mode)
         per_call = micro()
         say(f"in process, per request: {per_call}")
     finally:
+        for mode in list(pipelines):
+            stop(mode)
+        workdir.cleanup()
         spans = receiver.close()
     summary = summarize(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "machine": machine_info(),
+        "pipeline": kind,
+        "requests": requests,
+        "concurrency": CONCURRENCY,
+        "together": args.together,
         "rounds": results,
         "summary": summary,
         "per_request_cpu_us": per_call,
     }
-    args.out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     for mode, row in summary.items():
         print(
-            f"{mode:16} {row['requests_per_s']:8.1f} req/s  x{row['relative']:.3f}  "
+            f"{mode:16} {row['requests_per_s']:8.2f} req/s  x{row['relative']:.3f}  "
             f"p50 {row['latency_p50_s'] * 1000:.2f} ms  CPU ms/request: "
             + ", ".join(f"{k} {v * 1000:.2f}" for k, v in row["cpu_s_per_request"].items())
         )
     for name, us in per_call.items():
         print(f"{name:16} {us:8.1f} µs of CPU per request in the orchestrator's process")
-    print(f"spans received: {spans}; written {args.out}")
+    print(f"spans received: {spans}; written {out}")
     return 0
 
 
