@@ -85,6 +85,7 @@ def generate_input_from_pb(msg: Any) -> GenerateInput:
         messages=tuple(ChatTurn(role=m.role, content=m.content) for m in msg.messages),
         tensor=tensor_from_pb(msg.tensor) if msg.HasField("tensor") else None,
         sampling=sampling_from_pb(msg.sampling),
+        final_only=getattr(msg, "final_only", False),  # a PipelineRequest has none
     )
 
 
@@ -95,6 +96,7 @@ def generate_input_to_pb(request: GenerateInput) -> stage_pb2.GenerateRequest:
         token_ids=list(request.token_ids),
         messages=[common_pb2.ChatMessage(role=t.role, content=t.content) for t in request.messages],
         sampling=sampling_to_pb(request.sampling),
+        final_only=request.final_only,
     )
     if request.tensor is not None:
         msg.tensor.CopyFrom(tensor_to_pb(request.tensor))

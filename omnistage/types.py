@@ -63,6 +63,7 @@ class GenerateInput:
     messages: tuple[ChatTurn, ...] = ()
     tensor: TensorData | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    final_only: bool = False  # only the whole output is read: one message (stage.proto)
 
     def input_kinds(self) -> list[str]:
         """The names of the inputs that are set."""

@@ -164,7 +164,10 @@ async def complete(
         sample_rate=door.config.sample_rate,
     )
     reply = PipelineReply(shape)
-    events = door.runner.run(request, stage_sampling=overrides)
+    # The reply reads the text stage's deltas and the final stage's; every other stage that
+    # feeds a waiting stage sends its whole output at once.
+    read = {shape.text_stage, shape.final_stage}
+    events = door.runner.run(request, stage_sampling=overrides, read=read)
     if not body.stream:
         async with closing(events):
             async for event in events:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import replace
 
 from omnistage import shm, shm_session
@@ -82,8 +82,15 @@ class PipelineRunner:
         *,
         stage_sampling: dict[str, SamplingOptions] | None = None,
         deadline: float | None = None,
+        read: Collection[str] | None = None,
     ) -> AsyncIterator[StageEvent]:
         """Yield every stage's deltas (or the final stage's only), each stage's in order.
+
+        `read` names the stages whose deltas the caller reads as they come (None: those the
+        pipeline's `outputs` sends, every stage or the final one). Any other stage that feeds
+        a stage waiting for its whole output is asked for that whole output only
+        (`GenerateInput.final_only`): a vLLM stage then sends one message, not one per token,
+        and its event comes once, finished.
 
         The request's text is checked against --max-prompt-bytes and its request_id must not
         be in flight already (ALREADY_EXISTS), both before any stage is called."""
@@ -102,7 +109,7 @@ class PipelineRunner:
             pool=self.segment_pool,
         )
         with self._request_ids.hold(request.request_id), segments:
-            events = self._run(request, overrides, deadline=deadline)
+            events = self._run(request, overrides, deadline=deadline, read=read)
             async with closing(events):  # closing `run` closes every stage's call now
                 async for event in events:
                     yield event
@@ -113,15 +120,17 @@ class PipelineRunner:
         overrides: dict[str, SamplingOptions],
         *,
         deadline: float | None,
+        read: Collection[str] | None,
     ) -> AsyncIterator[StageEvent]:
         last = len(self._names) - 1
         samplings = [self._sampling(i, request, overrides) for i in range(last + 1)]
+        whole = self._whole_output_only(read)
         # Every stage's engine is asked (once per sampling: the verdicts are cached) before
         # any stage runs, so a value a later stage refuses reaches no earlier stage.
         await self._preflight.check(
             list(zip(self._names, samplings, strict=True)), deadline=deadline
         )
-        first_input = replace(request, sampling=samplings[0])
+        first_input = replace(request, sampling=samplings[0], final_only=whole[0])
         events = self._run_stage(
             0, first_input, time.monotonic(), deadline=deadline, final=not last
         )
@@ -129,7 +138,9 @@ class PipelineRunner:
             spec = self._pipeline.stages[index]
             sampling = samplings[index]
             if spec.input.stream_chunk is None:
-                events = self._after(index, events, request, sampling, deadline=deadline)
+                events = self._after(
+                    index, events, request, sampling, deadline=deadline, final_only=whole[index]
+                )
                 continue
             streamed = StreamedStage(
                 index=index,
@@ -147,6 +158,19 @@ class PipelineRunner:
             async for event in events:
                 if self._pipeline.outputs == "all" or event.stage_index == last:
                     yield event
+
+    def _whole_output_only(self, read: Collection[str] | None) -> list[bool]:
+        """Per stage, whether only its whole output is needed: no one reads its deltas, it is
+        not the final stage, and the next stage waits for its finished output."""
+        if read is None:
+            read = self._names if self._pipeline.outputs == "all" else self._names[-1:]
+        stages = self._pipeline.stages
+        return [
+            index < len(stages) - 1
+            and name not in read
+            and stages[index + 1].input.stream_chunk is None
+            for index, name in enumerate(self._names)
+        ]
 
     def _sampling(
         self, index: int, request: GenerateInput, overrides: dict[str, SamplingOptions]
@@ -180,8 +204,10 @@ class PipelineRunner:
         sampling: SamplingOptions,
         *,
         deadline: float | None,
+        final_only: bool,
     ) -> AsyncIterator[StageEvent]:
-        """The upstream events, then stage `index` on the previous stage's finished output."""
+        """The upstream events, then stage `index` on the previous stage's finished output
+        (all of it in one message when `final_only`)."""
         text, token_ids, tensors = "", list[int](), list[TensorData]()
         async with closing(upstream):
             async for event in upstream:
@@ -200,6 +226,7 @@ class PipelineRunner:
             tensors=tuple(tensors),
         )
         stage_input = self._input_builder(index, request, sampling)(previous)
+        stage_input = replace(stage_input, final_only=final_only)
         final = index == len(self._names) - 1
         async for event in self._run_stage(
             index, stage_input, handoff_started, deadline=deadline, final=final
@@ -226,6 +253,10 @@ class PipelineRunner:
                 if not first_at:
                     first_at, first_ns = time.monotonic(), time.time_ns()
                 timing = None
+                if delta.finished and stage_input.final_only and delta.metrics is not None:
+                    # One message at the end: the stage's own clock says when output began.
+                    ttft = delta.metrics.time_to_first_token_s
+                    first_at, first_ns = started + ttft, start_ns + int(ttft * 1e9)
                 if delta.finished:
                     timing = StageTiming(
                         queue_time_s=delta.metrics.queue_time_s if delta.metrics else 0.0,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from omnistage.v1 import common_pb2 as omnistage_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18omnistage/v1/stage.proto\x12\x0comnistage.v1\x1a\x19omnistage/v1/common.proto\"\xb1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.omnistage.v1.ChatMessage\x12$\n\x06tensor\x18\x05 \x01(\x0b\x32\x14.omnistage.v1.Tensor\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.omnistage.v1.SamplingParams\x12\x31\n\rshared_tensor\x18\x07 \x01(\x0b\x32\x1a.omnistage.v1.SharedTensor\x12\x31\n\rshared_output\x18\x08 \x01(\x0b\x32\x1a.omnistage.v1.SharedOutput\"\xf8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12-\n\x07metrics\x18\x06 \x01(\x0b\x32\x1c.omnistage.v1.RequestMetrics\x12$\n\x06tensor\x18\x07 \x01(\x0b\x32\x14.omnistage.v1.Tensor\x12\x31\n\rshared_tensor\x18\x08 \x01(\x0b\x32\x1a.omnistage.v1.SharedTensor\"V\n\x13StartProfileRequest\x12\r\n\x05label\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65lay_iterations\x18\x02 \x01(\x05\x12\x16\n\x0emax_iterations\x18\x03 \x01(\x05\"?\n\x14StartProfileResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bprofile_dir\x18\x02 \x01(\t\"\x14\n\x12StopProfileRequest\"~\n\x13StopProfileResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.omnistage.v1.ProfileFile\x12\x13\n\x0bprofile_dir\x18\x03 \x01(\t\x12\x14\n\x0cstop_seconds\x18\x04 \x01(\x01\"_\n\x17\x46\x65tchProfileFileRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xba\x02\n\tStageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11profiling_enabled\x18\x04 \x01(\x08\x12\x18\n\x10profiling_active\x18\x05 \x01(\x08\x12\x1a\n\x12profile_session_id\x18\x06 \x01(\t\x12\x18\n\x10running_requests\x18\x07 \x01(\x05\x12\x1b\n\x13server_time_unix_ns\x18\x08 \x01(\x03\x12\x0f\n\x07version\x18\t \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\n \x01(\t\x12\x15\n\rmax_model_len\x18\x0b \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x14\n\x0cprofiler_dir\x18\r \x01(\t\x12\x12\n\nshm_domain\x18\x0e \x01(\t\"I\n\x17ValidateSamplingRequest\x12.\n\x08sampling\x18\x01 \x01(\x0b\x32\x1c.omnistage.v1.SamplingParams\"\x1a\n\x18ValidateSamplingResponse2\xfa\x03\n\x05Stage\x12K\n\x08Generate\x12\x1d.omnistage.v1.GenerateRequest\x1a\x1e.omnistage.v1.GenerateResponse0\x01\x12U\n\x0cStartProfile\x12!.omnistage.v1.StartProfileRequest\x1a\".omnistage.v1.StartProfileResponse\x12R\n\x0bStopProfile\x12 .omnistage.v1.StopProfileRequest\x1a!.omnistage.v1.StopProfileResponse\x12T\n\x10\x46\x65tchProfileFile\x12%.omnistage.v1.FetchProfileFileRequest\x1a\x17.omnistage.v1.FileChunk0\x01\x12@\n\x07GetInfo\x12\x1c.omnistage.v1.GetInfoRequest\x1a\x17.omnistage.v1.StageInfo\x12\x61\n\x10ValidateSampling\x12%.omnistage.v1.ValidateSamplingRequest\x1a&.omnistage.v1.ValidateSamplingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18omnistage/v1/stage.proto\x12\x0comnistage.v1\x1a\x19omnistage/v1/common.proto\"\xc5\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.omnistage.v1.ChatMessage\x12$\n\x06tensor\x18\x05 \x01(\x0b\x32\x14.omnistage.v1.Tensor\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.omnistage.v1.SamplingParams\x12\x31\n\rshared_tensor\x18\x07 \x01(\x0b\x32\x1a.omnistage.v1.SharedTensor\x12\x31\n\rshared_output\x18\x08 \x01(\x0b\x32\x1a.omnistage.v1.SharedOutput\x12\x12\n\nfinal_only\x18\t \x01(\x08\"\xf8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12-\n\x07metrics\x18\x06 \x01(\x0b\x32\x1c.omnistage.v1.RequestMetrics\x12$\n\x06tensor\x18\x07 \x01(\x0b\x32\x14.omnistage.v1.Tensor\x12\x31\n\rshared_tensor\x18\x08 \x01(\x0b\x32\x1a.omnistage.v1.SharedTensor\"V\n\x13StartProfileRequest\x12\r\n\x05label\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65lay_iterations\x18\x02 \x01(\x05\x12\x16\n\x0emax_iterations\x18\x03 \x01(\x05\"?\n\x14StartProfileResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bprofile_dir\x18\x02 \x01(\t\"\x14\n\x12StopProfileRequest\"~\n\x13StopProfileResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.omnistage.v1.ProfileFile\x12\x13\n\x0bprofile_dir\x18\x03 \x01(\t\x12\x14\n\x0cstop_seconds\x18\x04 \x01(\x01\"_\n\x17\x46\x65tchProfileFileRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xba\x02\n\tStageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11profiling_enabled\x18\x04 \x01(\x08\x12\x18\n\x10profiling_active\x18\x05 \x01(\x08\x12\x1a\n\x12profile_session_id\x18\x06 \x01(\t\x12\x18\n\x10running_requests\x18\x07 \x01(\x05\x12\x1b\n\x13server_time_unix_ns\x18\x08 \x01(\x03\x12\x0f\n\x07version\x18\t \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\n \x01(\t\x12\x15\n\rmax_model_len\x18\x0b \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x14\n\x0cprofiler_dir\x18\r \x01(\t\x12\x12\n\nshm_domain\x18\x0e \x01(\t\"I\n\x17ValidateSamplingRequest\x12.\n\x08sampling\x18\x01 \x01(\x0b\x32\x1c.omnistage.v1.SamplingParams\"\x1a\n\x18ValidateSamplingResponse2\xfa\x03\n\x05Stage\x12K\n\x08Generate\x12\x1d.omnistage.v1.GenerateRequest\x1a\x1e.omnistage.v1.GenerateResponse0\x01\x12U\n\x0cStartProfile\x12!.omnistage.v1.StartProfileRequest\x1a\".omnistage.v1.StartProfileResponse\x12R\n\x0bStopProfile\x12 .omnistage.v1.StopProfileRequest\x1a!.omnistage.v1.StopProfileResponse\x12T\n\x10\x46\x65tchProfileFile\x12%.omnistage.v1.FetchProfileFileRequest\x1a\x17.omnistage.v1.FileChunk0\x01\x12@\n\x07GetInfo\x12\x1c.omnistage.v1.GetInfoRequest\x1a\x17.omnistage.v1.StageInfo\x12\x61\n\x10ValidateSampling\x12%.omnistage.v1.ValidateSamplingRequest\x1a&.omnistage.v1.ValidateSamplingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'omnistage.v1.stage_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=70
-  _globals['_GENERATEREQUEST']._serialized_end=375
-  _globals['_GENERATERESPONSE']._serialized_start=378
-  _globals['_GENERATERESPONSE']._serialized_end=626
-  _globals['_STARTPROFILEREQUEST']._serialized_start=628
-  _globals['_STARTPROFILEREQUEST']._serialized_end=714
-  _globals['_STARTPROFILERESPONSE']._serialized_start=716
-  _globals['_STARTPROFILERESPONSE']._serialized_end=779
-  _globals['_STOPPROFILEREQUEST']._serialized_start=781
-  _globals['_STOPPROFILEREQUEST']._serialized_end=801
-  _globals['_STOPPROFILERESPONSE']._serialized_start=803
-  _globals['_STOPPROFILERESPONSE']._serialized_end=929
-  _globals['_FETCHPROFILEFILEREQUEST']._serialized_start=931
-  _globals['_FETCHPROFILEFILEREQUEST']._serialized_end=1026
-  _globals['_GETINFOREQUEST']._serialized_start=1028
-  _globals['_GETINFOREQUEST']._serialized_end=1044
-  _globals['_STAGEINFO']._serialized_start=1047
-  _globals['_STAGEINFO']._serialized_end=1361
-  _globals['_VALIDATESAMPLINGREQUEST']._serialized_start=1363
-  _globals['_VALIDATESAMPLINGREQUEST']._serialized_end=1436
-  _globals['_VALIDATESAMPLINGRESPONSE']._serialized_start=1438
-  _globals['_VALIDATESAMPLINGRESPONSE']._serialized_end=1464
-  _globals['_STAGE']._serialized_start=1467
-  _globals['_STAGE']._serialized_end=1973
+  _globals['_GENERATEREQUEST']._serialized_end=395
+  _globals['_GENERATERESPONSE']._serialized_start=398
+  _globals['_GENERATERESPONSE']._serialized_end=646
+  _globals['_STARTPROFILEREQUEST']._serialized_start=648
+  _globals['_STARTPROFILEREQUEST']._serialized_end=734
+  _globals['_STARTPROFILERESPONSE']._serialized_start=736
+  _globals['_STARTPROFILERESPONSE']._serialized_end=799
+  _globals['_STOPPROFILEREQUEST']._serialized_start=801
+  _globals['_STOPPROFILEREQUEST']._serialized_end=821
+  _globals['_STOPPROFILERESPONSE']._serialized_start=823
+  _globals['_STOPPROFILERESPONSE']._serialized_end=949
+  _globals['_FETCHPROFILEFILEREQUEST']._serialized_start=951
+  _globals['_FETCHPROFILEFILEREQUEST']._serialized_end=1046
+  _globals['_GETINFOREQUEST']._serialized_start=1048
+  _globals['_GETINFOREQUEST']._serialized_end=1064
+  _globals['_STAGEINFO']._serialized_start=1067
+  _globals['_STAGEINFO']._serialized_end=1381
+  _globals['_VALIDATESAMPLINGREQUEST']._serialized_start=1383
+  _globals['_VALIDATESAMPLINGREQUEST']._serialized_end=1456
+  _globals['_VALIDATESAMPLINGRESPONSE']._serialized_start=1458
+  _globals['_VALIDATESAMPLINGRESPONSE']._serialized_end=1484
+  _globals['_STAGE']._serialized_start=1487
+  _globals['_STAGE']._serialized_end=1993
 # @@protoc_insertion_point(module_scope)

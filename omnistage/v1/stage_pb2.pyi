@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "token_ids", "messages", "tensor", "sampling", "shared_tensor", "shared_output")
+    __slots__ = ("request_id", "prompt", "token_ids", "messages", "tensor", "sampling", "shared_tensor", "shared_output", "final_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SHARED_TENSOR_FIELD_NUMBER: _ClassVar[int]
     SHARED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -25,7 +26,8 @@ class GenerateRequest(_message.Message):
     sampling: _common_pb2.SamplingParams
     shared_tensor: _common_pb2.SharedTensor
     shared_output: _common_pb2.SharedOutput
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., shared_tensor: _Optional[_Union[_common_pb2.SharedTensor, _Mapping]] = ..., shared_output: _Optional[_Union[_common_pb2.SharedOutput, _Mapping]] = ...) -> None: ...
+    final_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., shared_tensor: _Optional[_Union[_common_pb2.SharedTensor, _Mapping]] = ..., shared_output: _Optional[_Union[_common_pb2.SharedOutput, _Mapping]] = ..., final_only: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finished", "finish_reason", "metrics", "tensor", "shared_tensor")

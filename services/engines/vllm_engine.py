@@ -128,12 +128,15 @@ class VllmEngine:
 
         loop = asyncio.get_running_loop()
         prompt_ids = await loop.run_in_executor(self._tokenize, self._prompt_token_ids, request)
-        params = self._sampling_params(request.sampling, prompt_len=len(prompt_ids))
+        params = self._sampling_params(
+            request.sampling, prompt_len=len(prompt_ids), final_only=request.final_only
+        )
         first_token_at = 0.0
         generated = 0
         admitted = False  # whether vLLM has sent anything: before that, its errors are ours
         self._running.add(request.request_id)
         try:
+            submitted = time.monotonic()
             stream = llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), params, request.request_id
             )
@@ -143,6 +146,8 @@ class VllmEngine:
                 token_ids = tuple(completion.token_ids)
                 if token_ids and not first_token_at:
                     first_token_at = time.monotonic()
+                    if request.final_only:  # one output at the end: vLLM timed the first token
+                        first_token_at = _first_token_at(output, submitted, first_token_at)
                 generated += len(token_ids)
                 finished = bool(output.finished)
                 metrics = None
@@ -217,7 +222,9 @@ class VllmEngine:
             ids = ids["input_ids"]
         return [int(t) for t in ids]
 
-    def _sampling_params(self, options: SamplingOptions, *, prompt_len: int) -> Any:
+    def _sampling_params(
+        self, options: SamplingOptions, *, prompt_len: int, final_only: bool = False
+    ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -230,7 +237,8 @@ class VllmEngine:
             )
         kwargs: dict[str, Any] = {
             "max_tokens": max_tokens,
-            "output_kind": RequestOutputKind.DELTA,
+            # FINAL_ONLY: vLLM makes no output per step, only the whole one at the end.
+            "output_kind": RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
             "stop": list(options.stop) or None,
             "ignore_eos": bool(options.ignore_eos),
             "seed": options.seed,
@@ -297,6 +305,15 @@ def _move_session_files(staging: Path, session_dir: Path) -> list[Path]:
         shutil.move(str(path), target)
         moved.append(target)
     return moved
+
+
+def _first_token_at(output: Any, submitted: float, fallback: float) -> float:
+    """When the first token came, on this process's monotonic clock, for an output that vLLM
+    sent whole at the end: its front end's first-token latency counts from its arrival,
+    which is when `generate` was called (`submitted`)."""
+    stats = getattr(output, "metrics", None)
+    latency = float(getattr(stats, "first_token_latency", 0.0) or 0.0)
+    return submitted + latency if latency > 0 else fallback
 
 
 def _metrics(

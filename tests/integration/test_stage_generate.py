@@ -102,6 +102,21 @@ def test_streams_deltas_then_finished_with_metrics(stage: RunningStage) -> None:
     assert len({r.request_id for r in replies}) == 1 and replies[0].request_id
 
 
+def test_final_only_sends_the_whole_output_in_one_message(stage: RunningStage) -> None:
+    request = chat("Count from one to ten.", max_tokens=16, temperature=0.0, ignore_eos=True)
+    streamed = collect(stage, request)
+    request.final_only = True
+    whole = collect(stage, request)
+    assert len(streamed) > 1 and len(whole) == 1, "final_only: one message, the finished one"
+    (last,) = whole
+    assert last.finished and last.finish_reason == streamed[-1].finish_reason == "length"
+    assert list(last.token_ids) == [t for r in streamed for t in r.token_ids]
+    assert last.text == "".join(r.text for r in streamed)
+    assert last.metrics.generated_tokens == 16
+    # The first token is still timed: vLLM's own first-token latency, not the finish.
+    assert 0 < last.metrics.time_to_first_token_s < 0.8 * last.metrics.duration_s
+
+
 def test_greedy_output_equals_vllm_offline(
     stage: RunningStage, reference_process: subprocess.Popen[str]
 ) -> None:
