@@ -59,7 +59,10 @@ class PipelineRunner:
         self._preflight = SamplingPreflight(pool)
         shared = pipeline.shared_memory
         self._shm_domain = shm.local_domain() if shared.enabled else ""
-        self._shm_outputs = frozenset(self._names[:-1] if pipeline.outputs == "final" else ())
+        # The stages whose outputs the client receives (`outputs`); the others' go to the
+        # next stage only, so their tensors may stay in shared memory.
+        self._sent = frozenset(self._names if pipeline.outputs == "all" else self._names[-1:])
+        self._shm_outputs = frozenset(self._names) - self._sent
         self.segment_pool = shm_session.SegmentPool() if self._shm_domain else None
 
     def check_stage_sampling(self, stage_sampling: dict[str, SamplingOptions]) -> None:
@@ -156,14 +159,13 @@ class PipelineRunner:
             events = streamed.events(events)
         async with closing(events):
             async for event in events:
-                if self._pipeline.outputs == "all" or event.stage_index == last:
+                if event.stage in self._sent:
                     yield event
 
     def _whole_output_only(self, read: Collection[str] | None) -> list[bool]:
         """Per stage, whether only its whole output is needed: no one reads its deltas, it is
         not the final stage, and the next stage waits for its finished output."""
-        if read is None:
-            read = self._names if self._pipeline.outputs == "all" else self._names[-1:]
+        read = self._sent if read is None else read
         stages = self._pipeline.stages
         return [
             index < len(stages) - 1

@@ -11,23 +11,26 @@ from collections.abc import Collection
 import pytest
 
 from omnistage.types import GenerateInput, OutputDelta, RequestMetrics
-from orchestrator.config import parse_pipeline
+from orchestrator.config import PipelineConfig, parse_pipeline
 from orchestrator.runner import PipelineRunner, StageEvent
 from tests.unit.fake_stages import FakePool, FakeStage
 
 
-def run(
-    *, outputs: str = "all", chunk: int | None = None, read: Collection[str] | None = None
-) -> tuple[FakePool, list[StageEvent]]:
+def pipeline(outputs: str, chunk: int | None = None) -> PipelineConfig:
     stream = f", stream_chunk: {chunk}" if chunk else ""
-    pipeline = parse_pipeline(
+    return parse_pipeline(
         f"outputs: {outputs}\n"
         "stages:\n"
         "  - {name: talker, address: fake:1}\n"
         f"  - {{name: code2wav, address: fake:2, input: {{processor: token_ids{stream}}}}}\n"
     )
+
+
+def run(
+    *, outputs: str = "all", chunk: int | None = None, read: Collection[str] | None = None
+) -> tuple[FakePool, list[StageEvent]]:
     pool = FakePool(talker=FakeStage("talker", tokens=4), code2wav=FakeStage("code2wav"))
-    runner = PipelineRunner(pipeline, pool)  # type: ignore[arg-type]
+    runner = PipelineRunner(pipeline(outputs, chunk), pool)  # type: ignore[arg-type]
 
     async def collect() -> list[StageEvent]:
         return [e async for e in runner.run(GenerateInput(request_id="r", prompt="hi"), read=read)]
@@ -94,15 +97,13 @@ def test_a_whole_output_stage_times_its_first_output_by_the_stage() -> None:
                 metrics=metrics,
             )
 
-    pipeline = parse_pipeline(
-        "outputs: final\n"
-        "stages:\n"
-        "  - {name: talker, address: fake:1}\n"
-        "  - {name: code2wav, address: fake:2, input: {processor: token_ids}}\n"
-    )
     done: list[StageEvent] = []
     pool = FakePool(talker=Whole("talker"), code2wav=FakeStage("code2wav"))
-    runner = PipelineRunner(pipeline, pool, on_stage_done=done.append)  # type: ignore[arg-type]
+    runner = PipelineRunner(
+        pipeline("final"),
+        pool,  # type: ignore[arg-type]
+        on_stage_done=done.append,
+    )
 
     async def collect() -> None:
         async for _ in runner.run(GenerateInput(request_id="r", prompt="hi")):
