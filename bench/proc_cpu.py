@@ -3,9 +3,11 @@
 Method. Each system names its root processes and their roles (the benchmark's own process, an
 orchestrator, a stage's or an API server's front end). A sample reads every process's
 `utime + stime` from `/proc/<pid>/stat` (all its threads; clock ticks, 10 ms at 100 Hz) and its
-title from `/proc/<pid>/cmdline`. A process whose title starts with `VLLM::` (vLLM's EngineCore
-and Worker processes name themselves so) is the role "engine"; any other process belongs to
-the nearest root among its ancestors (vLLM's resource tracker counts with its front end). The
+title from `/proc/<pid>/cmdline`. A process counts when one of the roots is among its
+ancestors: as the role "engine" when its title starts with `VLLM::` (vLLM's EngineCore and
+Worker processes name themselves so), else as the nearest root (vLLM's resource tracker counts
+with its front end). So the engines of another system that is up at the same time
+(`front_doors.py`) are not charged to the one measured. The
 CPU seconds of a role over a window are the difference of two samples, per process, summed.
 A process that exits within the window loses its last share (none should: engines are started
 before and stopped after every window).
@@ -64,15 +66,15 @@ def read_processes(proc: Path = Path("/proc")) -> dict[int, ProcStat]:
 
 def role_of(pid: int, processes: Mapping[int, ProcStat], roots: Mapping[int, str]) -> str | None:
     """The role of `pid`: "engine" for vLLM's engine processes, else its nearest root's role;
-    None when no root is among its ancestors (another user's process)."""
+    None when no root is among its ancestors (another user's process, or the engines of a
+    system that is up but not measured)."""
     stat = processes.get(pid)
-    if stat is not None and stat.title.startswith(ENGINE_TITLE_PREFIX):
-        return ENGINE_ROLE
+    engine = stat is not None and stat.title.startswith(ENGINE_TITLE_PREFIX)
     seen = set()
     current = pid
     while current not in seen:
         if current in roots:
-            return roots[current]
+            return ENGINE_ROLE if engine else roots[current]
         seen.add(current)
         parent = processes.get(current)
         if parent is None:

@@ -109,6 +109,7 @@ def test_cpu_roles_nearest_root_and_engines(tmp_path: Path) -> None:
     fake_proc(tmp_path, 22, 21, 4000, "VLLM::Worker")
     fake_proc(tmp_path, 23, 20, 7, "python -c from multiprocessing.resource_tracker")
     fake_proc(tmp_path, 30, 1, 50, "somebody else")
+    fake_proc(tmp_path, 31, 30, 600, "VLLM::EngineCore")  # another system's engine: not counted
     (tmp_path / "self").mkdir()
     roots = {10: "client", 20: "frontend:thinker"}
     before = proc_cpu.sample(roots, tmp_path)
