@@ -108,7 +108,13 @@ def _pid_namespace() -> int:
 
 def owner_token() -> str:
     """This process as segment names carry it: `<pid namespace>.<pid>.<start time>`."""
-    pid = os.getpid()
+    return _owner_token(os.getpid())
+
+
+@cache
+def _owner_token(pid: int) -> str:
+    """Read from /proc once per process (a forked child has a pid of its own), not once per
+    request."""
     return f"{_pid_namespace()}.{pid}.{_start_time(pid) or 0}"
 
 

@@ -91,6 +91,7 @@ class SharedMemorySession:
         self._output_stages = output_stages
         self._pool = pool
         self._segments: dict[str, int] = {}  # offered or received: name → capacity
+        self._prefix_out = False  # a stage was told to write under the prefix
         _open_prefixes.add(self.prefix)
 
     def wants_output(self, stage: str) -> bool:
@@ -99,7 +100,9 @@ class SharedMemorySession:
         return bool(self.domain) and stage in self._output_stages
 
     def offer(self) -> list[tuple[str, int]]:
-        """Free segments of the pool for one stage call to write into, now the request's."""
+        """Free segments of the pool for one stage call to write into, now the request's; the
+        call also names the request's prefix, under which the stage may create more."""
+        self._prefix_out = True
         taken = self._pool.take() if self._pool is not None else []
         self._segments.update(taken)
         return taken
@@ -119,7 +122,9 @@ class SharedMemorySession:
                 self._pool.give_back(name, capacity)
             else:
                 (shm.SHM_DIR / name).unlink(missing_ok=True)
-        removed = shm.unlink_prefix(self.prefix)
+        if not self._prefix_out:  # no stage could have made a segment the session does not know
+            return
+        removed = shm.unlink_prefix(self.prefix)  # one listing of the folder
         if removed:
             logger.debug("request segments removed: %s", ", ".join(removed))
 

@@ -91,7 +91,7 @@ class FrontDoor:
     def guard(self, group: str) -> Any:
         """A route dependency: the token check of `group`, before the body is read."""
 
-        def check(request: Request) -> None:
+        async def check(request: Request) -> None:  # async: FastAPI runs a sync one in a thread
             self.tokens.check(request, group)
 
         return Depends(check)

@@ -36,6 +36,21 @@ def planted() -> Iterator[list[Path]]:
         path.unlink(missing_ok=True)
 
 
+def test_the_owner_token_is_read_once_per_process_and_a_forked_child_has_its_own() -> None:
+    mine = shm.owner_token()
+    assert shm.owner_token() == mine
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its token must name its own pid, not the parent's cached one
+        os.write(write, shm.owner_token().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    os.close(read)
+    assert child.split(".")[1] == str(pid) and child != mine
+
+
 def test_the_sweep_removes_dead_owners_segments_only(planted: list[Path]) -> None:
     namespace, pid, start = shm.owner_token().split(".")
     child = subprocess.run(
@@ -123,3 +138,24 @@ def test_the_finished_sweep_keeps_open_requests_and_the_pool() -> None:
     finally:
         open_one.close()
         pool.close()
+
+
+def test_a_segment_a_stage_made_under_the_offer_but_never_sent_is_removed_at_the_end() -> None:
+    session = shm_session.SharedMemorySession(domain=shm.local_domain())
+    session.offer()  # the stage call names the prefix: the stage may create segments under it
+    lost = shm.write_segment(session.prefix, [_tensor(64)], domain=session.domain)
+    session.close(ok=True)
+    assert not (shm.SHM_DIR / lost.name).exists()
+
+
+def test_a_request_that_offered_no_stage_a_prefix_does_not_list_the_folder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    listed: list[str] = []
+    monkeypatch.setattr(shm, "unlink_prefix", lambda prefix: listed.append(prefix) or [])
+    shm_session.SharedMemorySession(domain=shm.local_domain()).close(ok=True)
+    assert listed == []  # a text pipeline's request: no listing of /dev/shm per request
+    offered = shm_session.SharedMemorySession(domain=shm.local_domain())
+    offered.offer()
+    offered.close(ok=True)
+    assert listed == [offered.prefix]
