@@ -330,13 +330,21 @@ class OmnistageHttpChain:
 async def omnistage_http_system(
     s: ChainSettings, workdir: Path, say: Progress
 ) -> AsyncIterator[OmnistageHttpChain]:
+    async with (
+        omnistage_servers(s, workdir, say, http=True) as (orchestrator, roots),
+        http_session() as session,
+    ):
+        yield OmnistageHttpChain(session, orchestrator.http_url, s, roots)
+
+
+def http_session() -> Any:
+    """The benchmarks' HTTP client session (aiohttp): no overall timeout (a level may run for
+    minutes) and no cap on connections (every concurrent request has its own)."""
     import aiohttp
 
-    async with omnistage_servers(s, workdir, say, http=True) as (orchestrator, roots):
-        timeout = aiohttp.ClientTimeout(total=None)
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            yield OmnistageHttpChain(session, orchestrator.http_url, s, roots)
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit=0)
+    )
 
 
 @contextlib.asynccontextmanager
@@ -549,8 +557,6 @@ class OpenAIChain:
 async def openai_system(
     s: ChainSettings, workdir: Path, say: Progress
 ) -> AsyncIterator[OpenAIChain]:
-    import aiohttp
-
     from omnistage.models import resolve_model
 
     model_dir = await asyncio.to_thread(resolve_model, s.model)
@@ -568,9 +574,7 @@ async def openai_system(
         started = time.perf_counter()
         await asyncio.gather(*(asyncio.to_thread(p.wait_ready, say) for p in servers))
         say(f"openai: servers ready after {time.perf_counter() - started:.1f} s")
-        timeout = aiohttp.ClientTimeout(total=None)
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        async with http_session() as session:
             yield OpenAIChain(session, servers, s, Edge(load_pipeline(ROOT / s.pipeline)))
     finally:
         say("openai: stopping the servers (SIGTERM)")

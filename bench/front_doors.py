@@ -41,6 +41,7 @@ from chain_systems import (
     ChainSettings,
     OmnistageChain,
     OmnistageHttpChain,
+    http_session,
     omnistage_servers,
     openai_system,
     start_servers,
@@ -75,13 +76,11 @@ async def window(chain: Chain, requests: int, first: int) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def baseline_door(
-    checkout: Path, folder: Path, roots: dict[int, str], s: ChainSettings
+    checkout: Path, folder: Path, roots: dict[int, str], s: ChainSettings, session: Any
 ) -> AsyncIterator[Chain]:
     """A second orchestrator, run from another checkout of omnistage (`--baseline`, e.g. a
     `git worktree` of the commit before a change), over the same stages, with its HTTP API:
     the change's effect on the front door, measured beside it on the same engines."""
-    import aiohttp
-
     pipeline = next(folder.glob("bench-*.yaml"))  # the one omnistage_servers wrote
     args = ["orchestrator", "serve", "--pipeline", str(pipeline), *LOCAL_PORT_0]
     args += ["--http-port", "0", "--served-model-name", HTTP_MODEL]
@@ -93,17 +92,12 @@ async def baseline_door(
         await start_servers([door], say, "baseline")
         mine = {pid: role for pid, role in roots.items() if role != "orchestrator"}
         mine[door.process.pid] = "orchestrator"
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit=0)
-        ) as session:
-            yield OmnistageHttpChain(session, door.http_url, s, mine)
+        yield OmnistageHttpChain(session, door.http_url, s, mine)
     finally:
         await asyncio.to_thread(door.stop)
 
 
 async def measure(args: argparse.Namespace, folder: Path) -> dict[str, list[dict[str, Any]]]:
-    import aiohttp
-
     s = ChainSettings(max_tokens=args.max_tokens)
     chains: dict[str, Chain] = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -116,18 +110,13 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, list[dict
                     omnistage.AsyncClient(orchestrator.address)
                 )
                 chains["grpc"] = OmnistageChain(client, s, roots)
+            session = await stack.enter_async_context(http_session())
+            if "http" in args.systems:
+                chains["http"] = OmnistageHttpChain(session, orchestrator.http_url, s, roots)
             if args.baseline is not None:
                 chains["http-baseline"] = await stack.enter_async_context(
-                    baseline_door(args.baseline, folder, roots, s)
+                    baseline_door(args.baseline, folder, roots, s, session)
                 )
-            if "http" in args.systems:
-                session = await stack.enter_async_context(
-                    aiohttp.ClientSession(
-                        timeout=aiohttp.ClientTimeout(total=None),
-                        connector=aiohttp.TCPConnector(limit=0),
-                    )
-                )
-                chains["http"] = OmnistageHttpChain(session, orchestrator.http_url, s, roots)
         if "openai" in args.systems:
             chains["openai"] = await stack.enter_async_context(openai_system(s, folder, say))
         order = [name for name in (*args.systems, "http-baseline") if name in chains]
