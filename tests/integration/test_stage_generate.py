@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from omnistage.v1 import common_pb2, stage_pb2
+from services.engines.vllm_plugin import DEFAULT_BUSY_POLL_S
 from tests.servers import PLAIN_GRACE_S, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS, RunningStage
 from tests.waiting import wait_until
 
@@ -232,6 +233,16 @@ def test_cancelled_stream_is_aborted_in_the_engine(stage: RunningStage) -> None:
         timeout=10,
         what="the engine to drop the cancelled request",
     )
+
+
+def test_every_vllm_process_of_a_stage_gets_the_short_spin(stage: RunningStage) -> None:
+    """omnistage's vLLM plugin ran in the engine core and in the worker, each of which says
+    so in the stage's log (tests/unit/test_vllm_plugin.py checks what it does there)."""
+    said = f"queue readers spin {float(DEFAULT_BUSY_POLL_S):g} s after a read, then sleep"
+    log = stage.process.log_path.read_text(errors="replace")
+    lines = [line for line in log.splitlines() if said in line]
+    assert any(line.startswith("(EngineCore") for line in lines), lines
+    assert any(line.startswith("(Worker") for line in lines), lines
 
 
 def test_get_info_describes_the_stage(stage: RunningStage, plain_stage: RunningStage) -> None:
