@@ -51,6 +51,8 @@ def _stage_serve(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise OmnistageError(describe_validation_error(exc)) from exc
+    if config.engine == "vllm":
+        _check_busy_poll()
 
     def announce(port: int) -> None:
         print(f"stage {config.name!r} listening on {config.host}:{port}", flush=True)
@@ -67,6 +69,17 @@ def _profiler_settings(text: str) -> ProfilerSettings:
     if text.strip():
         return parse_profiler_config(text)
     return profiler_config_from_env(os.environ) or ProfilerSettings()
+
+
+def _check_busy_poll() -> None:
+    """OMNISTAGE_VLLM_BUSY_POLL_S, refused before vLLM starts (services/engines/vllm_plugin)."""
+    from services.engines.vllm_plugin import BUSY_POLL_ENV, busy_poll_seconds
+
+    if BUSY_POLL_ENV in os.environ:
+        try:
+            busy_poll_seconds(os.environ[BUSY_POLL_ENV])
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
 
 
 def _parse_engine_options(text: str) -> dict[str, Any]:

@@ -54,3 +54,18 @@ def test_a_bad_profiler_variable_stops_the_stage_with_its_name(tmp_path: Path) -
     )
     assert done.returncode != 0
     assert "VLLM_PROFILER_MAX_ITERS must be a whole number (got 'ten')" in done.stderr
+
+
+def test_a_bad_busy_poll_setting_stops_a_vllm_stage_before_vllm_starts(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "omnistage.cli", *stage_args(name="spin")],
+        cwd=ROOT,
+        env={**os.environ, "OMNISTAGE_VLLM_BUSY_POLL_S": "fast"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "OMNISTAGE_VLLM_BUSY_POLL_S='fast' is not a number of seconds >= 0" in done.stderr
+    assert "starting vLLM" not in done.stderr
