@@ -241,8 +241,10 @@ def test_every_vllm_process_of_a_stage_gets_the_short_spin(stage: RunningStage) 
     said = f"queue readers spin {float(DEFAULT_BUSY_POLL_S):g} s after a read, then sleep"
     log = stage.process.log_path.read_text(errors="replace")
     lines = [line for line in log.splitlines() if said in line]
-    assert any(line.startswith("(EngineCore") for line in lines), lines
-    assert any(line.startswith("(Worker") for line in lines), lines
+    # vLLM prefixes its processes' lines: "(EngineCore pid=...)", "(VllmWorker-0 pid=...)"
+    processes = {line.split(" pid=")[0] for line in lines if line.startswith("(")}
+    assert "(EngineCore" in processes, lines
+    assert any("Worker" in process for process in processes), lines
 
 
 def test_get_info_describes_the_stage(stage: RunningStage, plain_stage: RunningStage) -> None:
