@@ -288,7 +288,8 @@ async def run_profile_costs(
                 out["orchestrated_stops"] = []
                 names = list(stages)
                 for count in range(1, len(names) + 1):
-                    stop = await orchestrated_stop(client, names[:count], s, work / "orch", own)
+                    # relative: under the orchestrator's profile root, where an output dir must be
+                    stop = await orchestrated_stop(client, names[:count], s, Path("orch"), own)
                     out["orchestrated_stops"].append(stop)
                     progress(
                         f"profile: orchestrator stop of {count} stage(s) {stop['wall_s']:.2f} s, "
