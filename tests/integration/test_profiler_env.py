@@ -17,6 +17,19 @@ from tests.servers import CODE2WAV_MODEL, ROOT
 pytestmark = pytest.mark.slow
 
 
+def stage_serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`omnistage stage serve ARGS` with `env` added, for a stage that should not start."""
+    return subprocess.run(
+        [sys.executable, "-m", "omnistage.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_a_stage_takes_the_profiler_variables(tmp_path: Path) -> None:
     traces = tmp_path / "traces"
     process = ServerProcess(
@@ -42,30 +55,13 @@ def test_a_stage_takes_the_profiler_variables(tmp_path: Path) -> None:
 
 def test_a_bad_profiler_variable_stops_the_stage_with_its_name(tmp_path: Path) -> None:
     env = {"VLLM_TORCH_PROFILER_DIR": str(tmp_path), "VLLM_PROFILER_MAX_ITERS": "ten"}
-    args = stage_args(name="env", engine="torch", model=CODE2WAV_MODEL)
-    done = subprocess.run(
-        [sys.executable, "-m", "omnistage.cli", *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = stage_serve(stage_args(name="env", engine="torch", model=CODE2WAV_MODEL), env)
     assert done.returncode != 0
     assert "VLLM_PROFILER_MAX_ITERS must be a whole number (got 'ten')" in done.stderr
 
 
-def test_a_bad_busy_poll_setting_stops_a_vllm_stage_before_vllm_starts(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "omnistage.cli", *stage_args(name="spin")],
-        cwd=ROOT,
-        env={**os.environ, "OMNISTAGE_VLLM_BUSY_POLL_S": "fast"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def test_a_bad_busy_poll_setting_stops_a_vllm_stage_before_vllm_starts() -> None:
+    done = stage_serve(stage_args(name="spin"), {"OMNISTAGE_VLLM_BUSY_POLL_S": "fast"})
     assert done.returncode != 0
     assert "OMNISTAGE_VLLM_BUSY_POLL_S='fast' is not a number of seconds >= 0" in done.stderr
     assert "starting vLLM" not in done.stderr
