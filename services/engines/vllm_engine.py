@@ -23,7 +23,7 @@ from omnistage.types import (
     SamplingOptions,
 )
 from services.config import StageConfig
-from services.engines.vllm_plugin import BUSY_POLL_ENV, DEFAULT_BUSY_POLL_S, busy_poll_seconds
+from services.engines.vllm_plugin import BUSY_POLL_ENV, DEFAULT_BUSY_POLL_S
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ class VllmEngine:
         )
         self._model_dir = await asyncio.to_thread(resolve_model, self._config.model)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self._config.kv_cache_gib:g}")
-        # vLLM's processes inherit it: its plugin (vllm_plugin) stops their queues spinning.
-        busy_poll_seconds(os.environ.setdefault(BUSY_POLL_ENV, DEFAULT_BUSY_POLL_S))
+        # vLLM's processes inherit it: its plugin (vllm_plugin) stops their queues spinning, and
+        # refuses a bad value here already, when vLLM loads it while it reads its engine args.
+        os.environ.setdefault(BUSY_POLL_ENV, DEFAULT_BUSY_POLL_S)
         started = time.monotonic()
         logger.info("starting vLLM on %s (about 25 s on a CPU)", self._model_dir)
         self._llm = await asyncio.to_thread(self._create_llm)

@@ -17,10 +17,9 @@ the same venv keeps vLLM's own behaviour. A reader then spins that long after it
 before it sleeps on the writer's ping. Those pings can be lost (vLLM looks at the ring again
 only every 5 s for that), so a sleeping reader here looks every `RECHECK_MS` as well.
 
-2 ms spans the hand-offs inside a step and not the step itself. On two cores, a thinker answer
-then a talker answer of 88 codes (the omni pipeline's hand-off, bench-free: the stages alone):
-vLLM's 1 s spin took 1.77 s per talker answer at 1.76 cores; 2 ms took 0.77 s at 1.29 cores;
-0 (sleep at once) 0.83 s at 1.11 cores; 20 ms 0.73 s at 1.84 cores.
+2 ms spans the hand-offs inside a step and not the step itself: it keeps most of the spin's
+speed at a quarter less CPU, and 0 is a little slower per step (`bench/vllm_busy_poll.py`;
+its numbers are in docs/performance.md).
 """
 
 from __future__ import annotations
