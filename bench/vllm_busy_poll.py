@@ -6,7 +6,8 @@ setting, this starts the omni pipeline's thinker (the bundled model) and talker 
 `omnistage stage serve` processes with it, and sends what the pipeline's hand-off sends, one
 after the other: the thinker's answer, then its tokens to the talker (88 codes, ignore_eos).
 It reports each setting's talker time per answer, its longest gap between two codes (a stall),
-and the cores both stages' process trees used over the rounds; `1` is vLLM's own behaviour.
+and the cores both stages' process trees used over the rounds (`proc_cpu`); `1` is vLLM's own
+behaviour.
 
     .venv/bin/python bench/vllm_busy_poll.py [--settings 1,0.002,0] [--rounds 8] [--out F.json]
 
@@ -25,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from bench_machine import align_table, machine_info
+from proc_cpu import cpu_seconds_by_role, sample
 
 from omnistage.launch import ServerProcess, stage_args
 from omnistage.stage_client import StageClient
@@ -40,14 +41,22 @@ PROMPT = "Tell me one fact about the sea."
 CODES = 88
 
 
-def tree_cpu_s(processes: list[ServerProcess]) -> float:
-    total = 0.0
-    for server in processes:
-        root = psutil.Process(server.process.pid)
-        for proc in (root, *root.children(recursive=True)):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
+def talker_answer(thinker: StageClient, talker: StageClient, i: int) -> tuple[float, float]:
+    """One hand-off: the thinker's answer, then its tokens to the talker; the talker's time
+    and its longest gap between two codes, in seconds."""
+    ids: list[int] = []
+    sampling = SamplingOptions(max_tokens=16, temperature=0.0)
+    request = GenerateInput(request_id=f"t{i}", prompt=PROMPT, sampling=sampling)
+    for delta in thinker.generate(request, timeout=120):
+        ids += delta.token_ids
+    sampling = SamplingOptions(max_tokens=CODES, ignore_eos=True, temperature=0.8)
+    request = GenerateInput(request_id=f"c{i}", token_ids=tuple(ids), sampling=sampling)
+    started = last = time.monotonic()
+    longest = 0.0
+    for _ in talker.generate(request, timeout=120):
+        now = time.monotonic()
+        longest, last = max(longest, now - last), now
+    return last - started, longest
 
 
 def measure(setting: str, rounds: int, workdir: Path) -> dict[str, Any]:
@@ -63,32 +72,17 @@ def measure(setting: str, rounds: int, workdir: Path) -> dict[str, Any]:
     ]
     try:
         addresses = [p.wait_serving(timeout=180) for p in processes]
-        talker_s, stalls = [], []
+        roots = {p.process.pid: p.name for p in processes}
         with StageClient(addresses[0]) as thinker, StageClient(addresses[1]) as talker:
-            cpu0, wall0 = tree_cpu_s(processes), time.monotonic()
-            for i in range(rounds + 1):  # the first warms up
-                ids: list[int] = []
-                sampling = SamplingOptions(max_tokens=16, temperature=0.0)
-                request = GenerateInput(request_id=f"t{i}", prompt=PROMPT, sampling=sampling)
-                for delta in thinker.generate(request, timeout=120):
-                    ids += delta.token_ids
-                sampling = SamplingOptions(max_tokens=CODES, ignore_eos=True, temperature=0.8)
-                request = GenerateInput(request_id=f"c{i}", token_ids=tuple(ids), sampling=sampling)
-                started = last = time.monotonic()
-                gaps = []
-                for _ in talker.generate(request, timeout=120):
-                    now = time.monotonic()
-                    gaps.append(now - last)
-                    last = now
-                if i:
-                    talker_s.append(last - started)
-                    stalls.append(max(gaps))
-                if i == 0:
-                    cpu0, wall0 = tree_cpu_s(processes), time.monotonic()
-            cores = (tree_cpu_s(processes) - cpu0) / (time.monotonic() - wall0)
+            talker_answer(thinker, talker, 0)  # warm-up
+            before, started = sample(roots), time.monotonic()
+            answers = [talker_answer(thinker, talker, i) for i in range(1, rounds + 1)]
+            cpu_s = sum(cpu_seconds_by_role(before, sample(roots)).values())
+            cores = cpu_s / (time.monotonic() - started)
     finally:
         for process in processes:
             process.stop()
+    talker_s, stalls = [a[0] for a in answers], [a[1] for a in answers]
     return {
         "setting_s": setting,
         "talker_p50_s": statistics.median(talker_s),
